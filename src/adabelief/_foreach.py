@@ -1,0 +1,144 @@
+"""The multi-tensor kernel: the same update as :mod:`adabelief._single_tensor`, written with
+``torch._foreach_*`` over the tensors of one device and dtype, operation for operation."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import Tensor
+
+from adabelief._hyper import LOW_PRECISION_DTYPES, Hyperparameters
+from adabelief._single_tensor import single_tensor_step
+from adabelief.scalars import StepScalars, step_scalars
+
+
+def group_by_device_and_dtype(params: list[Tensor]) -> dict[tuple[str, torch.dtype], list[int]]:
+    """Indices of ``params`` grouped by (device, dtype), in their original order."""
+    groups: dict[tuple[str, torch.dtype], list[int]] = defaultdict(list)
+    for i, p in enumerate(params):
+        groups[(str(p.device), p.dtype)].append(i)
+    return groups
+
+
+def _real(tensors: list[Tensor]) -> list[Tensor]:
+    return [torch.view_as_real(t) if torch.is_complex(t) else t for t in tensors]
+
+
+def foreach_step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_vars: list[Tensor],
+    max_exp_avg_vars: list[Tensor],
+    state_steps: list[Tensor],
+    hp: Hyperparameters,
+    *,
+    tensor_math: bool,
+) -> None:
+    """Update all parameters and their state in place, one foreach launch per operation.
+
+    With ``tensor_math`` (capturable, torch.compile) the scalars must stay on the device; that
+    case runs the single-tensor kernel, which the compiler fuses anyway.
+    """
+    if tensor_math:
+        single_tensor_step(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_vars,
+            max_exp_avg_vars,
+            state_steps,
+            hp,
+            tensor_math=True,
+        )
+        return
+    for (_, dtype), index in group_by_device_and_dtype(params).items():
+        _foreach_group(
+            _real([params[i] for i in index]),
+            _real([grads[i] for i in index]),
+            _real([exp_avgs[i] for i in index]),
+            _real([exp_avg_vars[i] for i in index]),
+            _real([max_exp_avg_vars[i] for i in index]) if hp.amsgrad else [],
+            [state_steps[i] for i in index],
+            hp,
+            low_precision=dtype in LOW_PRECISION_DTYPES,
+        )
+
+
+def _foreach_group(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_vars: list[Tensor],
+    max_exp_avg_vars: list[Tensor],
+    state_steps: list[Tensor],
+    hp: Hyperparameters,
+    *,
+    low_precision: bool,
+) -> None:
+    torch._foreach_add_(state_steps, 1)
+    cache: dict[float, StepScalars] = {}
+    scalars = []
+    for step_t in state_steps:
+        step = step_t.item()
+        if step not in cache:
+            cache[step] = step_scalars(
+                step,
+                hp.lr,
+                hp.beta1,
+                hp.beta2,
+                rectify=hp.rectify,
+                degenerated_to_sgd=hp.degenerated_to_sgd,
+            )
+        scalars.append(cache[step])
+
+    if hp.maximize:
+        grads = torch._foreach_neg(grads)
+    work = params
+    if low_precision:
+        work = [p.float() for p in params]
+        grads = [g.float() for g in grads]
+
+    if hp.weight_decay != 0:
+        if hp.weight_decouple:
+            torch._foreach_mul_(work, hp.decay_factor())
+        else:
+            grads = torch._foreach_add(grads, work, alpha=hp.weight_decay)
+
+    torch._foreach_mul_(exp_avgs, hp.beta1)
+    torch._foreach_add_(exp_avgs, grads, alpha=1 - hp.beta1)
+    residuals = torch._foreach_sub(grads, exp_avgs)
+    torch._foreach_mul_(exp_avg_vars, hp.beta2)
+    torch._foreach_addcmul_(exp_avg_vars, residuals, residuals, value=1 - hp.beta2)
+    del residuals
+    torch._foreach_add_(exp_avg_vars, hp.eps)
+    beliefs = exp_avg_vars
+    if hp.amsgrad:
+        torch._foreach_maximum_(max_exp_avg_vars, exp_avg_vars)
+        beliefs = max_exp_avg_vars
+
+    adaptive = [j for j, s in enumerate(scalars) if s.adaptive]
+    if adaptive:
+        denoms = torch._foreach_sqrt([beliefs[j] for j in adaptive])
+        if not hp.rectify:
+            torch._foreach_div_(denoms, [float(scalars[j].sqrt_bias_correction2) for j in adaptive])
+        torch._foreach_add_(denoms, hp.eps)
+        torch._foreach_addcdiv_(
+            [work[j] for j in adaptive],
+            [exp_avgs[j] for j in adaptive],
+            denoms,
+            [-float(scalars[j].step_size) for j in adaptive],
+        )
+    # SGD-with-momentum steps of the rectified warm-up, one launch per distinct step size.
+    momentum_steps: dict[float, list[int]] = defaultdict(list)
+    for j, s in enumerate(scalars):
+        if not s.adaptive and s.step_size != 0:
+            momentum_steps[float(s.step_size)].append(j)
+    for step_size, index in momentum_steps.items():
+        torch._foreach_add_(
+            [work[j] for j in index], [exp_avgs[j] for j in index], alpha=-step_size
+        )
+
+    if low_precision:
+        torch._foreach_copy_(params, work)

@@ -1,0 +1,107 @@
+"""Loading optimizer checkpoints written by other AdaBelief code, and keeping state in float32.
+
+:func:`migrate_state_dict` turns a ``state_dict`` of the official ``adabelief-pytorch`` package
+(integer ``step``, a ``buffer`` list per group, options kept on the optimizer instead of the
+groups) into this package's layout, and refuses, with a message that says what is missing, a
+``state_dict`` of another optimizer such as ``torch.optim.Adam``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from itertools import chain
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from adabelief._hyper import LOW_PRECISION_DTYPES
+
+#: Per-parameter state buffers (float32 for 16-bit parameters), by their official names.
+MOMENT_KEYS = ("exp_avg", "exp_avg_var", "max_exp_avg_var")
+#: Keys of the official package's groups that this package does not keep.
+LEGACY_GROUP_KEYS = ("buffer",)
+
+
+def _step_dtype() -> torch.dtype:
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def migrate_state_dict(
+    state_dict: Mapping[str, Any], current_groups: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """A copy of ``state_dict`` in this package's layout.
+
+    Options missing from a saved group (the official package keeps ``weight_decouple``,
+    ``rectify``, ... on the optimizer object) are taken from the corresponding group of the
+    optimizer being loaded into, so construct it with the options the checkpoint was trained with.
+
+    Raises:
+        ValueError: the state_dict is not an AdaBelief one (for example ``torch.optim.Adam``'s,
+            whose ``exp_avg_sq`` is not the belief ``exp_avg_var``), or its groups do not match.
+    """
+    if "state" not in state_dict or "param_groups" not in state_dict:
+        raise ValueError(
+            f"not an optimizer state_dict: expected keys 'state' and 'param_groups', "
+            f"got {sorted(state_dict)}"
+        )
+    saved_groups = state_dict["param_groups"]
+    if len(saved_groups) != len(current_groups):
+        raise ValueError(
+            f"the state_dict has {len(saved_groups)} parameter groups, "
+            f"this optimizer has {len(current_groups)}"
+        )
+    state: dict[Any, Any] = {}
+    for param_id, param_state in state_dict["state"].items():
+        if not param_state:
+            state[param_id] = param_state
+            continue
+        missing = [k for k in ("step", "exp_avg", "exp_avg_var") if k not in param_state]
+        if missing:
+            hint = (
+                " It looks like the state of torch.optim.Adam/AdamW ('exp_avg_sq' is Adam's "
+                "second moment of the gradient, not AdaBelief's belief 'exp_avg_var'); load the "
+                "model weights only and start AdaBelief from fresh state."
+                if "exp_avg_sq" in param_state
+                else ""
+            )
+            raise ValueError(
+                f"not an AdaBelief state_dict: state of parameter {param_id!r} lacks "
+                f"{missing} (it has {sorted(param_state)}).{hint}"
+            )
+        migrated = dict(param_state)
+        step = migrated["step"]
+        if not isinstance(step, Tensor):
+            migrated["step"] = torch.tensor(float(step), dtype=_step_dtype())
+        state[param_id] = migrated
+
+    groups = []
+    for saved, current in zip(saved_groups, current_groups, strict=True):
+        group = {k: v for k, v in saved.items() if k not in LEGACY_GROUP_KEYS}
+        for key, value in current.items():
+            if key != "params":
+                group.setdefault(key, value)
+        groups.append(group)
+    return {**state_dict, "state": state, "param_groups": groups}
+
+
+def keep_float32_state(
+    state: Mapping[Tensor, dict[str, Any]],
+    saved_state: Mapping[Any, Mapping[str, Any]],
+    saved_groups: Iterable[Mapping[str, Any]],
+    current_groups: Iterable[Mapping[str, Any]],
+) -> None:
+    """Undo ``torch.optim.Optimizer.load_state_dict``'s cast of the moments of 16-bit parameters
+    to the parameter's dtype: take them from the saved tensors, as float32, without rounding."""
+    id_map = zip(
+        chain.from_iterable(g["params"] for g in saved_groups),
+        chain.from_iterable(g["params"] for g in current_groups),
+        strict=True,
+    )
+    for param_id, param in id_map:
+        if param.dtype not in LOW_PRECISION_DTYPES or param_id not in saved_state:
+            continue
+        for key in MOMENT_KEYS:
+            saved = saved_state[param_id].get(key)
+            if isinstance(saved, Tensor):
+                state[param][key] = saved.to(device=param.device, dtype=torch.float32, copy=True)

@@ -1,0 +1,344 @@
+"""``adabelief.AdaBelief``: the optimizer class (validation, groups, state, dispatch).
+
+The arithmetic lives beside it: :mod:`adabelief.scalars` (per-step scalars, shared by all
+paths), :mod:`adabelief._single_tensor`, :mod:`adabelief._foreach` and :mod:`adabelief._fused`
+(the kernels), and :mod:`adabelief.checkpoint` (loading other layouts).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, cast
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import Optimizer, ParamsT, _use_grad_for_differentiable
+
+from adabelief import _fused
+from adabelief._foreach import foreach_step
+from adabelief._hyper import LOW_PRECISION_DTYPES, Hyperparameters
+from adabelief._single_tensor import single_tensor_step
+from adabelief.checkpoint import keep_float32_state, migrate_state_dict
+
+__all__ = ["AdaBelief", "adabelief"]
+
+#: Options every group carries, with the constructor's defaults. Each is a per-group setting.
+OPTION_DEFAULTS: dict[str, Any] = {
+    "amsgrad": False,
+    "weight_decouple": True,
+    "fixed_decay": False,
+    "rectify": True,
+    "degenerated_to_sgd": True,
+    "maximize": False,
+    "foreach": None,
+    "fused": None,
+    "capturable": False,
+    "differentiable": False,
+}
+
+
+def _is_compiling() -> bool:
+    return bool(torch.compiler.is_compiling())
+
+
+def _check_nonnegative(name: str, value: object) -> None:
+    """Raise ``ValueError`` unless ``value`` is a finite real number >= 0 (or such a 1-element
+    tensor)."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(
+                f"Tensor {name} must have exactly one element, got shape {value.shape}"
+            )
+        if value.is_complex():
+            raise ValueError(f"Invalid {name}: {value} (complex)")
+        number = float(value.detach().reshape(()).item())
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    else:
+        raise ValueError(f"Invalid {name}: {value!r} (expected a real number)")
+    if not math.isfinite(number) or number < 0.0:
+        raise ValueError(f"Invalid {name}: {value} (must be finite and >= 0)")
+
+
+def _check_betas(betas: object) -> tuple[float, float]:
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"Invalid betas: {betas!r} (expected a pair (beta1, beta2))")
+    checked = []
+    for index, beta in enumerate(betas):
+        if isinstance(beta, Tensor):
+            if beta.numel() != 1:
+                raise ValueError(f"Invalid betas[{index}]: tensor of shape {beta.shape}")
+            beta = float(beta.item())
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)):
+            raise ValueError(f"Invalid betas[{index}]: {beta!r} (expected a real number)")
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid betas[{index}]: {beta} (must be in [0, 1))")
+        checked.append(float(beta))
+    return checked[0], checked[1]
+
+
+class AdaBelief(Optimizer):
+    r"""AdaBelief (Zhuang et al., NeurIPS 2020): Adam whose second moment is the belief
+    ``s_t = EMA((g_t - m_t)^2) + eps`` in the gradient rather than ``EMA(g_t^2)``.
+
+    Per element, at step ``t`` (see :mod:`adabelief.scalars` for the rectified form)::
+
+        theta *= 1 - lr*wd          (weight_decouple; 1 - wd with fixed_decay)
+        g     += wd * theta         (weight_decouple=False: L2 in the gradient, never in p.grad)
+        m      = beta1*m + (1 - beta1)*g
+        s      = beta2*s + (1 - beta2)*(g - m)^2 + eps
+        theta -= lr/(1 - beta1^t) * m / (sqrt(s)/sqrt(1 - beta2^t) + eps)
+
+    Defaults are those of the official ``adabelief-pytorch`` 0.2.x, so migrating from it only
+    changes the import. The paper's own experiments used eps=1e-8 without decoupling or
+    rectification (package version 0.0.5).
+
+    Args:
+        params: an iterable of tensors or of parameter-group dicts.
+        lr: learning rate (float or 1-element tensor). Default 1e-3.
+        betas: decay rates of the first moment and of the belief. Default (0.9, 0.999).
+        eps: added to the belief state at every step and to the denominator. Default 1e-16.
+        weight_decay: weight decay coefficient. Default 0.
+        amsgrad: use the running maximum of the belief (also in the rectified update).
+        weight_decouple: decoupled (AdamW-style) decay if True, L2 in the gradient if False.
+        fixed_decay: decoupled decay by ``wd`` per step, independent of ``lr``.
+        rectify: RAdam's variance warm-up.
+        degenerated_to_sgd: during the warm-up, take SGD-with-momentum steps (else no step).
+        maximize: maximize the objective.
+        foreach: use the multi-tensor kernel (None: chosen per device).
+        fused: use the fused single-pass kernel (None: chosen where it is correct and faster).
+        capturable: keep the step count on the parameters' device, with no host synchronisation
+            (CUDA graphs).
+        differentiable: let autograd run through the step (single-tensor kernel).
+
+    State per parameter: ``step`` (0-dim tensor), ``exp_avg``, ``exp_avg_var`` and, with AMSGrad,
+    ``max_exp_avg_var``; the moments are float32 for float16 and bfloat16 parameters.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-16,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        weight_decouple: bool = True,
+        fixed_decay: bool = False,
+        rectify: bool = True,
+        degenerated_to_sgd: bool = True,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+    ) -> None:
+        _check_nonnegative("lr", lr)
+        _check_nonnegative("eps", eps)
+        _check_nonnegative("weight_decay", weight_decay)
+        betas = _check_betas(betas)
+        if isinstance(lr, Tensor) and lr.dim() != 0:
+            lr = lr.reshape(())
+        if fused and foreach:
+            raise ValueError(f"fused={fused} and foreach={foreach} cannot both be True")
+        if fused and differentiable:
+            raise ValueError(f"fused={fused} does not support differentiable={differentiable}")
+        if fused:
+            _fused.check_available()
+        defaults = dict(
+            OPTION_DEFAULTS,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            weight_decouple=weight_decouple,
+            fixed_decay=fixed_decay,
+            rectify=rectify,
+            degenerated_to_sgd=degenerated_to_sgd,
+            maximize=maximize,
+            foreach=foreach,
+            fused=fused,
+            capturable=capturable,
+            differentiable=differentiable,
+        )
+        super().__init__(params, defaults)
+        if fused:
+            # GradScaler hands the fused kernel the scaled gradients with grad_scale/found_inf.
+            self._step_supports_amp_scaling = True
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in OPTION_DEFAULTS.items():
+                group.setdefault(key, value)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        for name in ("lr", "eps", "weight_decay"):
+            if name in param_group:
+                _check_nonnegative(name, param_group[name])
+        if "betas" in param_group:
+            param_group["betas"] = _check_betas(param_group["betas"])
+        super().add_param_group(param_group)
+
+    def _init_group(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        exp_avgs: list[Tensor],
+        exp_avg_vars: list[Tensor],
+        max_exp_avg_vars: list[Tensor],
+        state_steps: list[Tensor],
+    ) -> None:
+        on_device_step = group["capturable"] or bool(group["fused"])
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise ValueError(
+                    f"AdaBelief does not support sparse gradients (parameter of shape "
+                    f"{tuple(p.shape)}); use torch.optim.SparseAdam for sparse embeddings"
+                )
+            state = self.state[p]
+            moment_dtype = torch.float32 if p.dtype in LOW_PRECISION_DTYPES else None
+            if len(state) == 0:
+                step_dtype = _step_dtype(on_device_step)
+                step_device = p.device if on_device_step else torch.device("cpu")
+                state["step"] = torch.zeros((), dtype=step_dtype, device=step_device)
+                state["exp_avg"] = torch.zeros_like(
+                    p, dtype=moment_dtype, memory_format=torch.preserve_format
+                )
+                state["exp_avg_var"] = torch.zeros_like(
+                    p, dtype=moment_dtype, memory_format=torch.preserve_format
+                )
+            if group["amsgrad"] and "max_exp_avg_var" not in state:
+                state["max_exp_avg_var"] = torch.zeros_like(
+                    p, dtype=moment_dtype, memory_format=torch.preserve_format
+                )
+            if group["differentiable"] and state["step"].requires_grad:
+                raise ValueError(
+                    "`requires_grad` is not supported for `step` in differentiable mode"
+                )
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_vars.append(state["exp_avg_var"])
+            if group["amsgrad"]:
+                max_exp_avg_vars.append(state["max_exp_avg_var"])
+            state_steps.append(state["step"])
+
+    @_use_grad_for_differentiable
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the
+        loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params: list[Tensor] = []
+            grads: list[Tensor] = []
+            exp_avgs: list[Tensor] = []
+            exp_avg_vars: list[Tensor] = []
+            max_exp_avg_vars: list[Tensor] = []
+            state_steps: list[Tensor] = []
+            self._init_group(
+                group, params, grads, exp_avgs, exp_avg_vars, max_exp_avg_vars, state_steps
+            )
+            if not params:
+                continue
+            adabelief(
+                params,
+                grads,
+                exp_avgs,
+                exp_avg_vars,
+                max_exp_avg_vars,
+                state_steps,
+                group=group,
+                grad_scale=getattr(self, "grad_scale", None),
+                found_inf=getattr(self, "found_inf", None),
+            )
+        return loss
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load a state_dict of this optimizer or of ``adabelief-pytorch`` (see
+        :func:`adabelief.checkpoint.migrate_state_dict`), keeping the moments of 16-bit
+        parameters in float32."""
+        migrated = migrate_state_dict(state_dict, self.param_groups)
+        super().load_state_dict(migrated)
+        keep_float32_state(
+            self.state, migrated["state"], migrated["param_groups"], self.param_groups
+        )
+
+
+def _step_dtype(on_device: bool) -> torch.dtype:
+    if on_device:
+        return torch.float32
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _default_paths(params: list[Tensor], group: Mapping[str, Any]) -> tuple[bool, bool]:
+    """(fused, foreach) for a group that set neither: the fastest path that is correct here."""
+    if group["differentiable"] or torch.jit.is_scripting():
+        return False, False
+    if _fused.is_default_for(params, group):
+        return True, False
+    foreach = all(type(p) is Tensor or isinstance(p, torch.nn.Parameter) for p in params) and all(
+        p.device.type == "cuda" for p in params
+    )
+    return False, foreach
+
+
+def adabelief(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_vars: list[Tensor],
+    max_exp_avg_vars: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    group: Mapping[str, Any],
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    """Functional AdaBelief step over lists of tensors with the options of ``group``; picks the
+    fused, foreach or single-tensor kernel as the group asks (or by default)."""
+    fused, foreach = group["fused"], group["foreach"]
+    if fused is None and foreach is None:
+        fused, foreach = _default_paths(params, group)
+    elif fused is None:
+        fused = False
+    tensor_math = bool(group["capturable"] or group["differentiable"] or _is_compiling())
+    lr = group["lr"]
+    if isinstance(lr, Tensor) and not tensor_math and not fused:
+        lr = lr.item()
+    hp = Hyperparameters.from_group(cast(dict, group), lr)
+    if fused:
+        _fused.fused_step(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_vars,
+            max_exp_avg_vars,
+            state_steps,
+            hp,
+            grad_scale=grad_scale,
+            found_inf=found_inf,
+        )
+        return
+    if grad_scale is not None or found_inf is not None:
+        raise ValueError("grad_scale/found_inf are only supported by the fused path (fused=True)")
+    kernel = foreach_step if foreach else single_tensor_step
+    kernel(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_vars,
+        max_exp_avg_vars,
+        state_steps,
+        hp,
+        tensor_math=tensor_math,
+    )
