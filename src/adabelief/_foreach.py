@@ -94,7 +94,7 @@ def _foreach_group(
         scalars.append(cache[step])
 
     if hp.maximize:
-        grads = torch._foreach_neg(grads)
+        grads = list(torch._foreach_neg(grads))
     work = params
     if low_precision:
         work = [p.float() for p in params]
@@ -104,7 +104,7 @@ def _foreach_group(
         if hp.weight_decouple:
             torch._foreach_mul_(work, hp.decay_factor())
         else:
-            grads = torch._foreach_add(grads, work, alpha=hp.weight_decay)
+            grads = list(torch._foreach_add(grads, work, alpha=hp.weight_decay))
 
     torch._foreach_mul_(exp_avgs, hp.beta1)
     torch._foreach_add_(exp_avgs, grads, alpha=1 - hp.beta1)
