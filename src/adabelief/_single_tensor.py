@@ -29,7 +29,8 @@ def single_tensor_step(
     for i, param in enumerate(params):
         step_t = state_steps[i]
         step_t += 1
-        step = step_t if tensor_math else step_t.item()
+        # Tensor scalars in float64: float32 would put a 1e-5 relative error into 1 - beta2**t.
+        step = _as_float64(step_t) if tensor_math else step_t.item()
         scalars = step_scalars(
             step,
             hp.lr,
@@ -47,6 +48,10 @@ def single_tensor_step(
             scalars,
             hp,
         )
+
+
+def _as_float64(step_t: Tensor) -> Tensor:
+    return step_t if step_t.device.type == "mps" else step_t.to(torch.float64)
 
 
 def update_one(
