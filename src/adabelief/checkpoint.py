@@ -8,17 +8,15 @@ groups) into this package's layout, and refuses, with a message that says what i
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from itertools import chain
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from adabelief._hyper import LOW_PRECISION_DTYPES
+from adabelief import compressed_state
 
-#: Per-parameter state buffers (float32 for 16-bit parameters), by their official names.
-MOMENT_KEYS = ("exp_avg", "exp_avg_var", "max_exp_avg_var")
 #: Keys of the official package's groups that this package does not keep.
 LEGACY_GROUP_KEYS = ("buffer",)
 
@@ -85,23 +83,31 @@ def migrate_state_dict(
     return {**state_dict, "state": state, "param_groups": groups}
 
 
-def keep_float32_state(
-    state: Mapping[Tensor, dict[str, Any]],
+def restore_moment_dtypes(
+    state: MutableMapping[Tensor, dict[str, Any]],
     saved_state: Mapping[Any, Mapping[str, Any]],
     saved_groups: Iterable[Mapping[str, Any]],
     current_groups: Iterable[Mapping[str, Any]],
 ) -> None:
-    """Undo ``torch.optim.Optimizer.load_state_dict``'s cast of the moments of 16-bit parameters
-    to the parameter's dtype: take them from the saved tensors, as float32, without rounding."""
+    """Put back the moments as they were saved.
+
+    ``torch.optim.Optimizer.load_state_dict`` casts every floating-point state tensor to its
+    parameter's dtype, which would round the float32 moments of 16-bit parameters and the
+    bfloat16/int8 storage of ``state_precision``. The moments are taken from the saved tensors
+    instead, in the storage format of the group being loaded into (converted if it differs).
+    """
+    groups = list(current_groups)
     id_map = zip(
         chain.from_iterable(g["params"] for g in saved_groups),
-        chain.from_iterable(g["params"] for g in current_groups),
+        ((p, g) for g in groups for p in g["params"]),
         strict=True,
     )
-    for param_id, param in id_map:
-        if param.dtype not in LOW_PRECISION_DTYPES or param_id not in saved_state:
+    for param_id, (param, group) in id_map:
+        saved = saved_state.get(param_id)
+        if not saved or param not in state:
             continue
-        for key in MOMENT_KEYS:
-            saved = saved_state[param_id].get(key)
-            if isinstance(saved, Tensor):
-                state[param][key] = saved.to(device=param.device, dtype=torch.float32, copy=True)
+        fmt = compressed_state.storage_format(param, group.get("state_precision", "fp32"))
+        for key in list(state[param]):
+            if key != "step" and key not in saved:
+                del state[param][key]
+        state[param].update(compressed_state.restore_moments(saved, param, fmt))

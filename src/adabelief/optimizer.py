@@ -15,11 +15,11 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT, _use_grad_for_differentiable
 
-from adabelief import _fused
+from adabelief import _fused, compressed_state
 from adabelief._foreach import foreach_step
-from adabelief._hyper import LOW_PRECISION_DTYPES, Hyperparameters
+from adabelief._hyper import Hyperparameters
 from adabelief._single_tensor import single_tensor_step
-from adabelief.checkpoint import keep_float32_state, migrate_state_dict
+from adabelief.checkpoint import migrate_state_dict, restore_moment_dtypes
 
 __all__ = ["AdaBelief", "adabelief"]
 
@@ -35,6 +35,7 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "fused": None,
     "capturable": False,
     "differentiable": False,
+    "state_precision": "fp32",
 }
 
 
@@ -111,9 +112,14 @@ class AdaBelief(Optimizer):
         capturable: keep the step count on the parameters' device, with no host synchronisation
             (CUDA graphs).
         differentiable: let autograd run through the step (single-tensor kernel).
+        state_precision: how the moments are stored between steps: ``"fp32"`` (default, 8 bytes
+            per parameter), ``"bf16"`` (4 bytes, stochastic rounding) or ``"int8"`` (about 2
+            bytes, block-wise quantized, tensors of 4096 elements or more); the math is float32
+            in every case. See :mod:`adabelief.compressed_state`.
 
     State per parameter: ``step`` (0-dim tensor), ``exp_avg``, ``exp_avg_var`` and, with AMSGrad,
-    ``max_exp_avg_var``; the moments are float32 for float16 and bfloat16 parameters.
+    ``max_exp_avg_var``; the moments are float32 for float16 and bfloat16 parameters (with
+    ``state_precision="int8"`` also ``exp_avg_scale``, ``exp_avg_var_scale``, ... per block).
     """
 
     def __init__(
@@ -134,8 +140,10 @@ class AdaBelief(Optimizer):
         fused: bool | None = None,
         capturable: bool = False,
         differentiable: bool = False,
+        state_precision: str = "fp32",
     ) -> None:
         _check_nonnegative("lr", lr)
+        compressed_state.check_state_precision(state_precision)
         _check_nonnegative("eps", eps)
         _check_nonnegative("weight_decay", weight_decay)
         betas = _check_betas(betas)
@@ -163,6 +171,7 @@ class AdaBelief(Optimizer):
             fused=fused,
             capturable=capturable,
             differentiable=differentiable,
+            state_precision=state_precision,
         )
         super().__init__(params, defaults)
         if fused:
@@ -181,6 +190,8 @@ class AdaBelief(Optimizer):
                 _check_nonnegative(name, param_group[name])
         if "betas" in param_group:
             param_group["betas"] = _check_betas(param_group["betas"])
+        if "state_precision" in param_group:
+            compressed_state.check_state_precision(param_group["state_precision"])
         super().add_param_group(param_group)
 
     def _init_group(
@@ -192,8 +203,11 @@ class AdaBelief(Optimizer):
         exp_avg_vars: list[Tensor],
         max_exp_avg_vars: list[Tensor],
         state_steps: list[Tensor],
-    ) -> None:
+    ) -> list[Tensor]:
+        """Collect the group's parameters that have a gradient and their state (created on
+        first use) into the lists; return, instead, those whose moments are stored compressed."""
         on_device_step = group["capturable"] or bool(group["fused"])
+        compressed: list[Tensor] = []
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -203,25 +217,25 @@ class AdaBelief(Optimizer):
                     f"{tuple(p.shape)}); use torch.optim.SparseAdam for sparse embeddings"
                 )
             state = self.state[p]
-            moment_dtype = torch.float32 if p.dtype in LOW_PRECISION_DTYPES else None
+            fmt = compressed_state.storage_format(p, group["state_precision"])
             if len(state) == 0:
                 step_dtype = _step_dtype(on_device_step)
                 step_device = p.device if on_device_step else torch.device("cpu")
                 state["step"] = torch.zeros((), dtype=step_dtype, device=step_device)
-                state["exp_avg"] = torch.zeros_like(
-                    p, dtype=moment_dtype, memory_format=torch.preserve_format
-                )
-                state["exp_avg_var"] = torch.zeros_like(
-                    p, dtype=moment_dtype, memory_format=torch.preserve_format
-                )
+                state.update(compressed_state.new_moment(p, "exp_avg", fmt))
+                state.update(compressed_state.new_moment(p, "exp_avg_var", fmt))
+            elif compressed_state.format_of(state) != fmt:
+                # state_precision changed (by the user, or by loading a checkpoint): convert.
+                state.update(compressed_state.restore_moments(state, p, fmt))
             if group["amsgrad"] and "max_exp_avg_var" not in state:
-                state["max_exp_avg_var"] = torch.zeros_like(
-                    p, dtype=moment_dtype, memory_format=torch.preserve_format
-                )
+                state.update(compressed_state.new_moment(p, "max_exp_avg_var", fmt))
             if group["differentiable"] and state["step"].requires_grad:
                 raise ValueError(
                     "`requires_grad` is not supported for `step` in differentiable mode"
                 )
+            if fmt != "fp32":
+                compressed.append(p)
+                continue
             params.append(p)
             grads.append(p.grad)
             exp_avgs.append(state["exp_avg"])
@@ -229,6 +243,7 @@ class AdaBelief(Optimizer):
             if group["amsgrad"]:
                 max_exp_avg_vars.append(state["max_exp_avg_var"])
             state_steps.append(state["step"])
+        return compressed
 
     @_use_grad_for_differentiable
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -245,22 +260,41 @@ class AdaBelief(Optimizer):
             exp_avg_vars: list[Tensor] = []
             max_exp_avg_vars: list[Tensor] = []
             state_steps: list[Tensor] = []
-            self._init_group(
+            compressed = self._init_group(
                 group, params, grads, exp_avgs, exp_avg_vars, max_exp_avg_vars, state_steps
             )
-            if not params:
-                continue
-            adabelief(
-                params,
-                grads,
-                exp_avgs,
-                exp_avg_vars,
-                max_exp_avg_vars,
-                state_steps,
-                group=group,
-                grad_scale=getattr(self, "grad_scale", None),
-                found_inf=getattr(self, "found_inf", None),
-            )
+            grad_scale = getattr(self, "grad_scale", None)
+            found_inf = getattr(self, "found_inf", None)
+            if params:
+                adabelief(
+                    params,
+                    grads,
+                    exp_avgs,
+                    exp_avg_vars,
+                    max_exp_avg_vars,
+                    state_steps,
+                    group=group,
+                    grad_scale=grad_scale,
+                    found_inf=found_inf,
+                )
+            # Compressed moments: one parameter at a time, so that the float32 work copies never
+            # exceed one tensor's size.
+            for p in compressed:
+                state = self.state[p]
+                work = compressed_state.decode_moments(state)
+                adabelief(
+                    [p],
+                    [cast(Tensor, p.grad)],
+                    [work["exp_avg"]],
+                    [work["exp_avg_var"]],
+                    [work["max_exp_avg_var"]] if group["amsgrad"] else [],
+                    [state["step"]],
+                    group=group,
+                    grad_scale=grad_scale,
+                    found_inf=found_inf,
+                )
+                if found_inf is None or not bool(found_inf.item()):
+                    compressed_state.encode_moments_(state, work, int(state["step"].item()))
         return loss
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -269,7 +303,7 @@ class AdaBelief(Optimizer):
         parameters in float32."""
         migrated = migrate_state_dict(state_dict, self.param_groups)
         super().load_state_dict(migrated)
-        keep_float32_state(
+        restore_moment_dtypes(
             self.state, migrated["state"], migrated["param_groups"], self.param_groups
         )
 

@@ -1,0 +1,217 @@
+"""Low-memory storage of the moments: ``state_precision="fp32" | "bf16" | "int8"``.
+
+The kernels always compute in float32 (or the parameter's float64); only the storage between
+steps changes. Each step decodes the stored moments into float32 work tensors, runs the normal
+update on them and encodes them back.
+
+* ``"bf16"``: ``exp_avg`` and ``exp_avg_var`` are bfloat16 (4 bytes per parameter instead of 8).
+  The write-back rounds stochastically, so updates smaller than half a bfloat16 ulp are kept in
+  expectation instead of being lost. The dither is a hash of the value's float32 bits and the step
+  count: deterministic, no random-number state, so a resumed run is bit-identical.
+* ``"int8"``: for tensors of at least :data:`MIN_QUANTIZED_NUMEL` elements, block-wise
+  quantization with one float32 scale per :data:`BLOCK_SIZE` elements (about 2.03 bytes per
+  parameter). ``exp_avg`` is signed, ``code * absmax / 127``. ``exp_avg_var`` spans many decades
+  (it holds ``eps`` and squared prediction errors), so its square root is stored, unsigned,
+  ``(code * rootmax / 255)^2``; a positive belief never gets code 0, so it is never rounded to
+  zero (which would turn its step into ``m / eps``). Both round stochastically with the same
+  hashed dither: deterministic rounding would freeze the moving averages, whose per-step change
+  (``1 - beta`` of the gap) is smaller than half a quantization level. Smaller tensors (biases,
+  norms) keep float32 state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+STATE_PRECISIONS = ("fp32", "bf16", "int8")
+#: Elements that share one float32 scale in the int8 format.
+BLOCK_SIZE = 256
+#: Tensors with fewer elements keep float32 state under ``"int8"`` (the scales would not pay).
+MIN_QUANTIZED_NUMEL = 4096
+
+_MASK32 = 0xFFFFFFFF
+
+
+def check_state_precision(value: object) -> str:
+    """Return ``value`` if it names a storage format, else raise ``ValueError``."""
+    if value not in STATE_PRECISIONS:
+        raise ValueError(f"Invalid state_precision: {value!r} (expected one of {STATE_PRECISIONS})")
+    return str(value)
+
+
+def storage_format(param: Tensor, precision: str) -> str:
+    """The format the moments of ``param`` are stored in: ``precision``, except that int8 needs a
+    real floating tensor of at least :data:`MIN_QUANTIZED_NUMEL` elements, and compressed
+    formats apply to float32 and 16-bit parameters only (float64 and complex stay exact)."""
+    if precision == "fp32" or param.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return "fp32"
+    if precision == "int8" and param.numel() < MIN_QUANTIZED_NUMEL:
+        return "fp32"
+    return precision
+
+
+def bytes_per_parameter(precision: str, amsgrad: bool = False) -> float:
+    """Bytes of optimizer state per parameter of a large float32 tensor in ``precision``."""
+    moments = 3 if amsgrad else 2
+    if precision == "bf16":
+        return 2.0 * moments
+    if precision == "int8":
+        return moments * (1.0 + 4.0 / BLOCK_SIZE)
+    return 4.0 * moments
+
+
+def _blocks(numel: int) -> int:
+    return -(-numel // BLOCK_SIZE)
+
+
+def new_moment(param: Tensor, key: str, fmt: str) -> dict[str, Tensor]:
+    """Zero state for moment ``key`` of ``param`` in format ``fmt`` (with its scales, for int8)."""
+    if fmt == "bf16":
+        return {key: torch.zeros_like(param, dtype=torch.bfloat16)}
+    if fmt == "int8":
+        code_dtype = torch.int8 if key == "exp_avg" else torch.uint8
+        return {
+            key: torch.zeros(param.shape, dtype=code_dtype, device=param.device),
+            key + "_scale": torch.zeros(
+                _blocks(param.numel()), dtype=torch.float32, device=param.device
+            ),
+        }
+    dtype = torch.float32 if param.dtype in (torch.float16, torch.bfloat16) else None
+    return {key: torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)}
+
+
+def _padded_blocks(flat: Tensor) -> Tensor:
+    pad = (-flat.numel()) % BLOCK_SIZE
+    if pad:
+        flat = torch.nn.functional.pad(flat, (0, pad))
+    return flat.view(-1, BLOCK_SIZE)
+
+
+def decode(stored: Tensor, scale: Tensor | None, key: str) -> Tensor:
+    """A float32 work copy of a stored moment."""
+    if scale is None:
+        return stored.float()
+    blocks = _padded_blocks(stored.reshape(-1).float())
+    if key == "exp_avg":
+        values = blocks * (scale.unsqueeze(1) / 127.0)
+    else:
+        values = (blocks * (scale.unsqueeze(1) / 255.0)).square_()
+    return values.reshape(-1)[: stored.numel()].view(stored.shape)
+
+
+def encode_(stored: Tensor, scale: Tensor | None, work: Tensor, key: str, step: int) -> None:
+    """Write the float32 ``work`` moment back into ``stored`` (and its ``scale``) in place,
+    rounding stochastically with a dither derived from the values and ``step``."""
+    if stored.dtype == torch.bfloat16:
+        stored.copy_(stochastic_round_to_bf16(work, step))
+        return
+    if scale is None:
+        stored.copy_(work)
+        return
+    blocks = _padded_blocks(work.reshape(-1).float())
+    if key == "exp_avg":
+        magnitude, top = blocks.abs(), 127
+    else:
+        magnitude, top = blocks.clamp(min=0).sqrt(), 255
+        blocks = magnitude
+    block_max = magnitude.amax(dim=1)
+    scale.copy_(block_max)
+    inv = torch.where(block_max > 0, top / block_max, torch.zeros_like(block_max))
+    scaled = blocks * inv.unsqueeze(1)
+    codes = (scaled + uniform_dither(scaled, step)).floor_().clamp_(-top if top == 127 else 0, top)
+    if top == 255:
+        codes = torch.where(scaled > 0, codes.clamp(min=1), codes)
+    stored.copy_(codes.reshape(-1)[: stored.numel()].view(stored.shape))
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """MurmurHash3's 32-bit finalizer on int64 tensors holding 32-bit values."""
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & _MASK32
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & _MASK32
+    return x ^ (x >> 16)
+
+
+def _value_hash(values: Tensor, step: int) -> Tensor:
+    bits = values.float().contiguous().view(torch.int32).to(torch.int64) & _MASK32
+    return _mix32(bits ^ ((step * 0x9E3779B9) & _MASK32))
+
+
+def uniform_dither(values: Tensor, step: int) -> Tensor:
+    """Pseudo-random numbers in [0, 1), one per element, hashed from the values and ``step``."""
+    return (_value_hash(values, step) & 0xFFFFFF).to(torch.float32) * (1.0 / 2**24)
+
+
+def stochastic_round_to_bf16(values: Tensor, step: int) -> Tensor:
+    """Round float32 ``values`` to bfloat16, up or down with probability proportional to the
+    distance, using a dither hashed from each value's bits and ``step`` (deterministic)."""
+    bits = values.float().contiguous().view(torch.int32).to(torch.int64) & _MASK32
+    dither = _value_hash(values, step) & 0xFFFF
+    rounded = (bits + dither) & 0xFFFF0000
+    # Back to int32's range (two's complement) so the bits reinterpret as the float32 we mean.
+    rounded = torch.where(rounded >= 2**31, rounded - 2**32, rounded).to(torch.int32)
+    result = rounded.view(torch.float32)
+    # Keep non-finite values (and values that would round past the largest finite bfloat16).
+    result = torch.where(torch.isfinite(result), result, values.float())
+    return result.to(torch.bfloat16)
+
+
+MOMENT_KEYS = ("exp_avg", "exp_avg_var", "max_exp_avg_var")
+
+
+def _decode_key(state: Mapping[str, Any], key: str) -> Tensor:
+    # The AMSGrad maximum is a belief like exp_avg_var and is stored the same way.
+    kind = "exp_avg" if key == "exp_avg" else "exp_avg_var"
+    return decode(state[key], state.get(key + "_scale"), kind)
+
+
+def decode_moments(state: Mapping[str, Any]) -> dict[str, Tensor]:
+    """Float32 work copies of the moments present in a parameter's ``state``."""
+    return {key: _decode_key(state, key) for key in MOMENT_KEYS if key in state}
+
+
+def encode_moments_(state: dict[str, Any], work: Mapping[str, Tensor], step: int) -> None:
+    """Store the work moments back into ``state`` in its format."""
+    for key, values in work.items():
+        kind = "exp_avg" if key == "exp_avg" else "exp_avg_var"
+        encode_(state[key], state.get(key + "_scale"), values, kind, step)
+
+
+def format_of(state: Mapping[str, Any]) -> str:
+    """The storage format a parameter's saved ``state`` is in."""
+    if "exp_avg_scale" in state:
+        return "int8"
+    moment = state.get("exp_avg")
+    # The fp32 format keeps float32 moments for 16-bit parameters, so bfloat16 means "bf16".
+    if isinstance(moment, Tensor) and moment.dtype == torch.bfloat16:
+        return "bf16"
+    return "fp32"
+
+
+def restore_moments(saved: Mapping[str, Any], param: Tensor, fmt: str) -> dict[str, Tensor]:
+    """The moments of a loaded state in format ``fmt`` on ``param``'s device: the saved tensors
+    as they were when the format matches (no rounding), else converted through float32."""
+    keys = [key for key in MOMENT_KEYS if isinstance(saved.get(key), Tensor)]
+    if format_of(saved) == fmt:
+        restored: dict[str, Tensor] = {}
+        for key in keys:
+            fresh = new_moment(param, key, fmt)
+            for name, like in fresh.items():
+                restored[name] = saved[name].to(device=param.device, dtype=like.dtype, copy=True)
+        return restored
+    step = int(float(saved.get("step", 0)))
+    restored = {}
+    for key in keys:
+        fresh = new_moment(param, key, fmt)
+        values = _decode_key(
+            {name: t.to(param.device) for name, t in saved.items() if isinstance(t, Tensor)}, key
+        )
+        kind = "exp_avg" if key == "exp_avg" else "exp_avg_var"
+        encode_(fresh[key], fresh.get(key + "_scale"), values, kind, step)
+        restored.update(fresh)
+    return restored
