@@ -107,7 +107,4 @@ def restore_moment_dtypes(
         if not saved or param not in state:
             continue
         fmt = compressed_state.storage_format(param, group.get("state_precision", "fp32"))
-        for key in list(state[param]):
-            if key != "step" and key not in saved:
-                del state[param][key]
-        state[param].update(compressed_state.restore_moments(saved, param, fmt))
+        compressed_state.replace_moments_(state[param], saved, param, fmt)

@@ -215,3 +215,14 @@ def restore_moments(saved: Mapping[str, Any], param: Tensor, fmt: str) -> dict[s
         encode_(fresh[key], fresh.get(key + "_scale"), values, kind, step)
         restored.update(fresh)
     return restored
+
+
+def replace_moments_(
+    state: dict[str, Any], saved: Mapping[str, Any], param: Tensor, fmt: str
+) -> None:
+    """Set ``state``'s moments to those of ``saved`` in format ``fmt`` (see
+    :func:`restore_moments`), dropping the scales of a format no longer used."""
+    restored = restore_moments(saved, param, fmt)
+    for key in [k for k in state if k.endswith("_scale") and k not in restored]:
+        del state[key]
+    state.update(restored)

@@ -226,7 +226,7 @@ class AdaBelief(Optimizer):
                 state.update(compressed_state.new_moment(p, "exp_avg_var", fmt))
             elif compressed_state.format_of(state) != fmt:
                 # state_precision changed (by the user, or by loading a checkpoint): convert.
-                state.update(compressed_state.restore_moments(state, p, fmt))
+                compressed_state.replace_moments_(state, dict(state), p, fmt)
             if group["amsgrad"] and "max_exp_avg_var" not in state:
                 state.update(compressed_state.new_moment(p, "max_exp_avg_var", fmt))
             if group["differentiable"] and state["step"].requires_grad:

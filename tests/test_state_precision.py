@@ -1,0 +1,216 @@
+"""state_precision="bf16" | "int8": storage, rounding, training quality, checkpoints."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from adabelief import AdaBelief
+from adabelief import compressed_state as cs
+
+PRECISIONS = ["fp32", "bf16", "int8"]
+
+
+def _model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.Tanh(), torch.nn.Linear(96, 4))
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(128, 64, generator=g), torch.randn(128, 4, generator=g)
+
+
+def _train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int) -> float:
+    x, y = _data()
+    loss = torch.tensor(0.0)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+    return float(loss.detach())
+
+
+def test_invalid_state_precision_is_rejected():
+    p = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match=r"state_precision.*'fp8'"):
+        AdaBelief([p], state_precision="fp8")
+    opt = AdaBelief([p])
+    with pytest.raises(ValueError, match="state_precision"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "state_precision": 8})
+
+
+@pytest.mark.parametrize(
+    ("precision", "dtypes"),
+    [
+        ("fp32", {"exp_avg": torch.float32, "exp_avg_var": torch.float32}),
+        ("bf16", {"exp_avg": torch.bfloat16, "exp_avg_var": torch.bfloat16}),
+        ("int8", {"exp_avg": torch.int8, "exp_avg_var": torch.uint8}),
+    ],
+)
+def test_storage_dtypes_and_small_tensors_stay_fp32(precision, dtypes):
+    model = _model()
+    opt = AdaBelief(model.parameters(), state_precision=precision)
+    _train(model, opt, 1)
+    big = opt.state[model[0].weight]  # 6144 elements
+    for key, dtype in dtypes.items():
+        assert big[key].dtype == dtype
+        assert big[key].shape == model[0].weight.shape
+    bias = opt.state[model[0].bias]  # 96 elements
+    expected_bias = torch.bfloat16 if precision == "bf16" else torch.float32
+    assert bias["exp_avg"].dtype == expected_bias
+    if precision == "int8":
+        assert big["exp_avg_scale"].numel() == -(-model[0].weight.numel() // cs.BLOCK_SIZE)
+        assert "exp_avg_scale" not in bias
+
+
+def test_bytes_per_parameter():
+    assert cs.bytes_per_parameter("fp32") == 8.0
+    assert cs.bytes_per_parameter("bf16") == 4.0
+    assert cs.bytes_per_parameter("int8") == pytest.approx(2.03125)
+    model = _model()
+    for precision, budget in (("bf16", 4.0), ("int8", 2.05)):
+        opt = AdaBelief([model[0].weight], state_precision=precision)
+        _train(model, opt, 1)
+        state = opt.state[model[0].weight]
+        nbytes = sum(t.numel() * t.element_size() for k, t in state.items() if k != "step")
+        assert nbytes / model[0].weight.numel() <= budget
+
+
+def test_stochastic_bf16_rounding_is_unbiased_and_deterministic():
+    values = torch.rand(200_000) * 1e-3 + 1e-3
+    first = cs.stochastic_round_to_bf16(values, step=7)
+    assert torch.equal(first, cs.stochastic_round_to_bf16(values, step=7))
+    assert not torch.equal(first, cs.stochastic_round_to_bf16(values, step=8))
+    error = first.float() - values
+    nearest = values.to(torch.bfloat16).float() - values
+    # Each value lands on one of its two bfloat16 neighbours ...
+    assert (error.abs() <= values * 2**-7).all()
+    # ... and on average on the value itself, unlike round-to-nearest's per-value bias.
+    assert abs(float(error.mean())) < 0.02 * float(nearest.abs().mean())
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 3.0e38])
+    assert torch.equal(cs.stochastic_round_to_bf16(special, 1)[:4].float(), special[:4])
+
+
+@pytest.mark.parametrize("key", ["exp_avg", "exp_avg_var"])
+def test_int8_round_trip_error_is_bounded(key):
+    torch.manual_seed(0)
+    param = torch.zeros(10_000)
+    stored = cs.new_moment(param, key, "int8")
+    if key == "exp_avg":
+        values = torch.randn(10_000) * 1e-2
+    else:
+        values = torch.rand(10_000).pow(4) * 1e-4 + 1e-16
+    cs.encode_(stored[key], stored[key + "_scale"], values, key, step=3)
+    decoded = cs.decode(stored[key], stored[key + "_scale"], key)
+    blocks = cs._padded_blocks(values)
+    if key == "exp_avg":
+        level = (blocks.abs().amax(1) / 127).repeat_interleave(cs.BLOCK_SIZE)[: values.numel()]
+        assert ((decoded - values).abs() <= level * 1.0001).all()
+    else:
+        # Beliefs are never rounded to zero: the step they divide stays bounded.
+        assert (decoded > 0).all()
+        roots = blocks.sqrt()
+        level = (roots.amax(1) / 255).repeat_interleave(cs.BLOCK_SIZE)[: values.numel()]
+        assert ((decoded.sqrt() - values.sqrt()).abs() <= level * 1.0001).all()
+
+
+def test_int8_moving_average_does_not_freeze():
+    """A belief decaying by 0.1% a step moves less than half a level per step: deterministic
+    rounding would keep it where it started; stochastic rounding follows it."""
+    param = torch.zeros(4096)
+    stored = cs.new_moment(param, "exp_avg_var", "int8")
+    truth = torch.ones(4096)
+    target = torch.linspace(0.0, 0.5, 4096)
+    cs.encode_(stored["exp_avg_var"], stored["exp_avg_var_scale"], truth, "exp_avg_var", 0)
+    for step in range(1, 1501):
+        work = cs.decode(stored["exp_avg_var"], stored["exp_avg_var_scale"], "exp_avg_var")
+        work.mul_(0.999).add_(target, alpha=0.001)
+        cs.encode_(stored["exp_avg_var"], stored["exp_avg_var_scale"], work, "exp_avg_var", step)
+        truth.mul_(0.999).add_(target, alpha=0.001)
+    final = cs.decode(stored["exp_avg_var"], stored["exp_avg_var_scale"], "exp_avg_var")
+    assert float(truth.mean()) < 0.7  # the truth moved well away from 1
+    assert abs(float(((final - truth) / truth).mean())) < 0.01
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_training_quality_close_to_fp32(precision):
+    reference = _model()
+    loss_fp32 = _train(reference, AdaBelief(reference.parameters(), lr=1e-2), 150)
+    model = _model()
+    loss = _train(model, AdaBelief(model.parameters(), lr=1e-2, state_precision=precision), 150)
+    initial = _train(_model(), torch.optim.SGD(_model().parameters(), lr=0.0), 1)
+    assert loss < 0.05 * initial
+    assert loss == pytest.approx(loss_fp32, rel=0.5, abs=1e-3)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("foreach", [False, True])
+def test_checkpoint_resume_is_bit_exact(precision, foreach):
+    kwargs = dict(lr=1e-2, amsgrad=True, state_precision=precision, foreach=foreach)
+    model = _model()
+    opt = AdaBelief(model.parameters(), **kwargs)
+    _train(model, opt, 8)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed = _model(seed=5)
+    resumed.load_state_dict(saved["model"])
+    resumed_opt = AdaBelief(resumed.parameters(), **kwargs)
+    resumed_opt.load_state_dict(saved["opt"])
+    for original, loaded in zip(model.parameters(), resumed.parameters(), strict=True):
+        for key, value in opt.state[original].items():
+            assert resumed_opt.state[loaded][key].dtype == value.dtype, key
+    _train(model, opt, 4)
+    _train(resumed, resumed_opt, 4)
+    for a, b in zip(model.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(model.parameters(), resumed.parameters(), strict=True):
+        for key, value in opt.state[a].items():
+            assert torch.equal(value, resumed_opt.state[b][key]), key
+
+
+def test_bf16_parameters_with_bf16_state_keep_bf16_after_load():
+    model = _model().to(torch.bfloat16)
+    opt = AdaBelief(model.parameters(), state_precision="bf16")
+    x, y = _data()
+    for _ in range(3):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x.bfloat16()), y.bfloat16()).backward()
+        opt.step()
+    fresh = AdaBelief(model.parameters(), state_precision="bf16")
+    fresh.load_state_dict(opt.state_dict())
+    assert fresh.state[model[0].weight]["exp_avg"].dtype == torch.bfloat16
+    fp32_state = AdaBelief(model.parameters())
+    fp32_state.load_state_dict({**opt.state_dict()})
+    # The checkpoint's group says bf16; switching the group converts at the next step.
+    fp32_state.param_groups[0]["state_precision"] = "fp32"
+    opt_state_before = opt.state[model[0].weight]["exp_avg"].float()
+    fp32_state.zero_grad()
+    torch.nn.functional.mse_loss(model(x.bfloat16()), y.bfloat16()).backward()
+    fp32_state.step()
+    state = fp32_state.state[model[0].weight]
+    assert state["exp_avg"].dtype == torch.float32
+    assert not torch.equal(state["exp_avg"], opt_state_before)
+
+
+def test_switching_precision_mid_run_converts_state():
+    model = _model()
+    opt = AdaBelief(model.parameters(), lr=1e-2)
+    _train(model, opt, 10)
+    before = opt.state[model[0].weight]["exp_avg"].clone()
+    opt.param_groups[0]["state_precision"] = "int8"
+    work_before = cs.decode_moments(opt.state[model[0].weight])["exp_avg"]
+    assert torch.equal(work_before, before)
+    _train(model, opt, 1)
+    state = opt.state[model[0].weight]
+    assert state["exp_avg"].dtype == torch.int8
+    assert "exp_avg_scale" in state
+    opt.param_groups[0]["state_precision"] = "fp32"
+    _train(model, opt, 1)
+    assert opt.state[model[0].weight]["exp_avg"].dtype == torch.float32
+    assert "exp_avg_scale" not in opt.state[model[0].weight]
