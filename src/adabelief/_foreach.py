@@ -141,4 +141,8 @@ def _foreach_group(
         )
 
     if low_precision:
-        torch._foreach_copy_(params, work)
+        if all(type(p) in (Tensor, torch.nn.Parameter) for p in params):
+            torch._foreach_copy_(params, work)
+        else:  # DTensor (FSDP2) has no sharding strategy for aten._foreach_copy_
+            for param, param_work in zip(params, work, strict=True):
+                param.copy_(param_work)

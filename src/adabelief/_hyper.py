@@ -45,7 +45,10 @@ class Hyperparameters(NamedTuple):
 
     def decay_factor(self) -> float | Tensor:
         """The factor that decoupled weight decay multiplies the parameter by: ``1 - lr*wd``,
-        or ``1 - wd`` with ``fixed_decay``."""
+        or ``1 - wd`` with ``fixed_decay`` -- except at ``lr == 0``, where a step changes nothing
+        (torch.distributed.checkpoint initializes optimizer state with such a step)."""
         if self.fixed_decay:
-            return 1.0 - self.weight_decay
+            if isinstance(self.lr, Tensor):
+                return 1.0 - self.weight_decay * (self.lr != 0)
+            return 1.0 - self.weight_decay if self.lr != 0 else 1.0
         return 1.0 - self.lr * self.weight_decay
