@@ -89,14 +89,20 @@ def update_one(
     residual = grad - exp_avg
     exp_avg_var.mul_(hp.beta2).addcmul_(residual, residual, value=1 - hp.beta2).add_(hp.eps)
     belief = exp_avg_var
+    # differentiable=True: autograd records the step, so no out= and nothing it saved is
+    # modified in place afterwards.
+    recording = torch.is_grad_enabled()
     if max_exp_avg_var is not None:
-        torch.maximum(max_exp_avg_var, exp_avg_var, out=max_exp_avg_var)
+        if recording:
+            max_exp_avg_var.copy_(torch.maximum(max_exp_avg_var.clone(), exp_avg_var))
+        else:
+            torch.maximum(max_exp_avg_var, exp_avg_var, out=max_exp_avg_var)
         belief = max_exp_avg_var
 
     step_size, sqrt_bc2, adaptive = scalars
     if isinstance(step_size, Tensor):
-        denom = belief.sqrt().div_(sqrt_bc2).add_(hp.eps)
-        update = exp_avg / denom
+        denom = belief.sqrt().div(sqrt_bc2).add_(hp.eps)
+        update = (exp_avg.clone() if recording else exp_avg) / denom
         if isinstance(adaptive, Tensor):
             update = torch.where(adaptive, update, exp_avg)
         work.sub_(update.mul_(step_size))
