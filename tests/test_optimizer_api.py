@@ -462,3 +462,17 @@ def test_capturable_matches_default(path, weight_decay):
     for a, b in zip(eager, capt, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
         assert capt_opt.state[b]["step"].item() == 12
+
+
+@pytest.mark.parametrize("lr_type", ["float", "tensor"])
+def test_fixed_decay_is_a_no_op_at_zero_lr(lr_type):
+    """torch.distributed.checkpoint initializes state with an lr=0 step that must change
+    nothing; at any other lr, fixed decay removes wd*theta whatever the lr."""
+    for lr, factor in ((0.0, 1.0), (1e-12, 0.9)):
+        p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64))
+        start = p.detach().clone()
+        value = torch.tensor(lr) if lr_type == "tensor" else lr
+        opt = AdaBelief([p], lr=value, weight_decay=0.1, fixed_decay=True)
+        p.grad = torch.tensor([0.1, 0.2, -0.3], dtype=torch.float64)
+        opt.step()
+        torch.testing.assert_close(p.detach(), factor * start, rtol=1e-9, atol=1e-12)

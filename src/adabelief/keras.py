@@ -1,0 +1,323 @@
+"""AdaBelief for Keras 3 (any backend), with the numerics of :class:`adabelief.AdaBelief`.
+
+Importing this module registers the optimizer for Keras serialization (as
+``"adabelief>AdaBelief"``), so that ``keras.saving.load_model`` restores a model compiled with
+it without ``custom_objects``. ``import adabelief`` alone does not import Keras.
+
+Per element, at step ``t = iterations + 1`` with learning rate ``lr`` and weight decay ``wd``::
+
+    g = -g                                   (maximize only)
+    theta *= 1 - lr*wd                       (weight_decouple; fixed_decay: 1 - wd)
+    g = g + wd*theta                         (weight_decouple=False: L2 into the gradient)
+    m = b1*m + (1 - b1)*g
+    s = b2*s + (1 - b2)*(g - m)**2 + eps     (eps goes into the stored state)
+    v = max(s_max, s) if amsgrad else s
+    bc1 = 1 - b1**t,  bc2 = 1 - b2**t
+    rectify=False:  theta -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)
+    rectify=True:   rho_inf = 2/(1 - b2) - 1,  rho_t = rho_inf - 2*t*b2**t/bc2
+        rho_t >= 5:           theta -= lr * r_t*sqrt(bc2)/bc1 * m / (sqrt(v) + eps)
+        degenerated_to_sgd:   theta -= lr/bc1 * m
+        otherwise:            theta unchanged (the state is still updated)
+
+with ``r_t = sqrt((rho_t - 4)(rho_t - 2) rho_inf / ((rho_inf - 4)(rho_inf - 2) rho_t))``.
+Variables stored in float16/bfloat16 get float32 state and float32 math, rounded back once.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, NamedTuple
+
+import keras
+from keras import ops
+
+__all__ = ["AdaBelief", "StepScalars", "step_scalars"]
+
+_HALF_DTYPES = ("float16", "bfloat16")
+# 1/k! for k = 10 .. 2: Horner coefficients of (e^u - 1 - u)/u^2 = sum_{k>=2} u^(k-2)/k!.
+_EXPM1_TAIL_COEFFS = tuple(1.0 / math.factorial(k) for k in range(10, 1, -1))
+_SERIES_CUTOFF = 0.5  # below it h(u) is summed as a series; its truncation error is < 1e-9
+
+
+class StepScalars(NamedTuple):
+    """Per-step scalars of AdaBelief (backend tensors of the requested dtype)."""
+
+    bc1: Any  # 1 - b1**t
+    bc2: Any  # 1 - b2**t
+    rho: Any  # rho_t = rho_inf - 2*t*b2**t / bc2
+    r: Any  # rectification factor r_t where rho_t >= 5, else 0
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _check(name: str, value: Any, *, beta: bool = False) -> float:
+    """Validate a hyperparameter: finite and >= 0 (betas: in [0, 1)); return it as a float."""
+    if not _is_number(value):
+        raise ValueError(f"Invalid {name}: {value!r} (must be a real number)")
+    value = float(value)
+    if beta and not 0.0 <= value < 1.0:
+        raise ValueError(f"Invalid {name}: {value!r} (must be in [0, 1))")
+    if not (math.isfinite(value) and value >= 0.0):
+        raise ValueError(f"Invalid {name}: {value!r} (must be finite and >= 0)")
+    return value
+
+
+def _one_minus_u_over_expm1(u: Any) -> Any:
+    """h(u) = 1 - u/(e^u - 1) for u > 0, to full relative precision.
+
+    For small u the difference cancels, so there it is evaluated as (e^u - 1 - u)/(e^u - 1)
+    with the numerator summed as a power series.
+    """
+    us = ops.minimum(u, _SERIES_CUTOFF)
+    poly = ops.zeros_like(us)
+    for coeff in _EXPM1_TAIL_COEFFS:
+        poly = poly * us + coeff
+    series = us * us * poly / ops.expm1(us)
+    # 1 - u e^-u / (1 - e^-u): no overflow for large u (clipped where h(u) == 1 in any precision).
+    ul = ops.clip(u, _SERIES_CUTOFF, 100.0)
+    direct = 1.0 - ul * ops.exp(-ul) / ops.negative(ops.expm1(-ul))
+    return ops.where(u < _SERIES_CUTOFF, series, direct)
+
+
+def step_scalars(step: Any, beta_1: float, beta_2: float, dtype: str = "float32") -> StepScalars:
+    """Bias corrections and rectification terms of step ``step`` (1-based), graph-friendly.
+
+    ``bc1 = 1 - b1**t``, ``bc2 = 1 - b2**t``, ``rho_t = rho_inf - 2 t b2**t / bc2`` with
+    ``rho_inf = 2/(1 - b2) - 1``, and ``r = sqrt((rho_t-4)(rho_t-2) rho_inf /
+    ((rho_inf-4)(rho_inf-2) rho_t))`` where ``rho_t >= 5`` (0 elsewhere).
+
+    Evaluated without cancellation so that float32 results are within float32 rounding of the
+    float64 values PyTorch computes: with ``L = -log(b2)`` (in float64) and ``u = t L``,
+    ``b2**t = exp(-u)``, ``bc2 = -expm1(-u)`` and
+    ``rho_t = (rho_inf - 2/L) + (2/L) (1 - u/expm1(u))``; the first bracket is a float64
+    constant and the second is summed as a series for small ``u``.
+    """
+    b1, b2 = float(beta_1), float(beta_2)
+    log_b1 = math.log(b1) if b1 > 0.0 else -math.inf
+    big_l = -math.log(b2) if b2 > 0.0 else math.inf
+    rho_inf = 2.0 / (1.0 - b2) - 1.0
+    two_over_l = 2.0 / big_l
+    rho_offset = rho_inf - two_over_l  # coth(L/2) - 2/L
+    r_scale = rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0)) if rho_inf > 5.0 else 0.0
+
+    t = ops.cast(step, dtype)
+    u = t * ops.cast(big_l, dtype)
+    bc1 = ops.negative(ops.expm1(t * ops.cast(log_b1, dtype)))
+    bc2 = ops.negative(ops.expm1(ops.negative(u)))
+    rho = ops.cast(rho_offset, dtype) + ops.cast(two_over_l, dtype) * _one_minus_u_over_expm1(u)
+    r2 = (rho - 4.0) * (rho - 2.0) * ops.cast(r_scale, dtype) / rho
+    r = ops.where(rho >= 5.0, ops.sqrt(ops.maximum(r2, 0.0)), ops.zeros_like(rho))
+    return StepScalars(bc1=bc1, bc2=bc2, rho=rho, r=r)
+
+
+@keras.saving.register_keras_serializable(package="adabelief")
+class AdaBelief(keras.optimizers.Optimizer):
+    """AdaBelief optimizer (Zhuang et al., NeurIPS 2020), numerically matching the PyTorch one.
+
+    See the module docstring for the update rule. Defaults are those of the official
+    ``adabelief-pytorch`` 0.2 (``epsilon=1e-16``, rectification and decoupled decay on).
+
+    Args:
+        learning_rate: a float, a ``keras.optimizers.schedules.LearningRateSchedule``, or a
+            callable without arguments returning the learning rate. Defaults to ``0.001``.
+        beta_1: decay rate of the first moment ``m``, in ``[0, 1)``. Defaults to ``0.9``.
+        beta_2: decay rate of the belief ``s``, in ``[0, 1)``. Defaults to ``0.999``.
+        epsilon: added to ``s`` every step and to the denominator. Defaults to ``1e-16``.
+        weight_decay: decay coefficient; ``0.0`` or ``None`` disable it. Unlike Keras' own
+            optimizers it follows ``weight_decouple``/``fixed_decay`` below, is applied before
+            the moments with this step's learning rate, and honours
+            ``exclude_from_weight_decay``.
+        amsgrad: use the running maximum of ``s`` (also in the rectified step).
+        weight_decouple: decoupled decay ``theta *= 1 - lr*wd`` (AdamW style); ``False`` adds
+            ``wd*theta`` to the gradient (L2).
+        fixed_decay: with ``weight_decouple``, decay without the learning rate:
+            ``theta *= 1 - wd``.
+        rectify: RAdam-style rectification of the adaptive step.
+        degenerated_to_sgd: while the rectification is undefined (``rho_t < 5``), take an SGD
+            with momentum step ``lr/bc1 * m``; else no step.
+        maximize: maximize the objective instead of minimizing it.
+        clipnorm, clipvalue, global_clipnorm, use_ema, ema_momentum, ema_overwrite_frequency,
+        loss_scale_factor, gradient_accumulation_steps, name: as for every
+            ``keras.optimizers.Optimizer``.
+    """
+
+    def __init__(
+        self,
+        learning_rate: Any = 0.001,
+        beta_1: float = 0.9,
+        beta_2: float = 0.999,
+        epsilon: float = 1e-16,
+        weight_decay: float | None = 0.0,
+        amsgrad: bool = False,
+        weight_decouple: bool = True,
+        fixed_decay: bool = False,
+        rectify: bool = True,
+        degenerated_to_sgd: bool = True,
+        maximize: bool = False,
+        clipnorm: float | None = None,
+        clipvalue: float | None = None,
+        global_clipnorm: float | None = None,
+        use_ema: bool = False,
+        ema_momentum: float = 0.99,
+        ema_overwrite_frequency: int | None = None,
+        loss_scale_factor: float | None = None,
+        gradient_accumulation_steps: int | None = None,
+        name: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if _is_number(learning_rate):
+            learning_rate = _check("learning_rate", learning_rate)
+        if weight_decay is not None:
+            weight_decay = _check("weight_decay", weight_decay)
+        # Newer base-class arguments are forwarded only when set (older Keras 3 lacks them).
+        if loss_scale_factor is not None:
+            kwargs["loss_scale_factor"] = loss_scale_factor
+        if gradient_accumulation_steps is not None:
+            kwargs["gradient_accumulation_steps"] = gradient_accumulation_steps
+        super().__init__(
+            learning_rate=learning_rate,
+            weight_decay=weight_decay,
+            clipnorm=clipnorm,
+            clipvalue=clipvalue,
+            global_clipnorm=global_clipnorm,
+            use_ema=use_ema,
+            ema_momentum=ema_momentum,
+            ema_overwrite_frequency=ema_overwrite_frequency,
+            name=name,
+            **kwargs,
+        )
+        self.beta_1 = _check("beta_1", beta_1, beta=True)
+        self.beta_2 = _check("beta_2", beta_2, beta=True)
+        self.epsilon = _check("epsilon", epsilon)
+        self.amsgrad = bool(amsgrad)
+        self.weight_decouple = bool(weight_decouple)
+        self.fixed_decay = bool(fixed_decay)
+        self.rectify = bool(rectify)
+        self.degenerated_to_sgd = bool(degenerated_to_sgd)
+        self.maximize = bool(maximize)
+        # Per-step scalars by compute dtype, shared by the variables of one update (see
+        # `_backend_update_step`); None outside an update.
+        self._scalar_cache: dict[str, StepScalars] | None = None
+
+    def _add_state(self, variable: Any, name: str) -> Any:
+        """A zero state variable like ``variable``, float32 if ``variable`` is 16-bit."""
+        dtype = keras.backend.standardize_dtype(variable.dtype)
+        if dtype not in _HALF_DTYPES:
+            return self.add_variable_from_reference(variable, name=name)
+        prefix = getattr(variable, "path", None) or str(variable.name).replace(":", "_")
+        kwargs: dict[str, Any] = {}
+        layout = getattr(variable, "_layout", None)
+        if layout is not None:
+            kwargs["layout"] = layout
+        return self.add_variable(
+            shape=variable.shape,
+            dtype="float32",
+            name=f"{prefix.replace('/', '_')}_{name}",
+            **kwargs,
+        )
+
+    def build(self, var_list: list[Any]) -> None:
+        """Create ``exp_avg`` (m), ``exp_avg_var`` (s) and, for amsgrad, ``max_exp_avg_var``."""
+        if self.built:
+            return
+        super().build(var_list)
+        self._exp_avgs: list[Any] = []
+        self._exp_avg_vars: list[Any] = []
+        self._max_exp_avg_vars: list[Any] = []
+        for variable in var_list:
+            if getattr(variable, "overwrite_with_gradient", False):
+                # Overwritten directly by the base class; no state needed.
+                self._exp_avgs.append(None)
+                self._exp_avg_vars.append(None)
+                self._max_exp_avg_vars.append(None)
+                continue
+            self._exp_avgs.append(self._add_state(variable, "exp_avg"))
+            self._exp_avg_vars.append(self._add_state(variable, "exp_avg_var"))
+            self._max_exp_avg_vars.append(
+                self._add_state(variable, "max_exp_avg_var") if self.amsgrad else None
+            )
+
+    def _backend_update_step(
+        self, grads: Any, trainable_variables: Any, learning_rate: Any
+    ) -> None:
+        # Compute the per-step scalars once per update instead of once per variable (eager
+        # backends would otherwise launch ~30 scalar ops per variable); the backend's own
+        # dispatch (e.g. tf.distribute) is kept.
+        self._scalar_cache = {}
+        try:
+            super()._backend_update_step(grads, trainable_variables, learning_rate)
+        finally:
+            self._scalar_cache = None
+
+    def _step_scalars(self, dtype: str) -> StepScalars:
+        cache = self._scalar_cache
+        if cache is not None and dtype in cache:
+            return cache[dtype]
+        scalars = step_scalars(ops.add(self.iterations, 1), self.beta_1, self.beta_2, dtype)
+        if cache is not None:
+            cache[dtype] = scalars
+        return scalars
+
+    def _apply_weight_decay(self, variables: list[Any]) -> None:
+        # Weight decay is part of `update_step` (its placement and form differ from Keras').
+        return
+
+    def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
+        """One AdaBelief step on ``variable`` (see the module docstring)."""
+        var_dtype = keras.backend.standardize_dtype(variable.dtype)
+        dtype = "float32" if var_dtype in _HALF_DTYPES else var_dtype
+        index = self._get_variable_index(variable)
+        exp_avg, exp_avg_var = self._exp_avgs[index], self._exp_avg_vars[index]
+        b1, b2, eps = self.beta_1, self.beta_2, self.epsilon
+
+        lr = ops.cast(learning_rate, dtype)
+        g = ops.cast(gradient, dtype)
+        p = ops.cast(variable, dtype)
+        if self.maximize:
+            g = ops.negative(g)
+        wd = self.weight_decay
+        if wd and self._use_weight_decay(variable):
+            if not self.weight_decouple:
+                g = g + wd * p
+            elif self.fixed_decay:  # a step at lr == 0 changes nothing, as in PyTorch
+                p = p * (1.0 - wd * ops.cast(ops.not_equal(lr, 0.0), dtype))
+            else:
+                p = p * (1.0 - lr * wd)
+
+        m = b1 * exp_avg + (1.0 - b1) * g
+        s = b2 * exp_avg_var + (1.0 - b2) * ops.square(g - m) + eps
+        self.assign(exp_avg, m)
+        self.assign(exp_avg_var, s)
+        v = s
+        if self.amsgrad:
+            v = ops.maximum(self._max_exp_avg_vars[index], s)
+            self.assign(self._max_exp_avg_vars[index], v)
+
+        sc = self._step_scalars(dtype)
+        if not self.rectify:
+            step = lr / sc.bc1 * m / (ops.sqrt(v) / ops.sqrt(sc.bc2) + eps)
+        else:
+            step = lr * (sc.r * ops.sqrt(sc.bc2) / sc.bc1) * m / (ops.sqrt(v) + eps)
+            fallback = lr / sc.bc1 * m if self.degenerated_to_sgd else ops.zeros_like(m)
+            step = ops.where(sc.rho >= 5.0, step, fallback)
+        self.assign(variable, ops.cast(p - step, var_dtype))
+
+    def get_config(self) -> dict[str, Any]:
+        config: dict[str, Any] = super().get_config()
+        config.update(
+            {
+                "beta_1": self.beta_1,
+                "beta_2": self.beta_2,
+                "epsilon": self.epsilon,
+                "amsgrad": self.amsgrad,
+                "weight_decouple": self.weight_decouple,
+                "fixed_decay": self.fixed_decay,
+                "rectify": self.rectify,
+                "degenerated_to_sgd": self.degenerated_to_sgd,
+                "maximize": self.maximize,
+            }
+        )
+        return config
