@@ -1,0 +1,387 @@
+"""The ``adabelief`` command: reproduce the AdaBelief paper's claims on this machine.
+
+``adabelief run TASK...`` trains, ``adabelief report DIR`` rebuilds a report from a run folder,
+``adabelief presets`` lists the paper settings, ``adabelief bench ...`` runs the step benchmark.
+Heavy imports (torch, the tasks) happen only in the subcommands that need them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any, NoReturn
+
+__all__ = ["main"]
+
+TASK_NAMES = ("toy", "classify", "lm", "gan")
+EXIT_OK, EXIT_FAILED_RUNS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class UsageError(Exception):
+    """A bad command line; the message is printed as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """ArgumentParser that raises :class:`UsageError` instead of printing usage and exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message} (see '{self.prog} --help')")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _default_jobs() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+_RUN_EPILOG = """\
+tasks:
+  toy       2-D functions (|x|+|y|, |x+y|+|x-y|/10, (x+y)^2+(x-y)^2/10, Beale, Rosenbrock,
+            McCormick): trajectories on contour plots, steps to reach the optimum
+  classify  small CNN on scikit-learn's bundled 8x8 digits: train/test accuracy curves and the
+            generalization gap; with --data holding CIFAR-10's python pickles (data_batch_1..5,
+            test_batch, possibly under cifar-10-batches-py/): VGG11, ResNet34, DenseNet121 with
+            the paper's schedule (200 epochs, lr x0.1 at 150, batch 128; with --quick only
+            VGG11 on 2,048 images for 2 epochs, a smoke test)
+  lm        character-level LSTM on Python standard-library source (ships with Python):
+            held-out perplexity; with --data holding Penn Treebank (ptb.train.txt, ptb.valid.txt,
+            ptb.test.txt, possibly under ptb/ or penn/): the paper's 1/2/3-layer LSTMs (200
+            epochs, lr /10 at 100 and 145; with --quick a small 1-layer model, 2 epochs)
+  gan       WGAN-GP and a standard GAN on 8 Gaussians (modes covered, high-quality fraction);
+            a small DCGAN on digits scored by a Frechet distance; spread over seeds = stability
+  all       all four (with --data, a task whose files are not in DIR uses its bundled data)
+
+modes:
+  paper     every optimizer uses its preset (see 'adabelief presets') as published
+  fair      every optimizer's learning rate is tried on a grid around its preset (3 values with
+            --quick, 5 otherwise), picked on validation data, and scored on test data
+
+outputs (in --out DIR):
+  runs/<key>.json   one file per finished run, written when it ends: rerunning the same command
+                    after an interruption resumes and skips finished runs
+  results.json      every run: task, experiment, optimizer, hyperparameters, seed, curves,
+                    metrics, wall time
+  summary.csv       mean/std per experiment, optimizer, learning rate and metric
+  report.md         per claim, what the runs show (paired comparisons over seeds), and where
+                    AdaBelief loses; plots/*.png  learning curves, trajectories, GAN samples
+
+examples:
+  adabelief run all --quick --out runs/quick          # about 5 minutes on 2 CPU cores
+  adabelief run classify lm --data ~/datasets --device cuda --out runs/paper
+  adabelief run toy classify --quick --mode fair --optimizers adabelief,adam,sgd
+"""
+
+
+def _build_parser() -> _Parser:
+    parser = _Parser(
+        prog="adabelief",
+        description=(
+            "Check the AdaBelief paper's claims (fast convergence like Adam, generalization like "
+            "SGD, stable GAN training) on this machine."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run 'adabelief COMMAND --help' for the options of each command.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+
+    run = commands.add_parser(
+        "run",
+        help="train and compare optimizers, then write the report",
+        description="Train every optimizer on the given tasks over several seeds, store each "
+        "finished run, and write results.json, summary.csv, plots and report.md.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_RUN_EPILOG,
+    )
+    run.add_argument("tasks", nargs="+", metavar="TASK", help="toy, classify, lm, gan or all")
+    run.add_argument(
+        "--quick",
+        action="store_true",
+        help="small budgets (all four tasks in about 5 minutes on 2 CPU cores)",
+    )
+    run.add_argument(
+        "--seeds",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="seeds per optimizer and setting (default: 3 with --quick, 5 otherwise)",
+    )
+    run.add_argument(
+        "--optimizers",
+        default="adabelief,sgd,adam,adamw,radam",
+        metavar="LIST",
+        help="comma-separated optimizer names (default: %(default)s; also adabound, yogi and "
+        "adabelief_ref when their packages are installed)",
+    )
+    run.add_argument(
+        "--mode",
+        choices=("paper", "fair"),
+        default="paper",
+        help="paper: presets as published; fair: learning-rate grid per optimizer picked on "
+        "validation data (default: %(default)s)",
+    )
+    run.add_argument(
+        "--data",
+        type=Path,
+        metavar="DIR",
+        help="folder with CIFAR-10 python pickles and/or Penn Treebank text files "
+        "(default: bundled datasets only)",
+    )
+    run.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="run folder (default: runs/quick with --quick, runs/full otherwise)",
+    )
+    run.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where classify and lm train (default: cpu); toy and gan are tiny and stay on the CPU",
+    )
+    run.add_argument(
+        "--jobs",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="parallel runs in worker processes, each with cores/N torch threads "
+        f"(default: the number of CPU cores, {_default_jobs()} here; 1 with --device cuda)",
+    )
+    run.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="torch threads per run (default: CPU cores / jobs; the small quick-mode models run "
+        "best with 1)",
+    )
+    run.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    run.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    run.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
+
+    report = commands.add_parser(
+        "report",
+        help="rebuild results.json, summary.csv, plots and report.md from a run folder",
+        description="Rebuild results.json, summary.csv, the plots and report.md from the runs "
+        "stored in DIR (e.g. after an interrupted run, or to re-read finished runs).",
+    )
+    report.add_argument(
+        "directory", type=Path, metavar="DIR", help="a folder written by 'adabelief run'"
+    )
+    report.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+
+    presets = commands.add_parser(
+        "presets",
+        help="list the named presets (paper settings) per task",
+        description="List every task's named presets: schedule, quick-mode overrides, and each "
+        "optimizer's hyperparameters, plus the fair-mode learning-rate grid.",
+    )
+    presets.add_argument("task", nargs="?", choices=TASK_NAMES, help="only this task")
+
+    commands.add_parser(
+        "bench",
+        help="optimizer step benchmark (arguments go to adabelief.benchmark)",
+        description="Run the optimizer step benchmark; all arguments are passed to "
+        "adabelief.benchmark (try 'adabelief bench --help').",
+        add_help=False,
+    )
+    return parser
+
+
+def _parse_tasks(names: list[str]) -> tuple[str, ...]:
+    tasks: list[str] = []
+    for name in names:
+        key = name.strip().lower()
+        if key == "all":
+            tasks.extend(TASK_NAMES)
+        elif key in TASK_NAMES:
+            tasks.append(key)
+        else:
+            raise UsageError(
+                f"adabelief run: unknown task {name!r}; choose from {', '.join(TASK_NAMES)}, all"
+            )
+    return tuple(dict.fromkeys(tasks))
+
+
+def _command_run(args: argparse.Namespace, argv: list[str]) -> int:
+    tasks = _parse_tasks(args.tasks)
+    from adabelief.experiments.registry import UnknownOptimizerError, check_optimizer_names
+
+    try:
+        optimizers = tuple(
+            check_optimizer_names(n for n in args.optimizers.split(",") if n.strip())
+        )
+    except UnknownOptimizerError as exc:
+        raise UsageError(f"adabelief run: {exc}") from None
+    if not optimizers:
+        raise UsageError("adabelief run: --optimizers is empty")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("adabelief run: --device cuda, but torch sees no CUDA device here")
+    if args.data is not None and not args.data.is_dir():
+        raise UsageError(f"adabelief run: --data {args.data} is not a folder")
+    from adabelief.experiments.data import DataNotFoundError
+    from adabelief.experiments.runner import RunOptions, run_experiments
+
+    seeds = args.seeds or (3 if args.quick else 5)
+    options = RunOptions(
+        tasks=tasks,
+        out=args.out or Path("runs/quick" if args.quick else "runs/full"),
+        quick=args.quick,
+        seeds=seeds,
+        optimizers=optimizers,
+        mode=args.mode,
+        data_dir=args.data,
+        device=args.device,
+        jobs=args.jobs or (1 if args.device == "cuda" else _default_jobs()),
+        threads=args.threads,
+        progress=not args.no_progress,
+        tiny=args.tiny,
+        make_plots=not args.no_plots,
+    )
+    if seeds < 2:
+        print("note: one seed gives no paired statistics; use --seeds 3 or more", file=sys.stderr)
+    try:
+        summary, report = run_experiments(options, "adabelief " + shlex.join(argv))
+    except DataNotFoundError as exc:
+        raise UsageError(f"adabelief run: {exc}") from None
+    print(
+        f"{len(summary.ran)} runs done, {summary.reused} reused from {options.out}, "
+        f"{len(summary.failed)} failed"
+    )
+    for key, error in list(summary.failed.items())[:3]:
+        last = error.strip().splitlines()[-1] if error.strip() else "unknown error"
+        print(f"failed: {key}: {last}", file=sys.stderr)
+    if summary.interrupted:
+        print(
+            f"interrupted: finished runs are saved in {options.out}/runs; "
+            "run the same command again to resume",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    if report is not None:
+        _print_verdicts(report)
+    return EXIT_FAILED_RUNS if summary.failed else EXIT_OK
+
+
+def _print_verdicts(report: Any) -> None:
+    print(f"report: {report.path}")
+    for row in report.verdicts:
+        print(f"  {row.claim}: {row.verdict} ({row.evidence})")
+
+
+def _command_report(args: argparse.Namespace) -> int:
+    if not args.directory.is_dir():
+        raise UsageError(f"adabelief report: {args.directory} is not a folder")
+    from adabelief.experiments.report import ReportError, build_report
+
+    try:
+        report = build_report(args.directory, make_plots=not args.no_plots)
+    except ReportError as exc:
+        raise UsageError(f"adabelief report: {exc}") from None
+    print(f"{report.runs} runs read, {report.missing} planned runs missing")
+    _print_verdicts(report)
+    return EXIT_OK
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_format_value(v) for v in value) + "]"
+    return str(value)
+
+
+def _format_mapping(mapping: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={_format_value(v)}" for k, v in mapping.items())
+
+
+def _command_presets(args: argparse.Namespace) -> int:
+    from adabelief.experiments.presets import PRESETS, lr_grid
+    from adabelief.experiments.registry import DEFAULT_OPTIMIZERS, available_optimizers
+
+    available = set(available_optimizers())
+    wrap = textwrap.TextWrapper(width=100, initial_indent="    ", subsequent_indent="      ")
+    for preset in PRESETS.values():
+        if args.task and preset.task != args.task:
+            continue
+        print(f"{preset.name}: {preset.description}")
+        print(wrap.fill(f"source: {preset.source}"))
+        print(wrap.fill(f"settings: {_format_mapping(preset.settings)}"))
+        if preset.quick:
+            print(wrap.fill(f"--quick: {_format_mapping(preset.quick)}"))
+        for name, hparams in preset.optimizers.items():
+            flag = "" if name in available else "  (not installed)"
+            print(wrap.fill(f"{name}: {_format_mapping(hparams)}{flag}"))
+        print()
+    grid = lambda quick: ", ".join(f"x{f:.2g}" for f in lr_grid(quick))  # noqa: E731
+    print(f"fair mode learning-rate factors: {grid(True)} (--quick), {grid(False)} (full)")
+    print(
+        f"default optimizers: {', '.join(DEFAULT_OPTIMIZERS)}; installed: {', '.join(sorted(available))}"
+    )
+    return EXIT_OK
+
+
+def _command_bench(rest: list[str]) -> int:
+    try:
+        import adabelief.benchmark as benchmark
+    except ModuleNotFoundError as exc:
+        if exc.name in ("adabelief.benchmark",):
+            print(
+                "adabelief bench: the benchmark module (adabelief.benchmark) is not part of "
+                "this installation",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+        print(f"adabelief bench: cannot import the benchmark ({exc})", file=sys.stderr)
+        return EXIT_USAGE
+    return int(benchmark.main(rest) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``adabelief`` console script; returns the exit status."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["bench"]:
+        return _command_bench(arguments[1:])
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(arguments)
+        if args.command == "run":
+            return _command_run(args, arguments)
+        if args.command == "report":
+            return _command_report(args)
+        if args.command == "presets":
+            return _command_presets(args)
+        raise UsageError(f"adabelief: unknown command {args.command!r}")
+    except UsageError as exc:
+        print(f"{exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except SystemExit as exc:  # --help and --version exit through argparse
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USAGE)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # e.g. 'adabelief presets | head': stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_FAILED_RUNS
+
+
+if __name__ == "__main__":
+    sys.exit(main())

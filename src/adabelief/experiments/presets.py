@@ -1,0 +1,318 @@
+"""Named presets: each experiment's schedule and every optimizer's hyperparameters.
+
+Paper mode uses these values as they are; fair mode multiplies each optimizer's learning rate
+by the factors of :func:`lr_grid` and keeps the best on validation data.  ``source`` says where
+the values come from: the AdaBelief paper (Zhuang et al., NeurIPS 2020) and the hyperparameter
+table of its official repository, or a choice of this project where the paper has no setting
+(bundled datasets, quick budgets).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["PRESETS", "Preset", "get_preset", "lr_grid", "presets_for_task"]
+
+#: AdaBelief's switches in the paper's experiments (the official repository's table:
+#: no decoupled weight decay, no rectification, as in adabelief-pytorch 0.0.5).
+_PAPER_ADABELIEF = {"weight_decouple": False, "rectify": False}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Schedule (``settings``, with ``quick`` overrides) and per-optimizer hyperparameters."""
+
+    name: str
+    task: str
+    description: str
+    source: str
+    settings: dict[str, Any]
+    optimizers: dict[str, dict[str, Any]]
+    quick: dict[str, Any] = field(default_factory=dict)
+
+    def settings_for(self, quick: bool) -> dict[str, Any]:
+        """The schedule, with the quick-mode overrides applied when ``quick``."""
+        merged = copy.deepcopy(self.settings)
+        if quick:
+            merged.update(copy.deepcopy(self.quick))
+        return merged
+
+    def hparams(self, optimizer: str) -> dict[str, Any]:
+        """Hyperparameters for ``optimizer``.
+
+        An optimizer the preset does not list borrows AdaBelief's values if it is the reference
+        AdaBelief (``adabelief_ref``), otherwise Adam's learning rate, betas and weight decay.
+        """
+        if optimizer in self.optimizers:
+            return copy.deepcopy(self.optimizers[optimizer])
+        if optimizer == "adabelief_ref":
+            return copy.deepcopy(self.optimizers["adabelief"])
+        adam = self.optimizers["adam"]
+        return {
+            k: copy.deepcopy(v) for k, v in adam.items() if k in ("lr", "betas", "weight_decay")
+        }
+
+
+def lr_grid(quick: bool) -> tuple[float, ...]:
+    """Learning-rate multipliers tried per optimizer in fair mode (half-decade steps)."""
+    return (1 / 3, 1.0, 3.0) if quick else (0.1, 1 / 3, 1.0, 3.0, 10.0)
+
+
+def _toy(
+    name: str, title: str, start: tuple[float, float], steps: int, lr: float, sgd_lr: float
+) -> Preset:
+    adaptive = {"lr": lr, "weight_decay": 0.0}
+    return Preset(
+        name=f"toy/{name}",
+        task="toy",
+        description=f"{title}: {steps} steps from {start}",
+        source="functions from the paper's figures; start points, step budget and lr: project "
+        "choice; no weight decay anywhere (so AdamW equals Adam here)",
+        settings={"function": name, "start": list(start), "steps": steps, "tolerance": 0.01},
+        optimizers={
+            "adabelief": {**adaptive, "eps": 1e-16, **_PAPER_ADABELIEF},
+            "adam": dict(adaptive),
+            "adamw": dict(adaptive),
+            "radam": dict(adaptive),
+            "sgd": {"lr": sgd_lr, "momentum": 0.9},
+            "adabound": {**adaptive, "final_lr": 0.1},
+            "yogi": dict(adaptive),
+        },
+    )
+
+
+_CIFAR_OPTIMIZERS: dict[str, dict[str, Any]] = {
+    "adabelief": {"lr": 1e-3, "eps": 1e-8, "weight_decay": 5e-4, **_PAPER_ADABELIEF},
+    "sgd": {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4},
+    "adam": {"lr": 1e-3, "eps": 1e-8, "weight_decay": 5e-4},
+    "adamw": {"lr": 1e-3, "eps": 1e-8, "weight_decay": 1e-2},
+    "radam": {"lr": 1e-3, "eps": 1e-8, "weight_decay": 5e-4},
+    "adabound": {"lr": 1e-3, "final_lr": 0.1, "weight_decay": 5e-4},
+    "yogi": {"lr": 1e-3, "weight_decay": 5e-4},
+}
+
+
+def _lm_optimizers(layers: int, sgd_lr: float) -> dict[str, dict[str, Any]]:
+    lr, eps = (1e-3, 1e-16) if layers == 1 else (1e-2, 1e-12)
+    wd = 1.2e-6
+    return {
+        "adabelief": {"lr": lr, "eps": eps, "weight_decay": wd, **_PAPER_ADABELIEF},
+        "adam": {"lr": lr, "weight_decay": wd},
+        "adamw": {"lr": lr, "weight_decay": wd},
+        "radam": {"lr": lr, "weight_decay": wd},
+        "sgd": {"lr": sgd_lr, "momentum": 0.0, "weight_decay": wd},
+        "adabound": {"lr": lr, "final_lr": 0.1, "weight_decay": wd},
+        "yogi": {"lr": lr, "weight_decay": wd},
+    }
+
+
+def _gan_optimizers(lr: float, sgd_lr: float) -> dict[str, dict[str, Any]]:
+    adaptive = {"lr": lr, "betas": [0.5, 0.999]}
+    return {
+        "adabelief": {**adaptive, "eps": 1e-12, **_PAPER_ADABELIEF},
+        "adam": dict(adaptive),
+        "adamw": {**adaptive, "weight_decay": 1e-2},
+        "radam": dict(adaptive),
+        "sgd": {"lr": sgd_lr, "momentum": 0.5},
+        "adabound": {**adaptive, "final_lr": 0.1},
+        "yogi": dict(adaptive),
+    }
+
+
+_LM_PTB_SOURCE = (
+    "paper: 200 epochs, lr /10 at 100 and 145, clip 0.25, wd 1.2e-6, AdaBelief lr 1e-3 eps 1e-16 "
+    "(1 layer) or lr 1e-2 eps 1e-12 (2-3 layers); Adam-family lr as AdaBelief's and SGD lr 30 "
+    "without momentum (AWD-LSTM's) are project choices; model approximates AWD-LSTM sizes"
+)
+_LM_CHAR_SOURCE = (
+    "paper's LSTM optimizer settings (1-layer lr 1e-3 eps 1e-16 / 2-layer lr 1e-2 eps 1e-12, clip "
+    "0.25, wd 1.2e-6, lr /10 at 50% and 72.5% of training); model size, corpus and SGD lr: project choice"
+)
+
+
+def _lm_ptb(layers: int) -> Preset:
+    return Preset(
+        name=f"lm/ptb-{layers}layer",
+        task="lm",
+        description=f"{layers}-layer LSTM on Penn Treebank (word level)",
+        source=_LM_PTB_SOURCE,
+        settings={
+            "corpus": "ptb",
+            "layers": layers,
+            "embedding_dim": 400,
+            "hidden_dim": 1150,
+            "dropout": 0.4,
+            "tie_weights": True,
+            "epochs": 200,
+            "milestones": [100, 145],
+            "batch_size": 20,
+            "bptt": 70,
+            "clip": 0.25,
+            "train_limit": None,
+        },
+        quick={
+            "embedding_dim": 200,
+            "hidden_dim": 200,
+            "epochs": 2,
+            "milestones": [1],
+            "train_limit": 100_000,
+        },
+        optimizers=_lm_optimizers(layers, 30.0),
+    )
+
+
+def _lm_char(layers: int) -> Preset:
+    return Preset(
+        name=f"lm/stdlib-char-{layers}layer",
+        task="lm",
+        description=f"{layers}-layer character-level LSTM on Python stdlib source (bundled)",
+        source=_LM_CHAR_SOURCE,
+        settings={
+            "corpus": "stdlib-source",
+            "layers": layers,
+            "embedding_dim": 64,
+            "hidden_dim": 256,
+            "dropout": 0.1,
+            "tie_weights": False,
+            "epochs": 20,
+            "milestones": [10, 15],
+            "batch_size": 32,
+            "bptt": 64,
+            "clip": 0.25,
+            "max_chars": None,
+        },
+        quick={"hidden_dim": 128, "epochs": 5, "milestones": [3, 4], "max_chars": 120_000},
+        optimizers=_lm_optimizers(layers, 1.0),
+    )
+
+
+PRESETS: dict[str, Preset] = {
+    preset.name: preset
+    for preset in (
+        _toy("abs", "|x| + |y|", (-2.0, 1.5), 1000, 0.01, 0.003),
+        _toy("abs-rotated", "|x + y| + |x - y| / 10", (-2.0, 1.0), 2000, 0.03, 0.003),
+        _toy("quadratic", "(x + y)^2 + (x - y)^2 / 10", (-2.0, 1.0), 1000, 0.03, 0.01),
+        _toy("beale", "Beale", (1.0, 1.5), 2000, 0.03, 0.001),
+        _toy("rosenbrock", "Rosenbrock", (-1.5, 2.0), 2000, 0.03, 0.001),
+        _toy("mccormick", "McCormick", (-1.0, 2.5), 1000, 0.03, 0.01),
+        Preset(
+            name="classify/digits-cnn",
+            task="classify",
+            description="small CNN on scikit-learn's 8x8 digits (bundled)",
+            source="paper's CIFAR-10 optimizer settings; schedule scaled down (lr x0.1 at 75%): project choice",
+            settings={
+                "dataset": "digits",
+                "models": ["digits-cnn"],
+                "epochs": 40,
+                "milestones": [30],
+                "batch_size": 64,
+                "augment": False,
+            },
+            quick={"epochs": 20, "milestones": [15]},
+            optimizers=_CIFAR_OPTIMIZERS,
+        ),
+        Preset(
+            name="classify/cifar10",
+            task="classify",
+            description="VGG11 / ResNet34 / DenseNet121 on CIFAR-10 (needs --data)",
+            source="paper: 200 epochs, lr x0.1 at 150, batch 128, wd 5e-4 (AdamW 1e-2), crop+flip",
+            settings={
+                "dataset": "cifar10",
+                "models": ["vgg11", "resnet34", "densenet121"],
+                "epochs": 200,
+                "milestones": [150],
+                "batch_size": 128,
+                "augment": True,
+                "train_limit": None,
+                "test_limit": None,
+            },
+            quick={
+                "models": ["vgg11"],
+                "epochs": 2,
+                "milestones": [1],
+                "train_limit": 2048,
+                "test_limit": 1000,
+            },
+            optimizers=_CIFAR_OPTIMIZERS,
+        ),
+        _lm_char(1),
+        _lm_char(2),
+        _lm_ptb(1),
+        _lm_ptb(2),
+        _lm_ptb(3),
+        Preset(
+            name="gan/wgan-gp-mog",
+            task="gan",
+            description="WGAN-GP on 8 Gaussians on a ring (2-D)",
+            source="paper: betas (0.5, 0.999), 5 critic steps, AdaBelief eps 1e-12; lr 1e-3 "
+            "(paper 2e-4, too slow for a 2-D toy on a CPU budget), SGD lr, GP weight 0.1: project choice",
+            settings={
+                "data": "mog",
+                "loss": "wgan-gp",
+                "iterations": 3000,
+                "critic_steps": 5,
+                "gp_weight": 0.1,
+                "batch_size": 128,
+                "hidden": 64,
+                "noise_dim": 16,
+                "evaluations": 10,
+            },
+            quick={"iterations": 700, "evaluations": 5},
+            optimizers=_gan_optimizers(1e-3, 1e-2),
+        ),
+        Preset(
+            name="gan/gan-mog",
+            task="gan",
+            description="standard (non-saturating) GAN on 8 Gaussians on a ring (2-D)",
+            source="paper: betas (0.5, 0.999), AdaBelief eps 1e-12; lr 1e-3 (paper 2e-4) and "
+            "SGD lr: project choice",
+            settings={
+                "data": "mog",
+                "loss": "standard",
+                "iterations": 6000,
+                "critic_steps": 1,
+                "gp_weight": 0.0,
+                "batch_size": 128,
+                "hidden": 64,
+                "noise_dim": 16,
+                "evaluations": 10,
+            },
+            quick={"iterations": 2000, "evaluations": 5},
+            optimizers=_gan_optimizers(1e-3, 1e-2),
+        ),
+        Preset(
+            name="gan/dcgan-digits",
+            task="gan",
+            description="small DCGAN on 8x8 digits, Frechet distance on a digits classifier's features",
+            source="paper: lr 2e-4, betas (0.5, 0.999), AdaBelief eps 1e-12; network sizes and "
+            "SGD lr: project choice",
+            settings={
+                "data": "digits",
+                "loss": "standard",
+                "iterations": 4000,
+                "critic_steps": 1,
+                "gp_weight": 0.0,
+                "batch_size": 64,
+                "hidden": 32,
+                "noise_dim": 32,
+                "evaluations": 10,
+            },
+            quick={"iterations": 600, "evaluations": 4},
+            optimizers=_gan_optimizers(2e-4, 1e-2),
+        ),
+    )
+}
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called ``name`` (raises ``KeyError`` listing the known names)."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def presets_for_task(task: str) -> list[Preset]:
+    """All presets of ``task`` in definition order."""
+    return [preset for preset in PRESETS.values() if preset.task == task]

@@ -1,0 +1,171 @@
+"""The ``adabelief`` command line: help, errors without tracebacks, run/report/presets/bench."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from adabelief.cli import main
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_globals() -> Iterator[None]:
+    """The runner sets torch's thread count and deterministic mode; undo it for other tests."""
+    threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+
+
+def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err + captured.out
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == 1, captured.err
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", [[], ["run"], ["report"], ["presets"]])
+def test_help_for_every_subcommand(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "usage: adabelief" in out
+    if command == ["run"]:
+        for option in (
+            "--quick",
+            "--seeds",
+            "--optimizers",
+            "--mode",
+            "--data",
+            "--out",
+            "--device",
+            "--jobs",
+        ):
+            assert option in out
+        for word in (
+            "toy",
+            "classify",
+            "lm",
+            "gan",
+            "all",
+            "data_batch_1",
+            "ptb.train.txt",
+            "report.md",
+        ):
+            assert word in out
+    if not command:
+        for sub in ("run", "report", "presets", "bench"):
+            assert sub in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["run", "toys"], "unknown task 'toys'"),
+        (["run", "toy", "--optimizers", "adam,nope"], "unknown optimizer 'nope'"),
+        (["run", "toy", "--seeds", "0"], "positive integer"),
+        (["run", "toy", "--seeds", "three"], "positive integer"),
+        (["run", "toy", "--jobs", "-1"], "positive integer"),
+        (["run", "toy", "--mode", "tuned"], "invalid choice"),
+        (["run", "toy", "--data", "/no/such/folder"], "is not a folder"),
+        (["run"], "required"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_bad_arguments_give_one_clear_line(
+    argv: list[str], expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == 2
+    assert expected in _error_line(capsys)
+
+
+def test_unknown_optimizer_lists_the_known_ones(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "toy", "--optimizers", "adamx"]) == 2
+    line = _error_line(capsys)
+    for name in ("adabelief", "sgd", "adam", "adamw", "radam"):
+        assert name in line
+
+
+def test_data_folder_without_expected_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "readme.txt").write_text("nothing useful")
+    assert main(["run", "classify", "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "no CIFAR-10 python pickles" in _error_line(capsys)
+    assert main(["run", "lm", "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "no Penn Treebank text files" in _error_line(capsys)
+    assert main(["run", "all", "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "CIFAR-10" in _error_line(capsys)
+    assert not (tmp_path / "o" / "runs").exists()
+
+
+def test_report_on_a_folder_that_is_not_a_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["report", str(tmp_path)]) == 2
+    assert "not an adabelief run folder" in _error_line(capsys)
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert "is not a folder" in _error_line(capsys)
+
+
+def test_presets_lists_every_task(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    for name in ("toy/rosenbrock", "classify/cifar10", "lm/ptb-3layer", "gan/wgan-gp-mog"):
+        assert name in out
+    assert "fair mode learning-rate factors" in out
+    assert main(["presets", "lm"]) == 0
+    only_lm = capsys.readouterr().out
+    assert "lm/ptb-1layer" in only_lm and "classify/" not in only_lm
+
+
+def test_bench_forwards_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
+    received: list[list[str]] = []
+    fake = types.ModuleType("adabelief.benchmark")
+    fake.main = lambda argv: received.append(argv) or 7  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "adabelief.benchmark", fake)
+    assert main(["bench", "--steps", "3", "--help"]) == 7
+    assert received == [["--steps", "3", "--help"]]
+
+
+def test_bench_without_the_module(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "adabelief.benchmark", None)
+    assert main(["bench"]) == 2
+    assert "adabelief.benchmark" in _error_line(capsys)
+
+
+def test_run_and_report_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    argv = ["run", "toy", "--quick", "--tiny", "--seeds", "2", "--optimizers", "adabelief,adam"]
+    argv += ["--out", str(out), "--jobs", "1", "--threads", "1", "--no-progress", "--no-plots"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "24 runs done, 0 reused" in printed and "report:" in printed
+    assert main(argv) == 0
+    assert "0 runs done, 24 reused" in capsys.readouterr().out
+    assert main(["report", str(out), "--no-plots"]) == 0
+    assert "24 runs read, 0 planned runs missing" in capsys.readouterr().out
+    assert (out / "report.md").is_file() and (out / "summary.csv").is_file()
+
+
+def test_console_script_errors_have_no_traceback() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "adabelief.cli", "run", "nosuchtask"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0
+    assert "unknown task 'nosuchtask'" in result.stderr

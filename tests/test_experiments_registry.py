@@ -1,0 +1,118 @@
+"""The optimizer registry and the presets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adabelief import AdaBelief
+from adabelief.experiments.presets import PRESETS, get_preset, lr_grid
+from adabelief.experiments.registry import (
+    DEFAULT_OPTIMIZERS,
+    OptimizerEntry,
+    UnknownOptimizerError,
+    available_optimizers,
+    check_optimizer_names,
+    create_optimizer,
+    known_optimizers,
+    register_optimizer,
+)
+
+
+def _params() -> list[torch.nn.Parameter]:
+    return [torch.nn.Parameter(torch.ones(3))]
+
+
+def test_default_optimizers_build_the_expected_classes() -> None:
+    expected = {
+        "adabelief": AdaBelief,
+        "sgd": torch.optim.SGD,
+        "adam": torch.optim.Adam,
+        "adamw": torch.optim.AdamW,
+        "radam": torch.optim.RAdam,
+    }
+    assert set(DEFAULT_OPTIMIZERS) == set(expected)
+    for name, cls in expected.items():
+        assert type(create_optimizer(name, _params(), lr=0.01)) is cls
+
+
+def test_sgd_defaults_to_momentum_and_can_be_overridden() -> None:
+    assert create_optimizer("sgd", _params(), lr=0.1).defaults["momentum"] == 0.9
+    assert create_optimizer("SGD", _params(), lr=0.1, momentum=0.0).defaults["momentum"] == 0.0
+
+
+def test_betas_from_json_lists_become_tuples() -> None:
+    optimizer = create_optimizer("adabelief", _params(), lr=1e-3, betas=[0.5, 0.999])
+    assert optimizer.defaults["betas"] == (0.5, 0.999)
+
+
+def test_unknown_name_lists_known_names() -> None:
+    with pytest.raises(UnknownOptimizerError) as info:
+        create_optimizer("adagradx", _params())
+    message = str(info.value)
+    for name in DEFAULT_OPTIMIZERS:
+        assert name in message
+
+
+def test_missing_package_is_reported_not_crashed() -> None:
+    register_optimizer(
+        OptimizerEntry("phantom", (("no_such_package_xyz", "Phantom"),), "test entry")
+    )
+    try:
+        assert "phantom" in known_optimizers()
+        assert "phantom" not in available_optimizers()
+        with pytest.raises(UnknownOptimizerError, match="not installed"):
+            check_optimizer_names(["adam", "phantom"])
+        with pytest.raises(UnknownOptimizerError, match="no_such_package_xyz"):
+            create_optimizer("phantom", _params())
+    finally:
+        from adabelief.experiments import registry
+
+        registry._REGISTRY.pop("phantom")
+
+
+def test_check_optimizer_names_normalises_and_deduplicates() -> None:
+    assert check_optimizer_names(["Adam", "adam", " sgd "]) == ["adam", "sgd"]
+
+
+@pytest.mark.parametrize("name", ["adabound", "yogi", "adabelief_ref"])
+def test_optional_optimizers_work_when_installed(name: str) -> None:
+    if name not in available_optimizers():
+        pytest.skip(f"{name} is not installed")
+    param = torch.nn.Parameter(torch.ones(3))
+    optimizer = create_optimizer(name, [param], **get_preset("classify/digits-cnn").hparams(name))
+    param.sum().backward()
+    optimizer.step()
+    assert not torch.equal(param.detach(), torch.ones(3))
+
+
+def test_every_preset_builds_every_default_optimizer() -> None:
+    for preset in PRESETS.values():
+        for name in DEFAULT_OPTIMIZERS:
+            create_optimizer(name, _params(), **preset.hparams(name))
+
+
+def test_paper_values_in_presets() -> None:
+    cifar = get_preset("classify/cifar10")
+    assert cifar.settings["epochs"] == 200 and cifar.settings["milestones"] == [150]
+    assert cifar.hparams("adabelief")["lr"] == 1e-3 and cifar.hparams("adabelief")["eps"] == 1e-8
+    assert cifar.hparams("sgd") == {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
+    assert cifar.hparams("adamw")["weight_decay"] == 1e-2
+    assert get_preset("lm/ptb-1layer").hparams("adabelief")["eps"] == 1e-16
+    three = get_preset("lm/ptb-3layer")
+    assert three.hparams("adabelief")["lr"] == 1e-2 and three.hparams("adabelief")["eps"] == 1e-12
+    assert three.settings["milestones"] == [100, 145] and three.settings["clip"] == 0.25
+    dcgan = get_preset("gan/dcgan-digits").hparams("adabelief")
+    assert dcgan["lr"] == 2e-4 and dcgan["betas"] == [0.5, 0.999] and dcgan["eps"] == 1e-12
+
+
+def test_unlisted_optimizers_borrow_values() -> None:
+    preset = get_preset("classify/cifar10")
+    assert preset.hparams("adabelief_ref") == preset.hparams("adabelief")
+    borrowed = preset.hparams("something_else")
+    assert borrowed == {"lr": 1e-3, "weight_decay": 5e-4}
+
+
+def test_lr_grid_sizes() -> None:
+    assert len(lr_grid(quick=True)) == 3 and 1.0 in lr_grid(quick=True)
+    assert len(lr_grid(quick=False)) == 5 and 1.0 in lr_grid(quick=False)
