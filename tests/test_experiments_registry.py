@@ -109,6 +109,7 @@ def test_paper_values_in_presets() -> None:
 def test_unlisted_optimizers_borrow_values() -> None:
     preset = get_preset("classify/cifar10")
     assert preset.hparams("adabelief_ref") == preset.hparams("adabelief")
+    assert preset.hparams("adabelief_int8") == preset.hparams("adabelief")
     borrowed = preset.hparams("something_else")
     assert borrowed == {"lr": 1e-3, "weight_decay": 5e-4}
 
@@ -116,3 +117,11 @@ def test_unlisted_optimizers_borrow_values() -> None:
 def test_lr_grid_sizes() -> None:
     assert len(lr_grid(quick=True)) == 3 and 1.0 in lr_grid(quick=True)
     assert len(lr_grid(quick=False)) == 5 and 1.0 in lr_grid(quick=False)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_state_precision_variants(precision: str) -> None:
+    layer = torch.nn.Linear(128, 64)
+    opt = create_optimizer(f"adabelief_{precision}", layer.parameters(), lr=1e-3)
+    assert isinstance(opt, AdaBelief)
+    assert opt.param_groups[0]["state_precision"] == precision

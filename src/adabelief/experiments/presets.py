@@ -42,12 +42,13 @@ class Preset:
     def hparams(self, optimizer: str) -> dict[str, Any]:
         """Hyperparameters for ``optimizer``.
 
-        An optimizer the preset does not list borrows AdaBelief's values if it is the reference
-        AdaBelief (``adabelief_ref``), otherwise Adam's learning rate, betas and weight decay.
+        An optimizer the preset does not list borrows AdaBelief's values if it is an AdaBelief
+        (the reference ``adabelief_ref``, or a state-precision variant such as
+        ``adabelief_int8``), otherwise Adam's learning rate, betas and weight decay.
         """
         if optimizer in self.optimizers:
             return copy.deepcopy(self.optimizers[optimizer])
-        if optimizer == "adabelief_ref":
+        if optimizer.startswith("adabelief"):
             return copy.deepcopy(self.optimizers["adabelief"])
         adam = self.optimizers["adam"]
         return {

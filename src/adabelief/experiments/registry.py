@@ -86,6 +86,18 @@ def register_optimizer(entry: OptimizerEntry) -> OptimizerEntry:
 for _entry in (
     OptimizerEntry("adabelief", (("adabelief", "AdaBelief"),), "AdaBelief (this library)"),
     OptimizerEntry(
+        "adabelief_bf16",
+        (("adabelief", "AdaBelief"),),
+        "AdaBelief with its moments stored in bfloat16 (state_precision='bf16')",
+        {"state_precision": "bf16"},
+    ),
+    OptimizerEntry(
+        "adabelief_int8",
+        (("adabelief", "AdaBelief"),),
+        "AdaBelief with block-wise int8 moments (state_precision='int8')",
+        {"state_precision": "int8"},
+    ),
+    OptimizerEntry(
         "sgd", (("torch.optim", "SGD"),), "SGD with momentum 0.9 (torch)", {"momentum": 0.9}
     ),
     OptimizerEntry("adam", (("torch.optim", "Adam"),), "Adam (torch)"),
