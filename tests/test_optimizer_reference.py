@@ -319,10 +319,13 @@ def test_small_beta2_never_leaves_the_warmup(path):
 # --- Random hyperparameters (hypothesis) -------------------------------------------------------
 
 
+# beta1 from 0.5: as beta1 -> 0, m_t -> g_t and the belief (g_t - m_t)^2 = beta1^2 (g_t -
+# m_{t-1})^2 comes from a catastrophic cancellation, so any two float64 implementations (NumPy's
+# and torch's rounding) disagree in the leading digits of m / sqrt(s): ill-conditioned, not wrong.
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     lr=st.floats(1e-4, 1.0),
-    beta1=st.floats(0.0, 0.99),
+    beta1=st.floats(0.5, 0.99),
     beta2=st.floats(0.0, 0.999),
     eps=st.sampled_from([1e-16, 1e-12, 1e-8, 1e-3]),
     weight_decay=st.sampled_from([0.0, 1e-4, 0.1, 0.5]),

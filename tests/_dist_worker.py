@@ -1,0 +1,384 @@
+"""Helpers and the worker process of ``tests/test_distributed.py``.
+
+The module is imported by the test (for the shared model, data and optimizer settings, and for
+the single-process references) and run as a script, once per rank, by the test's fixture::
+
+    python tests/_dist_worker.py --rank R --world-size 2 --store FILE --workdir DIR \
+        --paths default,single --kinds ddp,zero,fsdp,kernel
+
+One process group (gloo, CPU, a FileStore rendezvous) runs the two-rank scenarios of the given
+paths and kinds (DDP, ZeroRedundancyOptimizer, FSDP2 + torch.distributed.checkpoint, AdaBelief on
+bare DTensors); each scenario's outcome, or its traceback, goes to ``DIR/rank{R}.pt`` for the test
+to check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import traceback
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import adabelief
+
+#: Optimizer steps of every training scenario; checkpoints are written after RESUME_AT steps.
+#: With the default betas the rectified update takes SGD steps up to step 5 and adaptive steps
+#: after, so a resume at step 4 crosses the switch.
+STEPS = 8
+RESUME_AT = 4
+GLOBAL_BATCH = 8
+#: Seconds a collective may wait before the process group gives up (a hang fails the test).
+PG_TIMEOUT_S = 30
+
+#: The kernel each test asks for. "default" leaves the choice to AdaBelief.
+PATHS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "single": {"foreach": False},
+    "foreach": {"foreach": True},
+    "fused": {"fused": True},
+}
+#: Kinds of scenario: DDP, ZeroRedundancyOptimizer, FSDP2 with DCP, bare DTensors.
+KINDS = ("ddp", "zero", "fsdp", "kernel")
+#: The (paths, kinds) that share one two-rank run: a crash of the fused native kernel (on DTensor,
+#: say) must not take the other scenarios down with it.
+RUNS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "unfused": (("default", "single", "foreach"), KINDS),
+    "fused": (("fused",), ("ddp", "zero")),
+    "fused-dtensor": (("fused",), ("fsdp", "kernel")),
+}
+
+#: Two option sets: rectified with decoupled decay (the defaults); and AMSGrad, L2 decay in the
+#: gradient, plain bias-corrected update, other betas.
+CONFIGS: dict[str, dict[str, Any]] = {
+    "rectified": {"lr": 1e-2, "weight_decay": 1e-2},
+    "amsgrad-l2": {
+        "lr": 1e-2,
+        "betas": (0.8, 0.99),
+        "amsgrad": True,
+        "rectify": False,
+        "weight_decouple": False,
+        "weight_decay": 1e-2,
+    },
+}
+
+#: Options of the bare-DTensor kernel checks (on top of the path).
+KERNEL_LR = 5e-2  # large enough that one step more or less is far outside bfloat16 rounding
+KERNEL_OPTIONS: dict[str, dict[str, Any]] = {
+    "plain": {"lr": KERNEL_LR},
+    "amsgrad-wd-maximize": {
+        "lr": KERNEL_LR,
+        "amsgrad": True,
+        "weight_decay": 0.1,
+        "maximize": True,
+        "rectify": False,
+    },
+    "capturable-tensor-lr": {"lr": "tensor", "capturable": True, "weight_decay": 0.1},
+}
+KERNEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "complex64": torch.complex64}
+KERNEL_PLACEMENTS = ("shard0", "replicate")
+KERNEL_STEPS = 7
+KERNEL_SHAPE = (5, 3)  # 5 rows: uneven shards over 2 ranks
+
+
+def fused_unavailable_reason() -> str | None:
+    """None when ``AdaBelief(..., fused=True)`` can be constructed here, else why not."""
+    try:
+        adabelief.AdaBelief([nn.Parameter(torch.zeros(2))], fused=True)
+    except (ValueError, RuntimeError, NotImplementedError) as error:
+        return f"fused=True is not available: {type(error).__name__}: {error}"
+    return None
+
+
+def optimizer_kwargs(path: str, config: dict[str, Any]) -> dict[str, Any]:
+    kwargs = {**config, **PATHS[path]}
+    if kwargs.get("lr") == "tensor":
+        kwargs["lr"] = torch.tensor(KERNEL_LR)
+    return kwargs
+
+
+def make_model() -> nn.Sequential:
+    """The same small MLP, with the same initial weights, in every process; odd widths so that
+    FSDP2 shards unevenly."""
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(1234)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    torch.random.set_rng_state(generator_state)
+    return model
+
+
+def batches(steps: int = STEPS) -> list[tuple[Tensor, Tensor]]:
+    """Global batches, the same in every process."""
+    generator = torch.Generator().manual_seed(99)
+    return [
+        (
+            torch.randn(GLOBAL_BATCH, 5, generator=generator),
+            torch.randn(GLOBAL_BATCH, 3, generator=generator),
+        )
+        for _ in range(steps)
+    ]
+
+
+def train(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: list[tuple[Tensor, Tensor]],
+    rank: int = 0,
+    world_size: int = 1,
+) -> None:
+    """One step per batch; each rank takes its contiguous share of the global batch and the mean
+    loss over it, so the gradient averaged over the ranks is the full batch's mean gradient."""
+    for x, y in data:
+        x_local, y_local = x.chunk(world_size)[rank], y.chunk(world_size)[rank]
+        loss = nn.functional.mse_loss(model(x_local), y_local)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def reference_params(path: str, config: str, steps: int = STEPS) -> list[Tensor]:
+    """Single-process training on the full global batches."""
+    model = make_model()
+    optimizer = adabelief.AdaBelief(model.parameters(), **optimizer_kwargs(path, CONFIGS[config]))
+    train(model, optimizer, batches()[:steps])
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def kernel_inputs(dtype: torch.dtype) -> tuple[Tensor, list[Tensor]]:
+    """Initial parameter and per-step gradients of the bare-tensor kernel checks."""
+    generator = torch.Generator().manual_seed(7)
+    shape = KERNEL_SHAPE
+
+    def draw() -> Tensor:
+        if dtype.is_complex:
+            real = torch.randn(*shape, 2, generator=generator)
+            return torch.view_as_complex(real).to(dtype)
+        return torch.randn(*shape, generator=generator).to(dtype)
+
+    param = draw()
+    return param, [draw() for _ in range(KERNEL_STEPS)]
+
+
+def kernel_run(
+    path: str,
+    options: str,
+    dtype: torch.dtype,
+    wrap: Callable[[Tensor], Tensor] = lambda t: t,
+) -> Tensor:
+    """Run the optimizer on one parameter with given gradients; ``wrap`` turns a full tensor
+    into the tensor the optimizer sees (identity for the reference, a DTensor in the worker)."""
+    initial, grads = kernel_inputs(dtype)
+    param = nn.Parameter(wrap(initial.clone()))
+    optimizer = adabelief.AdaBelief([param], **optimizer_kwargs(path, KERNEL_OPTIONS[options]))
+    for grad in grads:
+        param.grad = wrap(grad.clone())
+        optimizer.step()
+    return param.detach()
+
+
+def scenario_names(paths: Iterable[str] = PATHS) -> Iterator[tuple[str, str]]:
+    for path in paths:
+        for config in CONFIGS:
+            yield path, config
+
+
+def checkpoint_dir(workdir: Path, world_size: int, path: str, config: str) -> Path:
+    return workdir / f"ckpt-world{world_size}-{path}-{config}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker: everything below runs in the spawned ranks.
+
+
+def _full(tensor: Tensor) -> Tensor:
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(tensor, DTensor):
+        tensor = tensor.full_tensor()
+    return tensor.detach().clone()
+
+
+def _params(model: nn.Module) -> list[Tensor]:
+    return [_full(p) for p in model.parameters()]
+
+
+def _ddp(rank: int, world_size: int, path: str, config: str) -> dict[str, Any]:
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = DistributedDataParallel(make_model())
+    optimizer = adabelief.AdaBelief(model.parameters(), **optimizer_kwargs(path, CONFIGS[config]))
+    train(model, optimizer, batches(), rank, world_size)
+    return {"params": _params(model.module)}
+
+
+def _zero(rank: int, world_size: int, path: str, config: str) -> dict[str, Any]:
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = DistributedDataParallel(make_model())
+    optimizer = ZeroRedundancyOptimizer(
+        model.parameters(),
+        optimizer_class=adabelief.AdaBelief,
+        **optimizer_kwargs(path, CONFIGS[config]),
+    )
+    data = batches()
+    train(model, optimizer, data[:RESUME_AT], rank, world_size)
+    local_params = sum(p.numel() for group in optimizer.optim.param_groups for p in group["params"])
+    optimizer.consolidate_state_dict(to=0)
+    result: dict[str, Any] = {
+        "params_at_resume": _params(model.module),
+        "local_numel": local_params,
+    }
+    if rank == 0:
+        # A copy: the state_dict holds the live state tensors, which the next steps update.
+        result["state_dict"] = copy.deepcopy(optimizer.state_dict())
+    train(model, optimizer, data[RESUME_AT:], rank, world_size)
+    result["params"] = _params(model.module)
+    return result
+
+
+def _fsdp_model(mesh: Any = None) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model()
+    for layer in (model[0], model[2]):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def load_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=str(directory))
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+    )
+
+
+def _fsdp(rank: int, world_size: int, path: str, config: str, workdir: Path) -> dict[str, Any]:
+    """Uninterrupted FSDP2 training with a DCP checkpoint at RESUME_AT; resumed from that
+    checkpoint (2 -> 2) and from the one-process checkpoint the test wrote (1 -> 2)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.tensor import DTensor
+
+    kwargs = optimizer_kwargs(path, CONFIGS[config])
+    data = batches()
+    model = _fsdp_model()
+    optimizer = adabelief.AdaBelief(model.parameters(), **kwargs)
+    train(model, optimizer, data[:RESUME_AT], rank, world_size)
+    states = list(optimizer.state.values())
+    sharded_state = bool(states) and all(
+        isinstance(s["exp_avg"], DTensor) and isinstance(s["exp_avg_var"], DTensor) for s in states
+    )
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save(
+        {"model": model_state, "optim": optim_state},
+        checkpoint_id=str(checkpoint_dir(workdir, world_size, path, config)),
+    )
+    train(model, optimizer, data[RESUME_AT:], rank, world_size)
+    result: dict[str, Any] = {"params": _params(model), "sharded_state": sharded_state}
+
+    for source_world_size in (world_size, 1):
+        source = checkpoint_dir(workdir, source_world_size, path, config)
+        if source_world_size == 1 and not source.exists():
+            continue  # the test wrote none (path unavailable in the test process)
+        model = _fsdp_model()
+        optimizer = adabelief.AdaBelief(model.parameters(), **kwargs)
+        load_checkpoint(model, optimizer, source)
+        train(model, optimizer, data[RESUME_AT:], rank, world_size)
+        result[f"resumed_from_world{source_world_size}"] = _params(model)
+    return result
+
+
+def _kernel(mesh: Any, path: str, options: str, dtype: str) -> dict[str, Any]:
+    """The optimizer on bare DTensor parameters and gradients, sharded and replicated."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    results = {}
+    for placement in KERNEL_PLACEMENTS:
+        placements = [Shard(0) if placement == "shard0" else Replicate()]
+        try:
+            param = kernel_run(
+                path,
+                options,
+                KERNEL_DTYPES[dtype],
+                lambda t, p=placements: distribute_tensor(t, mesh, p),
+            )
+            results[placement] = {"param": _full(param)}
+        except Exception:
+            results[placement] = {"error": traceback.format_exc()}
+    return results
+
+
+def _guard(function: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+    try:
+        return function(*args)
+    except Exception:
+        return {"error": traceback.format_exc()}
+
+
+def main() -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--world-size", type=int, required=True)
+    parser.add_argument("--store", type=Path, required=True)
+    parser.add_argument("--workdir", type=Path, required=True)
+    parser.add_argument("--paths", required=True, help="comma-separated keys of PATHS")
+    parser.add_argument("--kinds", required=True, help="comma-separated entries of KINDS")
+    args = parser.parse_args()
+    rank, world_size, workdir = args.rank, args.world_size, args.workdir
+    paths, kinds = args.paths.split(","), args.kinds.split(",")
+
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{args.store}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=PG_TIMEOUT_S),
+    )
+    fused_reason = fused_unavailable_reason()
+    results: dict[str, Any] = {"fused_unavailable": fused_reason}
+    try:
+        for path, config in scenario_names(paths):
+            if path == "fused" and fused_reason is not None:
+                continue
+            for kind, function, extra in (
+                ("ddp", _ddp, ()),
+                ("zero", _zero, ()),
+                ("fsdp", _fsdp, (workdir,)),
+            ):
+                if kind in kinds:
+                    results[f"{kind}/{path}/{config}"] = _guard(
+                        function, rank, world_size, path, config, *extra
+                    )
+                    dist.barrier()
+        mesh = init_device_mesh("cpu", (world_size,))
+        for path in paths:
+            if "kernel" not in kinds or (path == "fused" and fused_reason is not None):
+                continue
+            for options in KERNEL_OPTIONS:
+                for dtype in KERNEL_DTYPES:
+                    results[f"kernel/{path}/{options}/{dtype}"] = _guard(
+                        _kernel, mesh, path, options, dtype
+                    )
+        dist.barrier()
+    finally:
+        torch.save(results, workdir / f"rank{rank}.pt")
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,423 @@
+"""AdaBelief under torch.distributed (issue #7, part 1), on CPU with gloo and two processes.
+
+Two-rank runs (gloo process groups started by the ``distributed`` fixture, in subprocesses, with
+time limits) execute the scenarios; the tests compare their results with single-process training
+computed here, on the same initial weights and the same global batches:
+
+* DDP, and ``ZeroRedundancyOptimizer(optimizer_class=AdaBelief)`` (whose consolidated state_dict
+  must load into a plain ``AdaBelief`` and continue training identically);
+* FSDP2 (``fully_shard``: DTensor parameters, gradients and optimizer state), with
+  torch.distributed.checkpoint (DCP) checkpoints resumed at another world size (2 -> 1, 1 -> 2)
+  and at the same one (2 -> 2);
+* each kernel on bare DTensors (sharded unevenly, and replicated): float32, bfloat16, complex64.
+
+Each path (default, single-tensor, foreach, fused) is checked; fused only where
+``AdaBelief(fused=True)`` can be constructed (the skip reason says why not). There are three runs
+(see ``helper.RUNS``): the unfused paths, fused under DDP/ZeRO, and fused on DTensors, so that a
+crash of the native fused kernel fails only its own tests.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import adabelief
+
+_HELPER_PATH = Path(__file__).with_name("_dist_worker.py")
+_spec = importlib.util.spec_from_file_location("_adabelief_dist_worker", _HELPER_PATH)
+assert _spec is not None and _spec.loader is not None
+helper = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(helper)
+
+WORLD_SIZE = 2
+#: Seconds for one two-rank run (5-20 s on 2 cores); past it both ranks are killed.
+WORKER_TIMEOUT_S = 240
+#: Distributed vs single-process training: the only difference is the order in which the
+#: gradient mean is summed (all-reduce / reduce-scatter of two half-batch means), so float32
+#: rounding; a wrong or missing step changes the parameters by ~1e-3 or more.
+TRAIN_TOL = {"rtol": 1e-5, "atol": 1e-6}
+#: The same kernel on a DTensor and on a plain tensor: element-wise identical arithmetic (exact in
+#: practice); bfloat16 allows one rounding flip (one ulp is 2**-8 relative).
+KERNEL_TOL = {"float32": {"rtol": 1e-6, "atol": 1e-6}, "bfloat16": {"rtol": 8e-3, "atol": 1e-5}}
+KERNEL_TOL["complex64"] = KERNEL_TOL["float32"]
+
+
+def _distributed_unavailable() -> str | None:
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return "torch.distributed is not available in this build of torch"
+    if not dist.is_gloo_available():
+        return "the gloo backend of torch.distributed is not available"
+    return None
+
+
+DISTRIBUTED_UNAVAILABLE = _distributed_unavailable()
+pytestmark = pytest.mark.skipif(
+    DISTRIBUTED_UNAVAILABLE is not None, reason=str(DISTRIBUTED_UNAVAILABLE)
+)
+
+FUSED_UNAVAILABLE = helper.fused_unavailable_reason()
+
+
+def _path_params() -> list[Any]:
+    """The kernels to test; fused is skipped, with the reason, where it cannot be constructed."""
+    params = []
+    for path in helper.PATHS:
+        marks = [
+            pytest.mark.skipif(
+                path == "fused" and FUSED_UNAVAILABLE is not None, reason=str(FUSED_UNAVAILABLE)
+            )
+        ]
+        params.append(pytest.param(path, marks=marks))
+    return params
+
+
+parametrize_paths = pytest.mark.parametrize("path", _path_params())
+parametrize_dtensor_paths = parametrize_paths
+parametrize_configs = pytest.mark.parametrize("config", list(helper.CONFIGS))
+
+
+_DCP_SINGLE_PROCESS_WARNING = "torch.distributed is disabled, unavailable or uninitialized"
+
+
+@pytest.fixture(autouse=True)
+def _quiet_dcp() -> Iterator[None]:
+    # DCP warns that it checkpoints a single process when no process group is initialized,
+    # which is what the one-process side of these tests does on purpose.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_DCP_SINGLE_PROCESS_WARNING)
+        yield
+
+
+def _save_world1_checkpoint(path: str, config: str, directory: Path) -> None:
+    """Train RESUME_AT steps in this process and write a DCP checkpoint (1 -> 2 resumes it)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model = helper.make_model()
+    optimizer = adabelief.AdaBelief(
+        model.parameters(), **helper.optimizer_kwargs(path, helper.CONFIGS[config])
+    )
+    helper.train(model, optimizer, helper.batches()[: helper.RESUME_AT])
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(directory))
+
+
+def _worker_env() -> dict[str, str]:
+    env = dict(os.environ)
+    # The ranks import the adabelief this process tests, wherever it comes from.
+    package_root = str(Path(adabelief.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    env.setdefault("OMP_NUM_THREADS", "1")
+    # Keep gloo on the loopback interface: the host name may resolve to an unreachable address.
+    if sys.platform.startswith("linux") and Path("/sys/class/net/lo").exists():
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    return env
+
+
+class RunFailed(Exception):
+    """A two-rank run crashed, hung or could not start; the message has the ranks' log tails."""
+
+
+def _run_workers(
+    workdir: Path, paths: tuple[str, ...], kinds: tuple[str, ...]
+) -> list[dict[str, Any]]:
+    store = workdir / "store"
+    logs = [workdir / f"rank{rank}.log" for rank in range(WORLD_SIZE)]
+    processes = []
+    for rank in range(WORLD_SIZE):
+        command = [
+            sys.executable,
+            "-X",
+            "faulthandler",  # a crash in native code leaves its Python stack in the log
+            str(_HELPER_PATH),
+            f"--rank={rank}",
+            f"--world-size={WORLD_SIZE}",
+            f"--store={store}",
+            f"--workdir={workdir}",
+            f"--paths={','.join(paths)}",
+            f"--kinds={','.join(kinds)}",
+        ]
+        with open(logs[rank], "wb") as log:
+            processes.append(
+                subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=_worker_env())
+            )
+    deadline = time.monotonic() + WORKER_TIMEOUT_S
+    timed_out = False
+    for process in processes:
+        try:
+            process.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+    def log_tails() -> str:
+        return "\n".join(
+            f"--- rank {rank} (exit code {processes[rank].returncode}) ---\n"
+            + logs[rank].read_text(errors="replace")[-4000:]
+            for rank in range(WORLD_SIZE)
+        )
+
+    if timed_out:
+        raise RunFailed(
+            f"the {WORLD_SIZE} ranks did not finish in {WORKER_TIMEOUT_S} s\n{log_tails()}"
+        )
+    if any(process.returncode != 0 for process in processes):
+        raise RunFailed(f"a rank failed\n{log_tails()}")
+    return [torch.load(workdir / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)]
+
+
+class DistributedRuns:
+    """The two-rank runs, one per entry of ``helper.RUNS``, each started on first use (so that
+    ``-k ddp`` starts only the runs with DDP scenarios) and then shared by the module's tests."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._runs: dict[str, dict[str, Any]] = {}
+
+    def results(self, kind: str, path: str) -> dict[str, Any]:
+        (run,) = [
+            name for name, (paths, kinds) in helper.RUNS.items() if path in paths and kind in kinds
+        ]
+        if run not in self._runs:
+            self._runs[run] = self._start(run, *helper.RUNS[run])
+        outcome = self._runs[run]
+        if "failure" in outcome:
+            pytest.fail(outcome["failure"], pytrace=False)
+        return outcome
+
+    def _start(self, run: str, paths: tuple[str, ...], kinds: tuple[str, ...]) -> dict[str, Any]:
+        workdir = self.root / run
+        workdir.mkdir()
+        world1_errors = {}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_DCP_SINGLE_PROCESS_WARNING)
+            for path, config in helper.scenario_names(paths):
+                if "fsdp" not in kinds or (path == "fused" and FUSED_UNAVAILABLE is not None):
+                    continue
+                try:
+                    _save_world1_checkpoint(
+                        path, config, helper.checkpoint_dir(workdir, 1, path, config)
+                    )
+                except Exception as error:  # reported by the 1 -> 2 test
+                    world1_errors[(path, config)] = repr(error)
+        try:
+            ranks = _run_workers(workdir, paths, kinds)
+        except RunFailed as failure:  # remembered: every test of the run reports it
+            return {"failure": f"[{run} run] {failure}"}
+        return {"ranks": ranks, "workdir": workdir, "world1_errors": world1_errors}
+
+
+@pytest.fixture(scope="module")
+def distributed(tmp_path_factory: pytest.TempPathFactory) -> DistributedRuns:
+    return DistributedRuns(tmp_path_factory.mktemp("adabelief_distributed"))
+
+
+def _scenario(distributed: DistributedRuns, key: str) -> list[dict[str, Any]]:
+    """The result of ``key`` ("kind/path/...") on every rank; fails the test with the rank's
+    traceback."""
+    per_rank = []
+    kind, path = key.split("/")[:2]
+    for rank, ranks in enumerate(distributed.results(kind, path)["ranks"]):
+        if key not in ranks:
+            pytest.fail(f"rank {rank} has no result for {key!r}")
+        result = ranks[key]
+        if "error" in result:
+            pytest.fail(f"rank {rank} failed in {key!r}:\n{result['error']}")
+        per_rank.append(result)
+    return per_rank
+
+
+def _assert_params_close(
+    actual: list[torch.Tensor], expected: list[torch.Tensor], **tol: Any
+) -> None:
+    assert len(actual) == len(expected)
+    for index, (a, e) in enumerate(zip(actual, expected, strict=True)):
+        torch.testing.assert_close(
+            a, e, **(tol or TRAIN_TOL), msg=lambda m, i=index: f"param {i}: {m}"
+        )
+
+
+def _assert_ranks_identical(per_rank: list[dict[str, Any]], key: str = "params") -> None:
+    for rank, result in enumerate(per_rank[1:], start=1):
+        for a, b in zip(result[key], per_rank[0][key], strict=True):
+            assert torch.equal(a, b), f"rank {rank} has other {key!r} than rank 0"
+
+
+# --- DDP ------------------------------------------------------------------------------------
+
+
+@parametrize_paths
+@parametrize_configs
+def test_ddp_matches_single_process(distributed, path, config):
+    per_rank = _scenario(distributed, f"ddp/{path}/{config}")
+    _assert_ranks_identical(per_rank)
+    _assert_params_close(per_rank[0]["params"], helper.reference_params(path, config))
+
+
+# --- ZeroRedundancyOptimizer ----------------------------------------------------------------
+
+
+@parametrize_paths
+@parametrize_configs
+def test_zero_matches_single_process(distributed, path, config):
+    per_rank = _scenario(distributed, f"zero/{path}/{config}")
+    _assert_ranks_identical(per_rank)
+    _assert_params_close(per_rank[0]["params"], helper.reference_params(path, config))
+    # The optimizer state really is partitioned: each rank steps only its share.
+    total = sum(p.numel() for p in helper.make_model().parameters())
+    local = [result["local_numel"] for result in per_rank]
+    assert sum(local) == total and all(0 < n < total for n in local), local
+
+
+@parametrize_paths
+@parametrize_configs
+def test_zero_consolidated_state_dict_loads_into_adabelief(distributed, path, config):
+    per_rank = _scenario(distributed, f"zero/{path}/{config}")
+    state_dict = per_rank[0]["state_dict"]
+    kwargs = helper.optimizer_kwargs(path, helper.CONFIGS[config])
+
+    # The consolidated state is the single-process optimizer's state after RESUME_AT steps.
+    model = helper.make_model()
+    expected = adabelief.AdaBelief(model.parameters(), **kwargs)
+    helper.train(model, expected, helper.batches()[: helper.RESUME_AT])
+    expected_sd = expected.state_dict()
+    assert sorted(state_dict["state"]) == sorted(expected_sd["state"])
+    for index, expected_state in expected_sd["state"].items():
+        state = state_dict["state"][index]
+        assert sorted(state) == sorted(expected_state), index
+        for key, value in expected_state.items():
+            torch.testing.assert_close(state[key], value, **TRAIN_TOL)
+
+    # Loaded into a plain AdaBelief, training continues as the distributed run did.
+    model = helper.make_model()
+    with torch.no_grad():
+        for p, saved in zip(model.parameters(), per_rank[0]["params_at_resume"], strict=True):
+            p.copy_(saved)
+    optimizer = adabelief.AdaBelief(model.parameters(), **kwargs)
+    optimizer.load_state_dict(state_dict)
+    helper.train(model, optimizer, helper.batches()[helper.RESUME_AT :])
+    final = [p.detach() for p in model.parameters()]
+    _assert_params_close(final, per_rank[0]["params"])
+    _assert_params_close(final, helper.reference_params(path, config))
+
+
+# --- FSDP2 and torch.distributed.checkpoint ---------------------------------------------------
+
+
+@parametrize_dtensor_paths
+@parametrize_configs
+def test_fsdp2_matches_unsharded(distributed, path, config):
+    per_rank = _scenario(distributed, f"fsdp/{path}/{config}")
+    assert all(result["sharded_state"] for result in per_rank), "optimizer state is not DTensor"
+    _assert_ranks_identical(per_rank)
+    _assert_params_close(per_rank[0]["params"], helper.reference_params(path, config))
+
+
+@parametrize_dtensor_paths
+@parametrize_configs
+@pytest.mark.parametrize("source_world_size", [2, 1], ids=["2to2", "1to2"])
+def test_fsdp2_resumes_dcp_checkpoint(distributed, path, config, source_world_size):
+    world1_errors = distributed.results("fsdp", path)["world1_errors"]
+    if source_world_size == 1 and (path, config) in world1_errors:
+        pytest.fail(f"writing the one-process checkpoint failed: {world1_errors[(path, config)]}")
+    per_rank = _scenario(distributed, f"fsdp/{path}/{config}")
+    key = f"resumed_from_world{source_world_size}"
+    _assert_ranks_identical(per_rank, key)
+    _assert_params_close(per_rank[0][key], per_rank[0]["params"])  # vs uninterrupted FSDP2
+    _assert_params_close(per_rank[0][key], helper.reference_params(path, config))
+
+
+@parametrize_dtensor_paths
+@parametrize_configs
+def test_dcp_checkpoint_from_fsdp2_resumes_in_one_process(distributed, path, config):
+    """2 -> 1: the sharded checkpoint loads into an unsharded model and a plain AdaBelief."""
+    _scenario(distributed, f"fsdp/{path}/{config}")  # the checkpoint was written
+    model = helper.make_model()
+    optimizer = adabelief.AdaBelief(
+        model.parameters(), **helper.optimizer_kwargs(path, helper.CONFIGS[config])
+    )
+    workdir = distributed.results("fsdp", path)["workdir"]
+    directory = helper.checkpoint_dir(workdir, WORLD_SIZE, path, config)
+    helper.load_checkpoint(model, optimizer, directory)
+    assert all(float(s["step"]) == helper.RESUME_AT for s in optimizer.state.values()), (
+        "the step count was not restored"
+    )
+    helper.train(model, optimizer, helper.batches()[helper.RESUME_AT :])
+    _assert_params_close(
+        [p.detach() for p in model.parameters()], helper.reference_params(path, config)
+    )
+
+
+# --- bare DTensors --------------------------------------------------------------------------
+
+
+def _kernel_params() -> list[Any]:
+    cases = []
+    for path_param in _path_params():
+        (path,) = path_param.values
+        for options in helper.KERNEL_OPTIONS:
+            for dtype in helper.KERNEL_DTYPES:
+                for placement in helper.KERNEL_PLACEMENTS:
+                    marks = list(path_param.marks)
+                    cases.append(
+                        pytest.param(
+                            path,
+                            options,
+                            dtype,
+                            placement,
+                            marks=marks,
+                            id=f"{path}-{options}-{dtype}-{placement}",
+                        )
+                    )
+    return cases
+
+
+@pytest.mark.parametrize(("path", "options", "dtype", "placement"), _kernel_params())
+def test_kernel_on_dtensor_matches_plain_tensor(distributed, path, options, dtype, placement):
+    per_rank = _scenario(distributed, f"kernel/{path}/{options}/{dtype}")
+    for rank, result in enumerate(per_rank):
+        error = result[placement].get("error")
+        if error is not None:
+            pytest.fail(f"rank {rank}, {placement}:\n{error}")
+    expected = helper.kernel_run(path, options, helper.KERNEL_DTYPES[dtype])
+    for result in per_rank:
+        torch.testing.assert_close(result[placement]["param"], expected, **KERNEL_TOL[dtype])
+
+
+# --- checkpoint helpers on a fresh optimizer (no process group needed) --------------------------
+
+
+@parametrize_paths
+def test_get_state_dict_of_fresh_optimizer_keeps_weights(path):
+    """A step with lr=0 (how DCP's state_dict helpers initialize optimizer state) must leave the
+    parameters alone; the usual resume (template get_state_dict, dcp.load, set_state_dict) is not
+    affected, since set_state_dict loads the model after the optimizer."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model = helper.make_model()
+    optimizer = adabelief.AdaBelief(
+        model.parameters(), lr=1e-2, weight_decay=0.1, fixed_decay=True, **helper.PATHS[path]
+    )
+    get_state_dict(model, optimizer)  # e.g. a checkpoint before the first step
+    _assert_params_close(
+        [p.detach() for p in model.parameters()],
+        [p.detach() for p in helper.make_model().parameters()],
+        rtol=0,
+        atol=0,
+    )
