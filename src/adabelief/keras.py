@@ -26,36 +26,21 @@ Variables stored in float16/bfloat16 get float32 state and float32 math, rounded
 from __future__ import annotations
 
 import math
-import numbers
-from typing import Any, NamedTuple
+from typing import Any
 
 import keras
 from keras import ops
 
+from adabelief._array_scalars import StepScalars, array_step_scalars, is_number
+
 __all__ = ["AdaBelief", "StepScalars", "step_scalars"]
 
 _HALF_DTYPES = ("float16", "bfloat16")
-# 1/k! for k = 10 .. 2: Horner coefficients of (e^u - 1 - u)/u^2 = sum_{k>=2} u^(k-2)/k!.
-_EXPM1_TAIL_COEFFS = tuple(1.0 / math.factorial(k) for k in range(10, 1, -1))
-_SERIES_CUTOFF = 0.5  # below it h(u) is summed as a series; its truncation error is < 1e-9
-
-
-class StepScalars(NamedTuple):
-    """Per-step scalars of AdaBelief (backend tensors of the requested dtype)."""
-
-    bc1: Any  # 1 - b1**t
-    bc2: Any  # 1 - b2**t
-    rho: Any  # rho_t = rho_inf - 2*t*b2**t / bc2
-    r: Any  # rectification factor r_t where rho_t >= 5, else 0
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 def _check(name: str, value: Any, *, beta: bool = False) -> float:
     """Validate a hyperparameter: finite and >= 0 (betas: in [0, 1)); return it as a float."""
-    if not _is_number(value):
+    if not is_number(value):
         raise ValueError(f"Invalid {name}: {value!r} (must be a real number)")
     value = float(value)
     if beta and not 0.0 <= value < 1.0:
@@ -65,52 +50,10 @@ def _check(name: str, value: Any, *, beta: bool = False) -> float:
     return value
 
 
-def _one_minus_u_over_expm1(u: Any) -> Any:
-    """h(u) = 1 - u/(e^u - 1) for u > 0, to full relative precision.
-
-    For small u the difference cancels, so there it is evaluated as (e^u - 1 - u)/(e^u - 1)
-    with the numerator summed as a power series.
-    """
-    us = ops.minimum(u, _SERIES_CUTOFF)
-    poly = ops.zeros_like(us)
-    for coeff in _EXPM1_TAIL_COEFFS:
-        poly = poly * us + coeff
-    series = us * us * poly / ops.expm1(us)
-    # 1 - u e^-u / (1 - e^-u): no overflow for large u (clipped where h(u) == 1 in any precision).
-    ul = ops.clip(u, _SERIES_CUTOFF, 100.0)
-    direct = 1.0 - ul * ops.exp(-ul) / ops.negative(ops.expm1(-ul))
-    return ops.where(u < _SERIES_CUTOFF, series, direct)
-
-
 def step_scalars(step: Any, beta_1: float, beta_2: float, dtype: str = "float32") -> StepScalars:
-    """Bias corrections and rectification terms of step ``step`` (1-based), graph-friendly.
-
-    ``bc1 = 1 - b1**t``, ``bc2 = 1 - b2**t``, ``rho_t = rho_inf - 2 t b2**t / bc2`` with
-    ``rho_inf = 2/(1 - b2) - 1``, and ``r = sqrt((rho_t-4)(rho_t-2) rho_inf /
-    ((rho_inf-4)(rho_inf-2) rho_t))`` where ``rho_t >= 5`` (0 elsewhere).
-
-    Evaluated without cancellation so that float32 results are within float32 rounding of the
-    float64 values PyTorch computes: with ``L = -log(b2)`` (in float64) and ``u = t L``,
-    ``b2**t = exp(-u)``, ``bc2 = -expm1(-u)`` and
-    ``rho_t = (rho_inf - 2/L) + (2/L) (1 - u/expm1(u))``; the first bracket is a float64
-    constant and the second is summed as a series for small ``u``.
-    """
-    b1, b2 = float(beta_1), float(beta_2)
-    log_b1 = math.log(b1) if b1 > 0.0 else -math.inf
-    big_l = -math.log(b2) if b2 > 0.0 else math.inf
-    rho_inf = 2.0 / (1.0 - b2) - 1.0
-    two_over_l = 2.0 / big_l
-    rho_offset = rho_inf - two_over_l  # coth(L/2) - 2/L
-    r_scale = rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0)) if rho_inf > 5.0 else 0.0
-
-    t = ops.cast(step, dtype)
-    u = t * ops.cast(big_l, dtype)
-    bc1 = ops.negative(ops.expm1(t * ops.cast(log_b1, dtype)))
-    bc2 = ops.negative(ops.expm1(ops.negative(u)))
-    rho = ops.cast(rho_offset, dtype) + ops.cast(two_over_l, dtype) * _one_minus_u_over_expm1(u)
-    r2 = (rho - 4.0) * (rho - 2.0) * ops.cast(r_scale, dtype) / rho
-    r = ops.where(rho >= 5.0, ops.sqrt(ops.maximum(r2, 0.0)), ops.zeros_like(rho))
-    return StepScalars(bc1=bc1, bc2=bc2, rho=rho, r=r)
+    """Bias corrections and rectification terms of step ``step`` (1-based), graph-friendly,
+    within float32 rounding of PyTorch's float64 values (see :mod:`adabelief._array_scalars`)."""
+    return array_step_scalars(ops, step, beta_1, beta_2, dtype)
 
 
 @keras.saving.register_keras_serializable(package="adabelief")
@@ -168,7 +111,7 @@ class AdaBelief(keras.optimizers.Optimizer):
         name: str | None = None,
         **kwargs: Any,
     ) -> None:
-        if _is_number(learning_rate):
+        if is_number(learning_rate):
             learning_rate = _check("learning_rate", learning_rate)
         if weight_decay is not None:
             weight_decay = _check("weight_decay", weight_decay)

@@ -27,13 +27,15 @@ updates come back in float32, so that ``optax.apply_updates`` rounds to the para
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from adabelief._array_scalars import StepScalars, array_step_scalars, is_number
 
 __all__ = [
     "ScaleByAdaBeliefState",
@@ -45,19 +47,6 @@ __all__ = [
 ]
 
 _HALF_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
-# 1/k! for k = 10 .. 2: Horner coefficients of (e^u - 1 - u)/u^2 = sum_{k>=2} u^(k-2)/k!.
-_EXPM1_TAIL_COEFFS = tuple(1.0 / math.factorial(k) for k in range(10, 1, -1))
-_SERIES_CUTOFF = 0.5  # below it h(u) is summed as a series; its truncation error is < 1e-9
-_OFFSET_SERIES_CUTOFF = 1.0
-
-
-class StepScalars(NamedTuple):
-    """Per-step scalars of AdaBelief (all arrays of the requested dtype)."""
-
-    bc1: jax.Array  # 1 - b1**t
-    bc2: jax.Array  # 1 - b2**t
-    rho: jax.Array  # rho_t = rho_inf - 2*t*b2**t / bc2
-    r: jax.Array  # rectification factor r_t where rho_t >= 5, else 0
 
 
 class ScaleByAdaBeliefState(NamedTuple):
@@ -75,86 +64,39 @@ def _compute_dtype(dtype: Any) -> jnp.dtype:
     return jnp.dtype(jnp.float32) if dtype in _HALF_DTYPES else dtype
 
 
-def _is_number(x: Any) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
 def _check_nonneg(name: str, value: Any) -> None:
-    if _is_number(value) and not (math.isfinite(value) and value >= 0.0):
+    if is_number(value) and not (math.isfinite(value) and value >= 0.0):
         raise ValueError(f"Invalid {name}: {value!r} (must be finite and >= 0)")
 
 
 def _check_beta(name: str, value: Any) -> None:
-    if _is_number(value) and not 0.0 <= value < 1.0:
+    if is_number(value) and not 0.0 <= value < 1.0:
         raise ValueError(f"Invalid {name}: {value!r} (must be in [0, 1))")
 
 
-def _one_minus_u_over_expm1(u: jax.Array) -> jax.Array:
-    """h(u) = 1 - u/(e^u - 1) for u > 0, to full relative precision.
-
-    For small u the difference cancels, so there it is evaluated as (e^u - 1 - u)/(e^u - 1)
-    with the numerator summed as a power series.
-    """
-    us = jnp.minimum(u, _SERIES_CUTOFF)
-    poly = jnp.zeros_like(us)
-    for coeff in _EXPM1_TAIL_COEFFS:
-        poly = poly * us + coeff
-    series = us * us * poly / jnp.expm1(us)
-    # 1 - u e^-u / (1 - e^-u): no overflow for large u (clipped where h(u) == 1 in any precision).
-    ul = jnp.clip(u, _SERIES_CUTOFF, 100.0)
-    direct = 1.0 - ul * jnp.exp(-ul) / -jnp.expm1(-ul)
-    return jnp.where(u < _SERIES_CUTOFF, series, direct)
+#: jax.numpy as the operations namespace of :func:`adabelief._array_scalars.array_step_scalars`.
+_JNP_OPS = SimpleNamespace(
+    cast=lambda x, dtype: jnp.asarray(x).astype(dtype),
+    log=jnp.log,
+    exp=jnp.exp,
+    expm1=jnp.expm1,
+    sqrt=jnp.sqrt,
+    minimum=jnp.minimum,
+    maximum=jnp.maximum,
+    clip=jnp.clip,
+    where=jnp.where,
+    zeros_like=jnp.zeros_like,
+)
 
 
 def step_scalars(
     step: jax.typing.ArrayLike, b1: Any, b2: Any, dtype: Any = jnp.float32
 ) -> StepScalars:
-    """Bias corrections and rectification terms of step ``step`` (1-based), jit-friendly.
-
-    ``bc1 = 1 - b1**t``, ``bc2 = 1 - b2**t``, ``rho_t = rho_inf - 2 t b2**t / bc2`` with
-    ``rho_inf = 2/(1 - b2) - 1``, and ``r = sqrt((rho_t-4)(rho_t-2) rho_inf /
-    ((rho_inf-4)(rho_inf-2) rho_t))`` where ``rho_t >= 5`` (0 elsewhere).
-
-    Evaluated without cancellation so that float32 results are within float32 rounding of the
-    float64 values PyTorch computes: with ``L = -log(b2)`` and ``u = t L``,
-    ``b2**t = exp(-u)``, ``bc2 = -expm1(-u)``, and
-    ``rho_t = (rho_inf - 2/L) + (2/L) (1 - u/expm1(u))``, where ``rho_inf - 2/L`` and
-    ``1 - u/expm1(u)`` are small differences computed from series where needed (``rho_t`` is
-    itself a small difference of two numbers near ``rho_inf``). Constants are taken in float64
-    when ``b1``/``b2`` are Python numbers, else (e.g. under ``optax.inject_hyperparams``) in
-    ``dtype``.
-    """
-    dtype = jnp.dtype(dtype)
-    t = jnp.asarray(step).astype(dtype)
-    if _is_number(b1) and _is_number(b2):
-        b1f, b2f = float(b1), float(b2)
-        log_b1: Any = math.log(b1f) if b1f > 0.0 else -math.inf
-        big_l: Any = -math.log(b2f) if b2f > 0.0 else math.inf
-        rho_inf: Any = 2.0 / (1.0 - b2f) - 1.0
-        two_over_l: Any = 2.0 / big_l
-        rho_offset: Any = rho_inf - two_over_l  # coth(L/2) - 2/L, no harmful cancellation in f64
-        r_scale: Any = rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0)) if rho_inf > 5.0 else 0.0
-    else:
-        b1a, b2a = jnp.asarray(b1, dtype), jnp.asarray(b2, dtype)
-        log_b1 = jnp.log(b1a)
-        big_l = -jnp.log(b2a)
-        rho_inf = 2.0 / (1.0 - b2a) - 1.0
-        two_over_l = 2.0 / big_l
-        # coth(L/2) - 2/L = L/6 - L^3/360 + L^5/15120 - L^7/604800 + ...
-        ls = jnp.minimum(big_l, _OFFSET_SERIES_CUTOFF)
-        ls2 = ls * ls
-        series = ls * (1.0 / 6.0 - ls2 * (1.0 / 360.0 - ls2 * (1.0 / 15120.0 - ls2 / 604800.0)))
-        rho_offset = jnp.where(big_l < _OFFSET_SERIES_CUTOFF, series, rho_inf - two_over_l)
-        r_scale = jnp.where(rho_inf > 5.0, rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0)), 0.0)
-    u = t * jnp.asarray(big_l, dtype)
-    bc1 = -jnp.expm1(t * jnp.asarray(log_b1, dtype))
-    bc2 = -jnp.expm1(-u)
-    rho = jnp.asarray(rho_offset, dtype) + jnp.asarray(two_over_l, dtype) * _one_minus_u_over_expm1(
-        u
-    )
-    r2 = (rho - 4.0) * (rho - 2.0) * jnp.asarray(r_scale, dtype) / rho
-    r = jnp.where(rho >= 5.0, jnp.sqrt(jnp.maximum(r2, 0.0)), 0.0).astype(dtype)
-    return StepScalars(bc1=bc1, bc2=bc2, rho=rho, r=r)
+    """Bias corrections and rectification terms of step ``step`` (1-based), jit-friendly, within
+    float32 rounding of PyTorch's float64 values (see :mod:`adabelief._array_scalars`). The
+    constants are float64 when ``b1``/``b2`` are Python numbers, else (e.g. under
+    ``optax.inject_hyperparams``) computed in ``dtype``."""
+    return array_step_scalars(_JNP_OPS, step, b1, b2, jnp.dtype(dtype))
 
 
 def scale_by_adabelief(
@@ -311,13 +253,13 @@ def adabelief(
         A gradient transformation; its ``update(grads, state, params)`` gives updates for
         :func:`optax.apply_updates` (params are needed when ``weight_decay != 0``).
     """
-    if _is_number(learning_rate):
+    if is_number(learning_rate):
         _check_nonneg("learning_rate", learning_rate)
     _check_beta("b1", b1)
     _check_beta("b2", b2)
     _check_nonneg("eps", eps)
     _check_nonneg("weight_decay", weight_decay)
-    decay = not (_is_number(weight_decay) and weight_decay == 0.0)
+    decay = not (is_number(weight_decay) and weight_decay == 0.0)
 
     def decay_step(scale: Any) -> optax.GradientTransformation:
         tx = add_scaled_params(scale)
