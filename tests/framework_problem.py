@@ -4,9 +4,12 @@ tests: every framework computes its gradients from its own current parameters wi
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import math
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -154,3 +157,14 @@ def case_id(h: str, rect: str, dec: str, ams: bool, maxi: bool) -> str:
 def all_cases() -> dict[str, dict[str, Any]]:
     """Case id -> options, for every option combination."""
     return {case_id(*key): case_options(*key) for key in case_keys()}
+
+
+def keras_child_env(backend: str) -> dict[str, str]:
+    """Environment of a child process running Keras on ``backend`` with this checkout's
+    ``adabelief`` importable."""
+    env = dict(os.environ, KERAS_BACKEND=backend, OMP_NUM_THREADS="1")
+    spec = importlib.util.find_spec("adabelief")
+    assert spec is not None and spec.submodule_search_locations
+    src = str(Path(next(iter(spec.submodule_search_locations))).parent)
+    env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [env.get("PYTHONPATH")])])
+    return env

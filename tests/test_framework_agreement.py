@@ -15,7 +15,6 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,7 +26,13 @@ KERAS_BACKENDS = ("torch",)
 # Each framework is within float32 rounding of float64 arithmetic; so are their differences.
 RTOL, ATOL = 1e-5, 1e-6
 
-from framework_problem import STEPS, all_cases, initial_params, problem_grad  # noqa: E402
+from framework_problem import (  # noqa: E402
+    STEPS,
+    all_cases,
+    initial_params,
+    keras_child_env,
+    problem_grad,
+)
 
 CASES = all_cases()
 FLAGS = ("amsgrad", "weight_decouple", "fixed_decay", "rectify", "degenerated_to_sgd", "maximize")
@@ -143,15 +148,6 @@ def _torch_optimizer_missing() -> str | None:
     return None
 
 
-def _child_env(backend: str) -> dict[str, str]:
-    env = dict(os.environ, KERAS_BACKEND=backend, OMP_NUM_THREADS="1")
-    spec = importlib.util.find_spec("adabelief")
-    assert spec is not None and spec.submodule_search_locations
-    src = str(Path(next(iter(spec.submodule_search_locations))).parent)
-    env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [env.get("PYTHONPATH")])])
-    return env
-
-
 @pytest.fixture(scope="module")
 def results() -> Iterator[dict[str, Any]]:
     """framework name -> {case id -> params} (or an error/skip message string)."""
@@ -170,7 +166,7 @@ def results() -> Iterator[dict[str, Any]]:
                 continue
             procs[name] = subprocess.Popen(
                 [sys.executable, __file__, job],
-                env=_child_env(backend),
+                env=keras_child_env(backend),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,

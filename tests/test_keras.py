@@ -16,7 +16,6 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -50,6 +49,7 @@ from framework_problem import (  # noqa: E402
     STEPS,
     all_cases,
     initial_params,
+    keras_child_env,
     problem_grad,
     reference_run,
 )
@@ -230,15 +230,6 @@ def child_main(job_path: str) -> None:
 # --------------------------------------------------------------------------------------------
 # Parent side
 # --------------------------------------------------------------------------------------------
-def _child_env(backend: str) -> dict[str, str]:
-    env = dict(os.environ, KERAS_BACKEND=backend, OMP_NUM_THREADS="1")
-    spec = importlib.util.find_spec("adabelief")
-    assert spec is not None and spec.submodule_search_locations
-    src = str(Path(next(iter(spec.submodule_search_locations))).parent)
-    env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [env.get("PYTHONPATH")])])
-    return env
-
-
 @pytest.fixture(scope="module")
 def children() -> Iterator[dict[str, Any]]:
     """Start one child per installed backend, concurrently; map backend -> result or error."""
@@ -249,7 +240,7 @@ def children() -> Iterator[dict[str, Any]]:
         procs = {
             b: subprocess.Popen(
                 [sys.executable, __file__, job],
-                env=_child_env(b),
+                env=keras_child_env(b),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
@@ -513,7 +504,7 @@ def test_core_import_does_not_import_frameworks() -> None:
     )
     proc = subprocess.run(
         [sys.executable, "-c", code],
-        env=_child_env("jax"),
+        env=keras_child_env("jax"),
         capture_output=True,
         text=True,
         timeout=120,
