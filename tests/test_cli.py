@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adabelief.cli import main
+from adabelief.experiments.cli import main
 
 
 @pytest.fixture(autouse=True)
@@ -129,9 +129,9 @@ def test_presets_lists_every_task(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_bench_forwards_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
     received: list[list[str]] = []
-    fake = types.ModuleType("adabelief.benchmark")
+    fake = types.ModuleType("adabelief.experiments.bench")
     fake.main = lambda argv: received.append(argv) or 7  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "adabelief.benchmark", fake)
+    monkeypatch.setitem(sys.modules, "adabelief.experiments.bench", fake)
     assert main(["bench", "--steps", "3", "--help"]) == 7
     assert received == [["--steps", "3", "--help"]]
 
@@ -139,9 +139,9 @@ def test_bench_forwards_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_bench_without_the_module(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setitem(sys.modules, "adabelief.benchmark", None)
+    monkeypatch.setitem(sys.modules, "adabelief.experiments.bench", None)
     assert main(["bench"]) == 2
-    assert "adabelief.benchmark" in _error_line(capsys)
+    assert "adabelief.experiments.bench" in _error_line(capsys)
 
 
 def test_run_and_report_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -160,7 +160,7 @@ def test_run_and_report_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture
 
 def test_console_script_errors_have_no_traceback() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "adabelief.cli", "run", "nosuchtask"],
+        [sys.executable, "-m", "adabelief.experiments.cli", "run", "nosuchtask"],
         capture_output=True,
         text=True,
         check=False,

@@ -194,9 +194,9 @@ def _build_parser() -> _Parser:
 
     commands.add_parser(
         "bench",
-        help="optimizer step benchmark (arguments go to adabelief.benchmark)",
+        help="optimizer step benchmark (arguments go to adabelief.experiments.bench)",
         description="Run the optimizer step benchmark; all arguments are passed to "
-        "adabelief.benchmark (try 'adabelief bench --help').",
+        "adabelief.experiments.bench (try 'adabelief bench --help').",
         add_help=False,
     )
     return parser
@@ -340,11 +340,11 @@ def _command_presets(args: argparse.Namespace) -> int:
 
 def _command_bench(rest: list[str]) -> int:
     try:
-        import adabelief.benchmark as benchmark
+        import adabelief.experiments.bench as benchmark
     except ModuleNotFoundError as exc:
-        if exc.name in ("adabelief.benchmark",):
+        if exc.name in ("adabelief.experiments.bench",):
             print(
-                "adabelief bench: the benchmark module (adabelief.benchmark) is not part of "
+                "adabelief bench: the benchmark module (adabelief.experiments.bench) is not part of "
                 "this installation",
                 file=sys.stderr,
             )
