@@ -121,6 +121,49 @@ HYPERS = {
 }
 
 
+def torch_step_scalars(
+    steps: int, lr: float, b1: float, b2: float, *, rectify: bool, degenerated_to_sgd: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """PyTorch's :func:`adabelief.step_scalars` for the steps ``1..steps`` at once (its tensor
+    branch, in float64): ``step_size``, ``sqrt_bias_correction2``, ``adaptive``."""
+    import torch
+
+    from adabelief import step_scalars
+
+    t = torch.arange(1, steps + 1, dtype=torch.float64)
+    got = step_scalars(t, lr, b1, b2, rectify=rectify, degenerated_to_sgd=degenerated_to_sgd)
+    step_size, sqrt_bc2, adaptive = (torch.as_tensor(x).expand(steps).numpy() for x in got)
+    return step_size.astype(np.float64), sqrt_bc2.astype(np.float64), adaptive.astype(bool)
+
+
+def assert_step_scalars_match_torch(
+    got: Any,
+    steps: int,
+    lr: float,
+    b1: float,
+    b2: float,
+    *,
+    rectify: bool,
+    degenerated_to_sgd: bool,
+    to_numpy: Callable[[Any], np.ndarray] = np.asarray,
+    rtol: float = 2e-6,
+) -> None:
+    """``got``, the StepScalars of the steps ``1..steps`` (arrays), equals PyTorch's float64
+    :func:`adabelief.step_scalars` to ``rtol``, with ``adaptive`` exactly equal."""
+    want = torch_step_scalars(
+        steps, lr, b1, b2, rectify=rectify, degenerated_to_sgd=degenerated_to_sgd
+    )
+    names = ("step_size", "sqrt_bias_correction2", "adaptive")
+    for name, value, expected in zip(names, got, want, strict=True):
+        actual = np.broadcast_to(to_numpy(value), expected.shape)
+        if name == "adaptive":
+            np.testing.assert_array_equal(actual, expected, err_msg=name)
+        else:
+            np.testing.assert_allclose(
+                actual.astype(np.float64), expected, rtol=rtol, atol=0, err_msg=name
+            )
+
+
 def case_options(h: str, rect: str, dec: str, ams: bool, maxi: bool) -> dict[str, Any]:
     """The options of one case: hyperparameter set ``h``, rectify mode, decay mode, flags."""
     hyp = dict(HYPERS[h])

@@ -1,5 +1,7 @@
 """PyTorch ``adabelief.AdaBelief``, ``adabelief.optax.adabelief`` and ``adabelief.keras.AdaBelief``
-take the same 50 steps on the same problem, for every option combination.
+take the same 50 steps on the same problem, for every option combination; and the array math
+that Keras and optax share (``adabelief._array_scalars``, ``adabelief._array_update``), run on
+NumPy in float64, is PyTorch's scalars and the float64 reference rule.
 
 PyTorch and optax run in this process; Keras runs in one child process per installed backend
 (this file run as a script: ``python tests/test_framework_agreement.py JOB.json``), started
@@ -15,10 +17,14 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
+
+from adabelief import _array_update
+from adabelief._array_scalars import array_step_scalars
 
 # The jax backend is compared with the same float64 reference (and tolerance) in test_keras.py;
 # one Keras child keeps this module quick.
@@ -27,11 +33,14 @@ KERAS_BACKENDS = ("torch",)
 RTOL, ATOL = 1e-5, 1e-6
 
 from framework_problem import (  # noqa: E402
+    RECTIFY_MODES,
     STEPS,
     all_cases,
+    assert_step_scalars_match_torch,
     initial_params,
     keras_child_env,
     problem_grad,
+    reference_run,
 )
 
 CASES = all_cases()
@@ -239,6 +248,80 @@ def test_torch_paths_agree_with_optax(results: dict[str, Any], path: str, case_i
             pytest.skip(f"fused AdaBelief unavailable here: {exc}")
         raise
     assert_agree(got, want)
+
+
+# --------------------------------------------------------------------------------------------
+# The shared array math on NumPy (float64): the namespace Keras and optax pass, as NumPy.
+# --------------------------------------------------------------------------------------------
+NP_OPS = SimpleNamespace(
+    cast=lambda x, dtype: np.asarray(x, dtype),
+    log=np.log,
+    exp=np.exp,
+    expm1=np.expm1,
+    sqrt=np.sqrt,
+    square=np.square,
+    minimum=np.minimum,
+    maximum=np.maximum,
+    clip=np.clip,
+    where=np.where,
+    zeros_like=np.zeros_like,
+)
+
+
+@pytest.mark.parametrize("betas_as_arrays", [False, True])
+@pytest.mark.parametrize("mode", list(RECTIFY_MODES))
+def test_array_step_scalars_are_torchs_in_float64(mode: str, betas_as_arrays: bool) -> None:
+    """Python-number betas (float64 constants) and array betas (``inject_hyperparams``)."""
+    rectify, sgd = RECTIFY_MODES[mode]
+    for b1, b2 in [(0.9, 0.999), (0.8, 0.99), (0.5, 0.9), (0.99, 0.9999), (0.9, 0.5)]:
+        betas = (np.asarray(b1), np.asarray(b2)) if betas_as_arrays else (b1, b2)
+        sc = array_step_scalars(
+            NP_OPS,
+            np.arange(1, 20001),
+            0.01,
+            *betas,
+            rectify=rectify,
+            degenerated_to_sgd=sgd,
+            dtype=np.float64,
+        )
+        assert_step_scalars_match_torch(
+            sc, 20000, 0.01, b1, b2, rectify=rectify, degenerated_to_sgd=sgd, rtol=1e-9
+        )
+
+
+@pytest.mark.parametrize("case_id", [c for c in CASES if "-nodecay-" in c])
+def test_array_update_is_the_reference_rule(case_id: str) -> None:
+    """``first_moment``, ``belief`` and ``parameter_step`` with the array scalars take the 50
+    steps of the float64 reference (weight decay is each front end's own)."""
+    opts = CASES[case_id]
+    b1, b2, eps, lr = opts["b1"], opts["b2"], opts["eps"], opts["lr"]
+    params = initial_params()
+    m = {n: np.zeros_like(p) for n, p in params.items()}
+    s = {n: np.zeros_like(p) for n, p in params.items()}
+    s_max = {n: np.zeros_like(p) for n, p in params.items()}
+    for t in range(1, STEPS + 1):
+        sc = array_step_scalars(
+            NP_OPS,
+            t,
+            lr,
+            b1,
+            b2,
+            rectify=opts["rectify"],
+            degenerated_to_sgd=opts["degenerated_to_sgd"],
+            dtype=np.float64,
+        )
+        for n in params:
+            g = problem_grad(n, params[n], t) * (-1.0 if opts["maximize"] else 1.0)
+            m[n] = _array_update.first_moment(m[n], g, b1)
+            s[n] = _array_update.belief(NP_OPS, s[n], g, m[n], b2, eps)
+            s_max[n] = np.maximum(s_max[n], s[n])
+            v = s_max[n] if opts["amsgrad"] else s[n]
+            params[n] = params[n] - _array_update.parameter_step(NP_OPS, m[n], v, sc, eps)
+    want, state = reference_run(STEPS, **opts)
+    for n in params:
+        np.testing.assert_allclose(params[n], want[n], rtol=1e-8, atol=1e-10, err_msg=n)
+        np.testing.assert_allclose(s[n], state[n]["s"], rtol=1e-8, atol=1e-20, err_msg=n)
+    assert max(np.max(np.abs(params[n] - initial_params()[n])) for n in params) > 0.05
 
 
 if __name__ == "__main__":

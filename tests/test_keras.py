@@ -46,8 +46,10 @@ pytestmark = pytest.mark.filterwarnings(
 )
 
 from framework_problem import (  # noqa: E402
+    RECTIFY_MODES,
     STEPS,
     all_cases,
+    assert_step_scalars_match_torch,
     initial_params,
     keras_child_env,
     problem_grad,
@@ -460,18 +462,22 @@ def test_builds_state_per_variable() -> None:
     assert len(opt.variables) == 2 + 3 * 2
 
 
-def test_step_scalars_match_float64() -> None:
-    t = np.arange(1, 3001, dtype=np.float64)
+@pytest.mark.parametrize("mode", list(RECTIFY_MODES))
+def test_step_scalars_match_torch(mode: str) -> None:
+    rectify, sgd = RECTIFY_MODES[mode]
     for b1, b2 in [(0.9, 0.999), (0.8, 0.99), (0.0, 0.0)]:
-        sc = step_scalars(keras.ops.arange(1, 3001), b1, b2)
-        bc1, bc2 = 1 - b1**t, 1 - b2**t
-        rho_inf = 2 / (1 - b2) - 1
-        rho = rho_inf - 2 * t * b2**t / bc2
-        with np.errstate(invalid="ignore", divide="ignore"):
-            r = np.sqrt((rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho))
-        r = np.where(rho >= 5, r, 0.0)
-        for got, want in [(sc.bc1, bc1), (sc.bc2, bc2), (sc.rho, rho), (sc.r, r)]:
-            np.testing.assert_allclose(_numpy(got), want, rtol=2e-6, atol=0)
+        sc = step_scalars(
+            keras.ops.arange(1, 3001), 0.01, b1, b2, rectify=rectify, degenerated_to_sgd=sgd
+        )
+        assert_step_scalars_match_torch(
+            sc, 3000, 0.01, b1, b2, rectify=rectify, degenerated_to_sgd=sgd, to_numpy=_numpy
+        )
+
+
+def test_step_scalars_type_is_the_torch_one() -> None:
+    import adabelief
+
+    assert adabelief.keras.StepScalars is adabelief.StepScalars
 
 
 @pytest.mark.parametrize(
@@ -486,6 +492,7 @@ def test_step_scalars_match_float64() -> None:
         (dict(weight_decay=float("inf")), "weight_decay"),
         (dict(beta_1=1.0), "beta_1"),
         (dict(beta_1=-0.5), "beta_1"),
+        (dict(beta_1=0.0), "beta_1"),
         (dict(beta_2=1.5), "beta_2"),
         (dict(beta_2=float("nan")), "beta_2"),
     ],
@@ -497,6 +504,17 @@ def test_invalid_arguments(kwargs: dict[str, float], name: str) -> None:
         AdaBelief(**kwargs)
 
 
+def test_beta_1_zero_is_refused_with_the_reason() -> None:
+    """beta_1 = 0 makes the belief identically 0 and the step diverge: refused, with a way out."""
+    with pytest.raises(
+        ValueError, match=r"Invalid beta_1: 0\.0 .*\(g - m\)\^2 .*g/sqrt\(eps\).*NaN.*0\.5 in GANs"
+    ):
+        AdaBelief(beta_1=0)
+    assert AdaBelief(beta_1=0.5).beta_1 == 0.5  # the suggested value is accepted
+    with pytest.raises(ValueError, match=r"^Tensor epsilon must be 1-element$"):
+        AdaBelief(epsilon=np.array([1e-16, 1e-8]))
+
+
 def test_core_import_does_not_import_frameworks() -> None:
     code = (
         "import sys, adabelief; "
@@ -505,6 +523,24 @@ def test_core_import_does_not_import_frameworks() -> None:
     proc = subprocess.run(
         [sys.executable, "-c", code],
         env=keras_child_env("jax"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def test_adabelief_keras_imports_no_other_framework() -> None:
+    """Beyond what Keras itself loads, ``adabelief.keras`` imports neither JAX/optax nor TF."""
+    code = (
+        "import sys, keras; before = set(sys.modules); import adabelief.keras; "
+        "print(sorted({m.split('.')[0] for m in set(sys.modules) - before} "
+        "& {'jax', 'jaxlib', 'optax', 'tensorflow'}))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        env=keras_child_env("torch"),
         capture_output=True,
         text=True,
         timeout=120,

@@ -19,7 +19,9 @@ from adabelief.optax import (  # noqa: E402
     step_scalars,
 )
 from framework_problem import (  # noqa: E402
+    RECTIFY_MODES,
     STEPS,
+    assert_step_scalars_match_torch,
     case_id,
     case_keys,
     case_options,
@@ -86,22 +88,19 @@ def find_core_state(state: Any) -> ScaleByAdaBeliefState:
 # --------------------------------------------------------------------------------------------
 # Tests
 # --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", list(RECTIFY_MODES))
 @pytest.mark.parametrize(
     ("b1", "b2"), [(0.9, 0.999), (0.9, 0.99), (0.5, 0.9), (0.99, 0.9999), (0.9, 0.5), (0.0, 0.0)]
 )
-def test_step_scalars_match_float64(b1: float, b2: float) -> None:
-    t = np.arange(1, 20001, dtype=np.float64)
-    sc = jax.jit(lambda s: step_scalars(s, b1, b2))(jnp.arange(1, 20001))
-    bc1, bc2 = 1 - b1**t, 1 - b2**t
-    rho_inf = 2 / (1 - b2) - 1
-    rho = rho_inf - 2 * t * b2**t / bc2
-    with np.errstate(invalid="ignore", divide="ignore"):
-        r = np.sqrt((rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho))
-    r = np.where(rho >= 5, r, 0.0)
-    for got, want in [(sc.bc1, bc1), (sc.bc2, bc2), (sc.rho, rho), (sc.r, r)]:
-        assert np.asarray(got).dtype == np.float32
-        np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=2e-6, atol=0)
-    np.testing.assert_array_equal(np.asarray(sc.rho) >= 5, rho >= 5)
+def test_step_scalars_match_torch(b1: float, b2: float, mode: str) -> None:
+    """float32 under jit, within float32 rounding of PyTorch's float64 scalars to step 20000."""
+    rectify, sgd = RECTIFY_MODES[mode]
+    steps, lr = 20000, 0.01
+    sc = jax.jit(lambda s: step_scalars(s, lr, b1, b2, rectify=rectify, degenerated_to_sgd=sgd))(
+        jnp.arange(1, steps + 1)
+    )
+    assert np.asarray(sc.step_size).dtype == np.float32
+    assert_step_scalars_match_torch(sc, steps, lr, b1, b2, rectify=rectify, degenerated_to_sgd=sgd)
 
 
 @pytest.mark.parametrize(("h", "rect", "dec", "ams", "maxi"), option_cases())
@@ -288,6 +287,57 @@ def test_invalid_arguments(kwargs: dict[str, float], name: str) -> None:
     value = kwargs[name]
     with pytest.raises(ValueError, match=rf"{name}.*{re_value(value)}"):
         adabelief(**kwargs)
+
+
+@pytest.mark.parametrize("factory", ["adabelief", "scale_by_adabelief", "inject_hyperparams"])
+def test_b1_zero_is_refused_with_the_reason(factory: str) -> None:
+    """b1 = 0 makes the belief identically 0 and the step diverge: refused, with a way out."""
+    params = {"x": jnp.ones(3)}
+    with pytest.raises(ValueError, match=r"Invalid b1: 0\.0 .*\(g - m\)\^2 .*NaN.*0\.5 in GANs"):
+        if factory == "adabelief":
+            adabelief(1e-3, b1=0.0)
+        elif factory == "scale_by_adabelief":
+            scale_by_adabelief(b1=0)
+        else:  # the betas arrive as (concrete) arrays at init
+            optax.inject_hyperparams(adabelief)(learning_rate=1e-3, b1=0.0).init(params)
+    adabelief(1e-3, b1=0.5)  # the suggested value is accepted
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the gradients of inf params
+def test_b1_zero_would_diverge(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the refusal prevents: with the check bypassed, b1 = 0 at the defaults (eps = 1e-16)
+    takes the parameters of the test problem to inf/NaN within 50 steps."""
+    import adabelief.optax as module
+
+    monkeypatch.setattr(module, "check_beta1", lambda name, value: value)
+    got, _ = run_optax(adabelief(1e-3, b1=0.0))
+    assert not all(np.isfinite(p).all() for p in got.values())
+    healthy, _ = run_optax(adabelief(1e-3, b1=0.5))
+    assert all(np.isfinite(p).all() for p in healthy.values())
+
+
+def test_array_hyperparameters_are_checked_when_concrete() -> None:
+    with pytest.raises(ValueError, match=r"^Tensor b2 must be 1-element$"):
+        adabelief(1e-3, b2=jnp.array([0.99, 0.999]))
+    with pytest.raises(ValueError, match=r"Invalid eps: .* \(must be finite and >= 0\)"):
+        adabelief(1e-3, eps=jnp.array(-1.0))
+    with pytest.raises(ValueError, match=r"Invalid learning_rate: '0\.1' \(expected a real"):
+        adabelief("0.1")  # type: ignore[arg-type]
+
+
+def test_adabelief_optax_imports_no_other_framework() -> None:
+    """Beyond JAX and optax, ``adabelief.optax`` imports neither Keras nor TensorFlow."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, jax, optax; before = set(sys.modules); import adabelief.optax; "
+        "print(sorted({m.split('.')[0] for m in set(sys.modules) - before} "
+        "& {'keras', 'tensorflow'}))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
 
 
 def re_value(value: float) -> str:

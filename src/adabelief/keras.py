@@ -21,39 +21,49 @@ Per element, at step ``t = iterations + 1`` with learning rate ``lr`` and weight
 
 with ``r_t = sqrt((rho_t - 4)(rho_t - 2) rho_inf / ((rho_inf - 4)(rho_inf - 2) rho_t))``.
 Variables stored in float16/bfloat16 get float32 state and float32 math, rounded back once.
+The moments and the step are :mod:`adabelief._array_update`, shared with the optax transform,
+on ``keras.ops``.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import keras
 from keras import ops
 
+from adabelief import _array_update
 from adabelief._array_scalars import StepScalars, array_step_scalars, is_number
+from adabelief._validation import check_beta1, check_beta2, check_nonnegative
 
 __all__ = ["AdaBelief", "StepScalars", "step_scalars"]
 
 _HALF_DTYPES = ("float16", "bfloat16")
 
 
-def _check(name: str, value: Any, *, beta: bool = False) -> float:
-    """Validate a hyperparameter: finite and >= 0 (betas: in [0, 1)); return it as a float."""
-    if not is_number(value):
-        raise ValueError(f"Invalid {name}: {value!r} (must be a real number)")
-    value = float(value)
-    if beta and not 0.0 <= value < 1.0:
-        raise ValueError(f"Invalid {name}: {value!r} (must be in [0, 1))")
-    if not (math.isfinite(value) and value >= 0.0):
-        raise ValueError(f"Invalid {name}: {value!r} (must be finite and >= 0)")
-    return value
-
-
-def step_scalars(step: Any, beta_1: float, beta_2: float, dtype: str = "float32") -> StepScalars:
-    """Bias corrections and rectification terms of step ``step`` (1-based), graph-friendly,
+def step_scalars(
+    step: Any,
+    lr: Any,
+    beta1: Any,
+    beta2: Any,
+    *,
+    rectify: bool,
+    degenerated_to_sgd: bool,
+    dtype: str = "float32",
+) -> StepScalars:
+    """The :class:`~adabelief.StepScalars` of step ``step`` (1-based) for learning rate ``lr``,
+    as :func:`adabelief.step_scalars` computes them, but as ``dtype`` tensors, graph-friendly and
     within float32 rounding of PyTorch's float64 values (see :mod:`adabelief._array_scalars`)."""
-    return array_step_scalars(ops, step, beta_1, beta_2, dtype)
+    return array_step_scalars(
+        ops,
+        step,
+        lr,
+        beta1,
+        beta2,
+        rectify=rectify,
+        degenerated_to_sgd=degenerated_to_sgd,
+        dtype=dtype,
+    )
 
 
 @keras.saving.register_keras_serializable(package="adabelief")
@@ -66,7 +76,9 @@ class AdaBelief(keras.optimizers.Optimizer):
     Args:
         learning_rate: a float, a ``keras.optimizers.schedules.LearningRateSchedule``, or a
             callable without arguments returning the learning rate. Defaults to ``0.001``.
-        beta_1: decay rate of the first moment ``m``, in ``[0, 1)``. Defaults to ``0.9``.
+        beta_1: decay rate of the first moment ``m``, in ``(0, 1)``. Defaults to ``0.9``. ``0``
+            is refused: the belief ``(g - m)^2`` would be identically 0 and the step diverge
+            (GANs: use ``0.5``).
         beta_2: decay rate of the belief ``s``, in ``[0, 1)``. Defaults to ``0.999``.
         epsilon: added to ``s`` every step and to the denominator. Defaults to ``1e-16``.
         weight_decay: decay coefficient; ``0.0`` or ``None`` disable it. Unlike Keras' own
@@ -112,9 +124,9 @@ class AdaBelief(keras.optimizers.Optimizer):
         **kwargs: Any,
     ) -> None:
         if is_number(learning_rate):
-            learning_rate = _check("learning_rate", learning_rate)
+            learning_rate = check_nonnegative("learning_rate", learning_rate)
         if weight_decay is not None:
-            weight_decay = _check("weight_decay", weight_decay)
+            weight_decay = check_nonnegative("weight_decay", weight_decay)
         # Newer base-class arguments are forwarded only when set (older Keras 3 lacks them).
         if loss_scale_factor is not None:
             kwargs["loss_scale_factor"] = loss_scale_factor
@@ -132,9 +144,9 @@ class AdaBelief(keras.optimizers.Optimizer):
             name=name,
             **kwargs,
         )
-        self.beta_1 = _check("beta_1", beta_1, beta=True)
-        self.beta_2 = _check("beta_2", beta_2, beta=True)
-        self.epsilon = _check("epsilon", epsilon)
+        self.beta_1 = check_beta1("beta_1", beta_1)
+        self.beta_2 = check_beta2("beta_2", beta_2)
+        self.epsilon = check_nonnegative("epsilon", epsilon)
         self.amsgrad = bool(amsgrad)
         self.weight_decouple = bool(weight_decouple)
         self.fixed_decay = bool(fixed_decay)
@@ -195,11 +207,20 @@ class AdaBelief(keras.optimizers.Optimizer):
         finally:
             self._scalar_cache = None
 
-    def _step_scalars(self, dtype: str) -> StepScalars:
+    def _step_scalars(self, learning_rate: Any, dtype: str) -> StepScalars:
+        """The scalars of this update; ``learning_rate`` is the same for all its variables."""
         cache = self._scalar_cache
         if cache is not None and dtype in cache:
             return cache[dtype]
-        scalars = step_scalars(ops.add(self.iterations, 1), self.beta_1, self.beta_2, dtype)
+        scalars = step_scalars(
+            ops.add(self.iterations, 1),
+            learning_rate,
+            self.beta_1,
+            self.beta_2,
+            rectify=self.rectify,
+            degenerated_to_sgd=self.degenerated_to_sgd,
+            dtype=dtype,
+        )
         if cache is not None:
             cache[dtype] = scalars
         return scalars
@@ -230,8 +251,8 @@ class AdaBelief(keras.optimizers.Optimizer):
             else:
                 p = p * (1.0 - lr * wd)
 
-        m = b1 * exp_avg + (1.0 - b1) * g
-        s = b2 * exp_avg_var + (1.0 - b2) * ops.square(g - m) + eps
+        m = _array_update.first_moment(exp_avg, g, b1)
+        s = _array_update.belief(ops, exp_avg_var, g, m, b2, eps)
         self.assign(exp_avg, m)
         self.assign(exp_avg_var, s)
         v = s
@@ -239,13 +260,7 @@ class AdaBelief(keras.optimizers.Optimizer):
             v = ops.maximum(self._max_exp_avg_vars[index], s)
             self.assign(self._max_exp_avg_vars[index], v)
 
-        sc = self._step_scalars(dtype)
-        if not self.rectify:
-            step = lr / sc.bc1 * m / (ops.sqrt(v) / ops.sqrt(sc.bc2) + eps)
-        else:
-            step = lr * (sc.r * ops.sqrt(sc.bc2) / sc.bc1) * m / (ops.sqrt(v) + eps)
-            fallback = lr / sc.bc1 * m if self.degenerated_to_sgd else ops.zeros_like(m)
-            step = ops.where(sc.rho >= 5.0, step, fallback)
+        step = _array_update.parameter_step(ops, m, v, self._step_scalars(lr, dtype), eps)
         self.assign(variable, ops.cast(p - step, var_dtype))
 
     def get_config(self) -> dict[str, Any]:

@@ -22,11 +22,12 @@ As an optax chain, the decoupled decay becomes the additive update ``-lr*wd*thet
 ``-wd*theta``), which is :func:`optax.apply_updates`-equivalent to multiplying ``theta`` first.
 Parameters stored in float16/bfloat16 are handled in float32: the state is float32 and the
 updates come back in float32, so that ``optax.apply_updates`` rounds to the parameter dtype once.
+The moments and the direction are :mod:`adabelief._array_update`, shared with the Keras optimizer,
+on ``jax.numpy``.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any, NamedTuple
@@ -35,7 +36,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from adabelief import _array_update
 from adabelief._array_scalars import StepScalars, array_step_scalars, is_number
+from adabelief._validation import check_beta1, check_beta2, check_nonnegative
 
 __all__ = [
     "ScaleByAdaBeliefState",
@@ -64,23 +67,22 @@ def _compute_dtype(dtype: Any) -> jnp.dtype:
     return jnp.dtype(jnp.float32) if dtype in _HALF_DTYPES else dtype
 
 
-def _check_nonneg(name: str, value: Any) -> None:
-    if is_number(value) and not (math.isfinite(value) and value >= 0.0):
-        raise ValueError(f"Invalid {name}: {value!r} (must be finite and >= 0)")
+def _check(check: Callable[[str, Any], float], name: str, value: Any) -> None:
+    """Validate a hyperparameter unless it is traced (e.g. by ``optax.inject_hyperparams`` under
+    ``jax.jit``): its value is then unknown until the step runs."""
+    if not isinstance(value, jax.core.Tracer):
+        check(name, value)
 
 
-def _check_beta(name: str, value: Any) -> None:
-    if is_number(value) and not 0.0 <= value < 1.0:
-        raise ValueError(f"Invalid {name}: {value!r} (must be in [0, 1))")
-
-
-#: jax.numpy as the operations namespace of :func:`adabelief._array_scalars.array_step_scalars`.
+#: jax.numpy as the array namespace of :mod:`adabelief._array_scalars` and
+#: :mod:`adabelief._array_update`.
 _JNP_OPS = SimpleNamespace(
     cast=lambda x, dtype: jnp.asarray(x).astype(dtype),
     log=jnp.log,
     exp=jnp.exp,
     expm1=jnp.expm1,
     sqrt=jnp.sqrt,
+    square=jnp.square,
     minimum=jnp.minimum,
     maximum=jnp.maximum,
     clip=jnp.clip,
@@ -90,13 +92,31 @@ _JNP_OPS = SimpleNamespace(
 
 
 def step_scalars(
-    step: jax.typing.ArrayLike, b1: Any, b2: Any, dtype: Any = jnp.float32
+    step: jax.typing.ArrayLike,
+    lr: Any,
+    beta1: Any,
+    beta2: Any,
+    *,
+    rectify: bool,
+    degenerated_to_sgd: bool,
+    dtype: Any = jnp.float32,
 ) -> StepScalars:
-    """Bias corrections and rectification terms of step ``step`` (1-based), jit-friendly, within
-    float32 rounding of PyTorch's float64 values (see :mod:`adabelief._array_scalars`). The
-    constants are float64 when ``b1``/``b2`` are Python numbers, else (e.g. under
-    ``optax.inject_hyperparams``) computed in ``dtype``."""
-    return array_step_scalars(_JNP_OPS, step, b1, b2, jnp.dtype(dtype))
+    """The :class:`~adabelief.StepScalars` of step ``step`` (1-based) for learning rate ``lr``,
+    as :func:`adabelief.step_scalars` computes them, but as ``dtype`` arrays, jit-friendly and
+    within float32 rounding of PyTorch's float64 values (see :mod:`adabelief._array_scalars`).
+    The constants are float64 when the betas are Python numbers, else (e.g. under
+    ``optax.inject_hyperparams``) computed in ``dtype``. :func:`scale_by_adabelief` uses
+    ``lr = 1``."""
+    return array_step_scalars(
+        _JNP_OPS,
+        step,
+        lr,
+        beta1,
+        beta2,
+        rectify=rectify,
+        degenerated_to_sgd=degenerated_to_sgd,
+        dtype=jnp.dtype(dtype),
+    )
 
 
 def scale_by_adabelief(
@@ -114,10 +134,11 @@ def scale_by_adabelief(
     ``max(s_max, s)``), then ``d = m/bc1 / (sqrt(v)/sqrt(bc2) + eps)`` without rectification,
     else ``d = r sqrt(bc2)/bc1 * m/(sqrt(v) + eps)`` where ``rho_t >= 5``, and ``m/bc1``
     (``degenerated_to_sgd``) or ``0`` before that. Moments are float32 for 16-bit inputs.
+    ``b1 = 0`` is refused (see :func:`adabelief`).
     """
-    _check_beta("b1", b1)
-    _check_beta("b2", b2)
-    _check_nonneg("eps", eps)
+    _check(check_beta1, "b1", b1)
+    _check(check_beta2, "b2", b2)
+    _check(check_nonnegative, "eps", eps)
 
     def init_fn(params: optax.Params) -> ScaleByAdaBeliefState:
         def zeros(p: jax.Array) -> jax.Array:
@@ -137,21 +158,24 @@ def scale_by_adabelief(
 
         def scalars_for(dtype: jnp.dtype) -> StepScalars:
             if dtype not in scalars:  # once per compute dtype
-                scalars[dtype] = step_scalars(count, b1, b2, dtype)
+                scalars[dtype] = step_scalars(
+                    count,
+                    1.0,
+                    b1,
+                    b2,
+                    rectify=rectify,
+                    degenerated_to_sgd=degenerated_to_sgd,
+                    dtype=dtype,
+                )
             return scalars[dtype]
 
         def direction(m: jax.Array, v: jax.Array) -> jax.Array:
-            sc = scalars_for(m.dtype)
-            if not rectify:
-                return m / sc.bc1 / (jnp.sqrt(v) / jnp.sqrt(sc.bc2) + eps)
-            adaptive = m * (sc.r * jnp.sqrt(sc.bc2) / sc.bc1) / (jnp.sqrt(v) + eps)
-            fallback = m / sc.bc1 if degenerated_to_sgd else jnp.zeros_like(m)
-            return jnp.where(sc.rho >= 5.0, adaptive, fallback)
+            return _array_update.parameter_step(_JNP_OPS, m, v, scalars_for(m.dtype), eps)
 
         grads = jax.tree.map(lambda g, m: g.astype(m.dtype), updates, state.mu)
-        mu = jax.tree.map(lambda g, m: b1 * m + (1.0 - b1) * g, grads, state.mu)
+        mu = jax.tree.map(lambda g, m: _array_update.first_moment(m, g, b1), grads, state.mu)
         nu = jax.tree.map(
-            lambda g, m, s: b2 * s + (1.0 - b2) * jnp.square(g - m) + eps, grads, mu, state.nu
+            lambda g, m, s: _array_update.belief(_JNP_OPS, s, g, m, b2, eps), grads, mu, state.nu
         )
         nu_max = jax.tree.map(jnp.maximum, state.nu_max, nu) if amsgrad else None
         new_updates = jax.tree.map(direction, mu, nu_max if amsgrad else nu)
@@ -235,7 +259,9 @@ def adabelief(
 
     Args:
         learning_rate: a float, or an optax schedule (a callable of the update count, from 0).
-        b1, b2: decay rates of the first moment and of the belief ``s``; in ``[0, 1)``.
+        b1, b2: decay rates of the first moment and of the belief ``s``; ``b1`` in ``(0, 1)``,
+            ``b2`` in ``[0, 1)``. ``b1 = 0`` is refused: the belief ``(g - m)^2`` would be
+            identically 0 and the step diverge (GANs: use ``0.5``).
         eps: added to ``s`` each step and to the denominator.
         weight_decay: decoupled (``theta *= 1 - lr*wd``) or, with ``weight_decouple=False``,
             L2 added to the gradient before the moments.
@@ -253,12 +279,12 @@ def adabelief(
         A gradient transformation; its ``update(grads, state, params)`` gives updates for
         :func:`optax.apply_updates` (params are needed when ``weight_decay != 0``).
     """
-    if is_number(learning_rate):
-        _check_nonneg("learning_rate", learning_rate)
-    _check_beta("b1", b1)
-    _check_beta("b2", b2)
-    _check_nonneg("eps", eps)
-    _check_nonneg("weight_decay", weight_decay)
+    if not callable(learning_rate):
+        _check(check_nonnegative, "learning_rate", learning_rate)
+    _check(check_beta1, "b1", b1)
+    _check(check_beta2, "b2", b2)
+    _check(check_nonnegative, "eps", eps)
+    _check(check_nonnegative, "weight_decay", weight_decay)
     decay = not (is_number(weight_decay) and weight_decay == 0.0)
 
     def decay_step(scale: Any) -> optax.GradientTransformation:

@@ -23,38 +23,25 @@ With ``t`` the step (1 for the first update), ``bc1 = 1 - beta1**t`` and ``bc2 =
 
 ``v`` is ``exp_avg_var`` (or its running maximum with AMSGrad), which already holds the ``eps``
 added at every step.
+
+:class:`StepScalars` is defined framework-free in :mod:`adabelief._array_scalars`: the Keras
+and optax front ends compute the same three scalars as arrays
+(``adabelief.keras.step_scalars``, ``adabelief.optax.step_scalars``).
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from adabelief._array_scalars import RHO_THRESHOLD, StepScalars
+
+__all__ = ["RHO_THRESHOLD", "Scalar", "StepScalars", "rho_infinity", "step_scalars"]
+
+#: A step count or learning rate: a Python number, or a 0-dim tensor.
 Scalar = float | Tensor
-
-# Below this length of the approximated SMA the variance of the adaptive step is intractable and
-# the rectified update falls back to SGD with momentum (Liu et al., 2020, RAdam).
-RHO_THRESHOLD = 5.0
-
-
-class StepScalars(NamedTuple):
-    """What a kernel needs for one step of one parameter.
-
-    Attributes:
-        step_size: the positive multiplier of the update, learning rate included; the update is
-            ``-step_size * m / denom`` when ``adaptive``, else ``-step_size * m`` (0: no update).
-        sqrt_bias_correction2: divides ``sqrt(v)`` inside the denominator
-            (``sqrt(1 - beta2**t)`` for the plain update, exactly 1 for the rectified one).
-        adaptive: whether the update divides by the belief denominator
-            ``sqrt(v) / sqrt_bias_correction2 + eps``.
-    """
-
-    step_size: Scalar
-    sqrt_bias_correction2: Scalar
-    adaptive: bool | Tensor
 
 
 def rho_infinity(beta2: float) -> float:
