@@ -4,8 +4,8 @@ the fallback when the kernel cannot be built, and CUDA where a device is present
 
 The CPU kernel is compiled (or loaded from its disk cache) once per process and serves every
 option combination: the options are runtime arguments of one library. The torch.compile path
-(the CUDA path) is also run on CPU tensors (``_fused._CPU_BACKEND = "compiled"``), with few
-variants, since each compiles for seconds.
+(the CUDA path) is also run on CPU tensors (``fused=True, capturable=True`` selects it), with
+few variants, since each compiles for seconds.
 """
 
 from __future__ import annotations
@@ -20,13 +20,14 @@ import warnings
 import pytest
 import torch
 
-from adabelief import AdaBelief, _fused
+from adabelief import AdaBelief
 from adabelief._hyper import Hyperparameters
+from adabelief.kernels import GroupTensors, cpu, dispatch, tensor_math
 
-KERNEL = _fused.cpu_kernel()
-BUILDS_AT_IMPORT = _fused.builds
+KERNEL = cpu.kernel()
+BUILDS_AT_IMPORT = cpu.builds
 needs_kernel = pytest.mark.skipif(
-    KERNEL is None, reason=f"the fused CPU kernel cannot be built here: {_fused._kernel_error}"
+    KERNEL is None, reason=f"the fused CPU kernel cannot be built here: {cpu.kernel_error()}"
 )
 needs_cuda = pytest.mark.skipif(
     not torch.cuda.is_available(),
@@ -113,6 +114,8 @@ def run(dtype, path_options, steps=100, shapes=SHAPES, lr_schedule=None, **optio
 
 SINGLE = {"foreach": False, "fused": False}
 FUSED = {"fused": True}
+#: The tensor-math path compiled per group (the CUDA path), here on CPU tensors.
+COMPILED = {"fused": True, "capturable": True}
 
 DECAYS = {
     "no-decay": dict(weight_decay=0.0),
@@ -165,15 +168,15 @@ def test_one_kernel_library_serves_every_option():
     arguments), and the kernel object is the one loaded at import."""
     for dtype, name in itertools.product((torch.float32, torch.bfloat16), list(COMBOS)[:12]):
         run(dtype, FUSED, steps=3, **COMBOS[name])
-    assert _fused.builds == BUILDS_AT_IMPORT <= 1
-    assert _fused.cpu_kernel() is KERNEL
+    assert cpu.builds == BUILDS_AT_IMPORT <= 1
+    assert cpu.kernel() is KERNEL
 
 
 @needs_kernel
 def test_a_new_process_loads_the_cached_kernel():
     code = (
-        "from adabelief import _fused; k = _fused.cpu_kernel(); "
-        "print(k is not None, _fused.builds, k.path if k else _fused._kernel_error)"
+        "from adabelief.kernels import cpu; k = cpu.kernel(); "
+        "print(k is not None, cpu.builds, k.path if k else cpu.kernel_error())"
     )
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=os.environ
@@ -282,31 +285,31 @@ def test_16_bit_rounding_of_every_value(dtype, decay):
 @needs_kernel
 def test_default_path_uses_the_kernel_on_cpu(monkeypatch):
     calls = []
-    original = _fused._cpu_step
+    original = cpu.cpu_step
 
     def spy(*args, **kwargs):
-        calls.append(len(args[1]))
+        calls.append(len(args[1].params))
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(_fused, "_cpu_step", spy)
+    monkeypatch.setattr(cpu, "cpu_step", spy)
     params = make_params(torch.float32)
     opt = AdaBelief(params)
     set_grads(params, 0)
     opt.step()
     assert calls == [len(params)]
-    assert _fused.is_default_for(params, opt.param_groups[0])
-    assert not _fused.is_default_for(params, dict(opt.param_groups[0], differentiable=True))
+    assert dispatch.fused_is_default(params, opt.param_groups[0])
+    assert not dispatch.fused_is_default(params, dict(opt.param_groups[0], differentiable=True))
 
 
 def test_default_path_is_foreach_or_single_without_kernel(monkeypatch, recwarn):
-    monkeypatch.setattr(_fused, "_kernel", None)
-    monkeypatch.setattr(_fused, "_kernel_error", "test: no kernel")
+    monkeypatch.setattr(cpu, "_kernel", None)
+    monkeypatch.setattr(cpu, "_kernel_error", "test: no kernel")
     params = make_params(torch.float32)
     opt = AdaBelief(params)
-    assert not _fused.is_default_for(params, opt.param_groups[0])
+    assert not dispatch.fused_is_default(params, opt.param_groups[0])
     set_grads(params, 0)
     opt.step()
-    assert not [w for w in recwarn if issubclass(w.category, _fused.FusedFallbackWarning)]
+    assert not [w for w in recwarn if issubclass(w.category, dispatch.FusedFallbackWarning)]
 
 
 # --- fallback ---------------------------------------------------------------------------------
@@ -315,15 +318,15 @@ def test_default_path_is_foreach_or_single_without_kernel(monkeypatch, recwarn):
 @pytest.fixture
 def no_kernel(monkeypatch, tmp_path):
     """A process state in which the kernel has not been loaded and cannot be built."""
-    monkeypatch.setattr(_fused, "_kernel", None)
-    monkeypatch.setattr(_fused, "_kernel_error", None)
-    monkeypatch.setattr(_fused, "_warned", False)
+    monkeypatch.setattr(cpu, "_kernel", None)
+    monkeypatch.setattr(cpu, "_kernel_error", None)
+    monkeypatch.setattr(dispatch, "_warned", False)
     monkeypatch.setenv("ADABELIEF_CACHE_DIR", str(tmp_path / "empty-cache"))
 
     def failing_build(compiler, flags, target):
         raise OSError("test: the compiler failed")
 
-    monkeypatch.setattr(_fused, "_build", failing_build)
+    monkeypatch.setattr(cpu, "_build", failing_build)
 
 
 def test_fallback_warns_once_and_runs_foreach(no_kernel):
@@ -331,45 +334,45 @@ def test_fallback_warns_once_and_runs_foreach(no_kernel):
         warnings.simplefilter("always")
         fused = run(torch.float32, FUSED, steps=5, amsgrad=True, weight_decay=0.1)
         run(torch.float32, FUSED, steps=5)  # a second optimizer: no second warning
-    fallback = [w for w in caught if issubclass(w.category, _fused.FusedFallbackWarning)]
+    fallback = [w for w in caught if issubclass(w.category, dispatch.FusedFallbackWarning)]
     assert len(fallback) == 1, [str(w.message) for w in caught]
     assert "test: the compiler failed" in str(fallback[0].message)
-    assert _fused.cpu_kernel() is None
+    assert cpu.kernel() is None
     foreach = run(torch.float32, {"foreach": True}, steps=5, amsgrad=True, weight_decay=0.1)
     assert_same_run(*fused, *foreach, tol=0.0)
 
 
 def test_fallback_when_no_compiler_warns_at_construction(no_kernel, monkeypatch):
-    monkeypatch.setattr(_fused, "_compiler", lambda: None)
-    with pytest.warns(_fused.FusedFallbackWarning, match="no C.. compiler"):
+    monkeypatch.setattr(cpu, "compiler", lambda: None)
+    with pytest.warns(dispatch.FusedFallbackWarning, match="no C.. compiler"):
         AdaBelief(make_params(torch.float32), fused=True)
 
 
 def test_kernel_can_be_disabled_by_environment(no_kernel, monkeypatch):
     monkeypatch.setenv("ADABELIEF_DISABLE_FUSED", "1")
-    assert _fused.cpu_kernel() is None
-    assert "ADABELIEF_DISABLE_FUSED" in str(_fused._kernel_error)
+    assert cpu.kernel() is None
+    assert "ADABELIEF_DISABLE_FUSED" in str(cpu.kernel_error())
 
 
 @needs_kernel
 def test_rejected_flags_are_remembered_and_the_next_set_is_cached(monkeypatch, tmp_path):
     """A flag set the compiler rejects is noted on disk; a later process goes straight to the
     library built with the next set, without running the compiler."""
-    monkeypatch.setattr(_fused, "_FLAG_SETS", (("-fadabelief-no-such-flag",), ()))
+    monkeypatch.setattr(cpu, "_FLAG_SETS", (("-fadabelief-no-such-flag",), ()))
     monkeypatch.setenv("ADABELIEF_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(_fused, "_kernel", None)
-    monkeypatch.setattr(_fused, "_kernel_error", None)
-    kernel = _fused.cpu_kernel()
-    assert kernel is not None, _fused._kernel_error
+    monkeypatch.setattr(cpu, "_kernel", None)
+    monkeypatch.setattr(cpu, "_kernel_error", None)
+    kernel = cpu.kernel()
+    assert kernel is not None, cpu.kernel_error()
     assert len(list(tmp_path.glob("*.failed"))) == 1
     assert len(list(tmp_path.glob("*.so"))) == 1
 
     def no_compiler(*args, **kwargs):
         raise AssertionError("the compiler ran again")
 
-    monkeypatch.setattr(_fused.subprocess, "run", no_compiler)
-    monkeypatch.setattr(_fused, "_kernel", None)
-    assert _fused._load_kernel().path == kernel.path
+    monkeypatch.setattr(cpu.subprocess, "run", no_compiler)
+    monkeypatch.setattr(cpu, "_kernel", None)
+    assert cpu._load_kernel().path == kernel.path
 
 
 # --- GradScaler -------------------------------------------------------------------------------
@@ -383,14 +386,13 @@ BACKENDS = [
 
 @pytest.fixture
 def backend(request, monkeypatch):
+    """The constructor options of the fused path named by the parameter."""
     name = request.param
     if name == "fallback":
-        monkeypatch.setattr(_fused, "_kernel", None)
-        monkeypatch.setattr(_fused, "_kernel_error", "test: fallback")
-        monkeypatch.setattr(_fused, "_warned", True)
-    elif name == "compiled":
-        monkeypatch.setattr(_fused, "_CPU_BACKEND", "compiled")
-    return name
+        monkeypatch.setattr(cpu, "_kernel", None)
+        monkeypatch.setattr(cpu, "_kernel_error", "test: fallback")
+        monkeypatch.setattr(dispatch, "_warned", True)
+    return COMPILED if name == "compiled" else FUSED
 
 
 def snapshot(model, opt):
@@ -414,7 +416,7 @@ def test_grad_scaler_unscales_and_skips_inf_steps(backend, unscale_first):
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
     twin = copy.deepcopy(model)
-    opt = AdaBelief(model.parameters(), lr=0.01, fused=True)
+    opt = AdaBelief(model.parameters(), lr=0.01, **backend)
     reference = AdaBelief(twin.parameters(), lr=0.01, **SINGLE)
     assert opt._step_supports_amp_scaling
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
@@ -456,7 +458,7 @@ def test_found_inf_and_grad_scale_arguments(backend):
     subtracts found_inf from its step counts; GradScaler's flag is 0 or 1 per device)."""
     params = make_params(torch.float32)
     twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    opt = AdaBelief(params, fused=True, amsgrad=True)
+    opt = AdaBelief(params, amsgrad=True, **backend)
     reference = AdaBelief(twins, amsgrad=True, **SINGLE)
     set_grads(params, 0)
     set_grads(twins, 0)
@@ -499,10 +501,10 @@ def test_scheduled_lr_matches_single_tensor_without_builds(tensor_lr):
 
     lr = torch.tensor(0.02) if tensor_lr else 0.02
     single = run(torch.float32, SINGLE, steps=30, lr=copy.deepcopy(lr), lr_schedule=schedule)
-    builds = _fused.builds
+    builds = cpu.builds
     fused = run(torch.float32, FUSED, steps=30, lr=lr, lr_schedule=schedule)
     assert_same_run(*fused, *single, tol=TOL[torch.float32])
-    assert _fused.builds == builds
+    assert cpu.builds == builds
 
 
 @needs_kernel
@@ -559,8 +561,7 @@ def test_tensor_subclass_parameters_take_the_tensor_update():
 @pytest.fixture
 def compiled_backend(monkeypatch):
     if KERNEL is None:  # inductor's CPU backend needs the same C++ compiler
-        pytest.skip(f"no working C++ compiler: {_fused._kernel_error}")
-    monkeypatch.setattr(_fused, "_CPU_BACKEND", "compiled")
+        pytest.skip(f"no working C++ compiler: {cpu.kernel_error()}")
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
@@ -577,7 +578,7 @@ def test_compiled_path_schedule_does_not_recompile(compiled_backend, tensor_lr):
     lr = torch.tensor(0.02) if tensor_lr else 0.02
     single = run(torch.float32, SINGLE, steps=12, lr=copy.deepcopy(lr), lr_schedule=schedule)
     counters.clear()
-    fused = run(torch.float32, FUSED, steps=12, lr=lr, lr_schedule=schedule)
+    fused = run(torch.float32, COMPILED, steps=12, lr=lr, lr_schedule=schedule)
     # Parameter 1 skips every third step: two lists (with and without it), one graph each.
     assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
     assert_same_run(*fused, *single, tol=TOL[torch.float32])
@@ -607,10 +608,10 @@ def test_compiled_path_matches_single_tensor_on_16_bit_and_complex(compiled_back
         return params, opt
 
     for dtype in (torch.bfloat16, torch.complex64):
-        assert_same_run(*go(FUSED, dtype), *go(SINGLE, dtype), tol=TOL[dtype])
+        assert_same_run(*go(COMPILED, dtype), *go(SINGLE, dtype), tol=TOL[dtype])
 
 
-def test_tensor_group_update_eagerly_matches_single_tensor():
+def test_tensor_step_eagerly_matches_single_tensor():
     """The code the CUDA path compiles, run eagerly, with found_inf masking."""
     params = make_params(torch.float32)
     twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
@@ -627,15 +628,11 @@ def test_tensor_group_update_eagerly_matches_single_tensor():
             p.grad = torch.randn(p.shape, generator=gen)
             q.grad = p.grad.clone()
         with torch.no_grad():
-            _fused.tensor_group_update(
-                params,
-                [p.grad for p in params],
-                state["m"],
-                state["s"],
-                [],
-                state["step"],
+            tensor_math.tensor_step(
+                GroupTensors(
+                    params, [p.grad for p in params], state["m"], state["s"], [], state["step"]
+                ),
                 hp,
-                grad_scale=None,
                 found_inf=torch.tensor(float(k == 4)),
             )
         if k != 4:

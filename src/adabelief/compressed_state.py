@@ -103,29 +103,51 @@ def decode(stored: Tensor, scale: Tensor | None, key: str) -> Tensor:
     return values.reshape(-1)[: stored.numel()].view(stored.shape)
 
 
-def encode_(stored: Tensor, scale: Tensor | None, work: Tensor, key: str, step: int) -> None:
-    """Write the float32 ``work`` moment back into ``stored`` (and its ``scale``) in place,
-    rounding stochastically with a dither derived from the values and ``step``."""
-    if stored.dtype == torch.bfloat16:
-        stored.copy_(stochastic_round_to_bf16(work, step))
-        return
-    if scale is None:
-        stored.copy_(work)
-        return
+def moment_format(stored: Tensor, scale: Tensor | None) -> str:
+    """The format of one stored moment: ``"int8"`` with block scales, ``"bf16"`` for bfloat16
+    codes (the ``"fp32"`` format keeps float32 moments for 16-bit parameters), else ``"fp32"``."""
+    if scale is not None:
+        return "int8"
+    return "bf16" if stored.dtype == torch.bfloat16 else "fp32"
+
+
+def encode(work: Tensor, fmt: str, key: str, step: int | Tensor) -> tuple[Tensor, Tensor | None]:
+    """The stored form of the float32 moment ``work`` in format ``fmt``, out of place:
+    (values to copy into the stored tensor, new block scales or None). ``step`` (an int or an
+    integer 0-dim tensor) seeds the hashed dither of the stochastic rounding."""
+    if fmt == "bf16":
+        return stochastic_round_to_bf16(work, step), None
+    if fmt != "int8":
+        return work, None
     blocks = _padded_blocks(work.reshape(-1).float())
     if key == "exp_avg":
         magnitude, top = blocks.abs(), 127
     else:
-        magnitude, top = blocks.clamp(min=0).sqrt(), 255
+        # Correctly rounded float32 square roots (through float64), as the C++ kernel's
+        # std::sqrt: torch's float32 CPU sqrt is not always, and the codes depend on every bit.
+        magnitude, top = blocks.clamp(min=0).double().sqrt().float(), 255
         blocks = magnitude
     block_max = magnitude.amax(dim=1)
-    scale.copy_(block_max)
     inv = torch.where(block_max > 0, top / block_max, torch.zeros_like(block_max))
     scaled = blocks * inv.unsqueeze(1)
-    codes = (scaled + uniform_dither(scaled, step)).floor_().clamp_(-top if top == 127 else 0, top)
+    codes = (scaled + uniform_dither(scaled, step)).floor().clamp(-top if top == 127 else 0, top)
     if top == 255:
         codes = torch.where(scaled > 0, codes.clamp(min=1), codes)
-    stored.copy_(codes.reshape(-1)[: stored.numel()].view(stored.shape))
+    return codes.reshape(-1)[: work.numel()].view(work.shape), block_max
+
+
+def encode_(stored: Tensor, scale: Tensor | None, work: Tensor, key: str, step: int) -> None:
+    """Write the float32 ``work`` moment back into ``stored`` (and its ``scale``) in place,
+    rounding stochastically with a dither derived from the values and ``step``."""
+    values, new_scale = encode(work, moment_format(stored, scale), key, step)
+    stored.copy_(values)
+    if scale is not None and new_scale is not None:
+        scale.copy_(new_scale)
+
+
+def step_key(step: int | Tensor) -> int | Tensor:
+    """The dither's per-step key, ``step * 0x9E3779B9 mod 2**32`` (the golden-ratio increment)."""
+    return (step * 0x9E3779B9) & _MASK32
 
 
 def _mix32(x: Tensor) -> Tensor:
@@ -137,17 +159,17 @@ def _mix32(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
-def _value_hash(values: Tensor, step: int) -> Tensor:
+def _value_hash(values: Tensor, step: int | Tensor) -> Tensor:
     bits = values.float().contiguous().view(torch.int32).to(torch.int64) & _MASK32
-    return _mix32(bits ^ ((step * 0x9E3779B9) & _MASK32))
+    return _mix32(bits ^ step_key(step))
 
 
-def uniform_dither(values: Tensor, step: int) -> Tensor:
+def uniform_dither(values: Tensor, step: int | Tensor) -> Tensor:
     """Pseudo-random numbers in [0, 1), one per element, hashed from the values and ``step``."""
     return (_value_hash(values, step) & 0xFFFFFF).to(torch.float32) * (1.0 / 2**24)
 
 
-def stochastic_round_to_bf16(values: Tensor, step: int) -> Tensor:
+def stochastic_round_to_bf16(values: Tensor, step: int | Tensor) -> Tensor:
     """Round float32 ``values`` to bfloat16, up or down with probability proportional to the
     distance, using a dither hashed from each value's bits and ``step`` (deterministic)."""
     bits = values.float().contiguous().view(torch.int32).to(torch.int64) & _MASK32

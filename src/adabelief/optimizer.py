@@ -1,8 +1,9 @@
-"""``adabelief.AdaBelief``: the optimizer class (validation, groups, state, dispatch).
+"""``adabelief.AdaBelief``: the optimizer class (validation, groups, state).
 
-The arithmetic lives beside it: :mod:`adabelief.scalars` (per-step scalars, shared by all
-paths), :mod:`adabelief._single_tensor`, :mod:`adabelief._foreach` and :mod:`adabelief._fused`
-(the kernels), and :mod:`adabelief.checkpoint` (loading other layouts).
+Each step hands every group's tensors to :func:`adabelief.kernels.dispatch.run`, which picks
+the path (fused CPU, compiled, tensor math, foreach, single-tensor) and calls it once. The
+per-step scalars are :mod:`adabelief.scalars`; loading other layouts is
+:mod:`adabelief.checkpoint`; the storage of the moments is :mod:`adabelief.compressed_state`.
 """
 
 from __future__ import annotations
@@ -15,11 +16,10 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT, _use_grad_for_differentiable
 
-from adabelief import _fused, compressed_state
-from adabelief._foreach import foreach_step
-from adabelief._hyper import Hyperparameters
-from adabelief._single_tensor import single_tensor_step
+from adabelief import compressed_state
 from adabelief.checkpoint import migrate_state_dict, restore_moment_dtypes
+from adabelief.kernels import GroupTensors, MomentScales, cpu, dispatch
+from adabelief.kernels.dispatch import adabelief
 
 __all__ = ["AdaBelief", "adabelief"]
 
@@ -154,7 +154,9 @@ class AdaBelief(Optimizer):
         if fused and differentiable:
             raise ValueError(f"fused={fused} does not support differentiable={differentiable}")
         if fused:
-            _fused.check_available()
+            reason = cpu.kernel_error()
+            if reason is not None:
+                dispatch.warn_fallback(reason)
         defaults = dict(
             OPTION_DEFAULTS,
             lr=lr,
@@ -194,20 +196,14 @@ class AdaBelief(Optimizer):
             compressed_state.check_state_precision(param_group["state_precision"])
         super().add_param_group(param_group)
 
-    def _init_group(
-        self,
-        group: dict[str, Any],
-        params: list[Tensor],
-        grads: list[Tensor],
-        exp_avgs: list[Tensor],
-        exp_avg_vars: list[Tensor],
-        max_exp_avg_vars: list[Tensor],
-        state_steps: list[Tensor],
-    ) -> list[Tensor]:
-        """Collect the group's parameters that have a gradient and their state (created on
-        first use) into the lists; return, instead, those whose moments are stored compressed."""
+    def _init_group(self, group: dict[str, Any], tensors: GroupTensors) -> bool:
+        """Append the group's parameters that have a gradient, with their state (created on
+        first use, converted when ``state_precision`` changed), to the lists of ``tensors``;
+        return whether any moment is int8 (then ``tensors.scales`` holds the block scales).
+
+        torch's convention (``torch.compile`` runs this method eagerly, not traced)."""
         on_device_step = group["capturable"] or bool(group["fused"])
-        compressed: list[Tensor] = []
+        scales = cast(list[MomentScales], tensors.scales)
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -233,17 +229,21 @@ class AdaBelief(Optimizer):
                 raise ValueError(
                     "`requires_grad` is not supported for `step` in differentiable mode"
                 )
-            if fmt != "fp32":
-                compressed.append(p)
-                continue
-            params.append(p)
-            grads.append(p.grad)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_vars.append(state["exp_avg_var"])
+            tensors.params.append(p)
+            tensors.grads.append(p.grad)
+            tensors.exp_avgs.append(state["exp_avg"])
+            tensors.exp_avg_vars.append(state["exp_avg_var"])
             if group["amsgrad"]:
-                max_exp_avg_vars.append(state["max_exp_avg_var"])
-            state_steps.append(state["step"])
-        return compressed
+                tensors.max_exp_avg_vars.append(state["max_exp_avg_var"])
+            tensors.state_steps.append(state["step"])
+            scales.append(
+                (
+                    state.get("exp_avg_scale"),
+                    state.get("exp_avg_var_scale"),
+                    state.get("max_exp_avg_var_scale") if group["amsgrad"] else None,
+                )
+            )
+        return any(scale is not None for entry in scales for scale in entry)
 
     @_use_grad_for_differentiable
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -253,48 +253,13 @@ class AdaBelief(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
         for group in self.param_groups:
-            params: list[Tensor] = []
-            grads: list[Tensor] = []
-            exp_avgs: list[Tensor] = []
-            exp_avg_vars: list[Tensor] = []
-            max_exp_avg_vars: list[Tensor] = []
-            state_steps: list[Tensor] = []
-            compressed = self._init_group(
-                group, params, grads, exp_avgs, exp_avg_vars, max_exp_avg_vars, state_steps
-            )
-            grad_scale = getattr(self, "grad_scale", None)
-            found_inf = getattr(self, "found_inf", None)
-            if params:
-                adabelief(
-                    params,
-                    grads,
-                    exp_avgs,
-                    exp_avg_vars,
-                    max_exp_avg_vars,
-                    state_steps,
-                    group=group,
-                    grad_scale=grad_scale,
-                    found_inf=found_inf,
-                )
-            # Compressed moments: one parameter at a time, so that the float32 work copies never
-            # exceed one tensor's size.
-            for p in compressed:
-                state = self.state[p]
-                work = compressed_state.decode_moments(state)
-                adabelief(
-                    [p],
-                    [cast(Tensor, p.grad)],
-                    [work["exp_avg"]],
-                    [work["exp_avg_var"]],
-                    [work["max_exp_avg_var"]] if group["amsgrad"] else [],
-                    [state["step"]],
-                    group=group,
-                    grad_scale=grad_scale,
-                    found_inf=found_inf,
-                )
-                if found_inf is None or not bool(found_inf.item()):
-                    compressed_state.encode_moments_(state, work, int(state["step"].item()))
+            tensors = GroupTensors([], [], [], [], [], [], [])
+            if not self._init_group(group, tensors):
+                tensors = tensors._replace(scales=())
+            dispatch.run(tensors, group, grad_scale=grad_scale, found_inf=found_inf)
         return loss
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -312,67 +277,3 @@ def _step_dtype(on_device: bool) -> torch.dtype:
     if on_device:
         return torch.float32
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-
-
-def _default_paths(params: list[Tensor], group: Mapping[str, Any]) -> tuple[bool, bool]:
-    """(fused, foreach) for a group that set neither: the fastest path that is correct here."""
-    if group["differentiable"] or torch.jit.is_scripting():
-        return False, False
-    if _fused.is_default_for(params, group):
-        return True, False
-    foreach = all(type(p) is Tensor or isinstance(p, torch.nn.Parameter) for p in params) and all(
-        p.device.type == "cuda" for p in params
-    )
-    return False, foreach
-
-
-def adabelief(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_vars: list[Tensor],
-    max_exp_avg_vars: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    group: Mapping[str, Any],
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-) -> None:
-    """Functional AdaBelief step over lists of tensors with the options of ``group``; picks the
-    fused, foreach or single-tensor kernel as the group asks (or by default)."""
-    fused, foreach = group["fused"], group["foreach"]
-    if fused is None and foreach is None:
-        fused, foreach = _default_paths(params, group)
-    elif fused is None:
-        fused = False
-    tensor_math = bool(group["capturable"] or group["differentiable"] or _is_compiling())
-    lr = group["lr"]
-    if isinstance(lr, Tensor) and not tensor_math and not fused:
-        lr = lr.item()
-    hp = Hyperparameters.from_group(cast(dict, group), lr)
-    if fused:
-        _fused.fused_step(
-            params,
-            grads,
-            exp_avgs,
-            exp_avg_vars,
-            max_exp_avg_vars,
-            state_steps,
-            hp,
-            grad_scale=grad_scale,
-            found_inf=found_inf,
-        )
-        return
-    if grad_scale is not None or found_inf is not None:
-        raise ValueError("grad_scale/found_inf are only supported by the fused path (fused=True)")
-    kernel = foreach_step if foreach else single_tensor_step
-    kernel(
-        params,
-        grads,
-        exp_avgs,
-        exp_avg_vars,
-        max_exp_avg_vars,
-        state_steps,
-        hp,
-        tensor_math=tensor_math,
-    )

@@ -1,5 +1,6 @@
-"""The multi-tensor kernel: the same update as :mod:`adabelief._single_tensor`, written with
-``torch._foreach_*`` over the tensors of one device and dtype, operation for operation."""
+"""The multi-tensor (foreach) path: the update of :mod:`adabelief.kernels.single_tensor`,
+operation for operation, with ``torch._foreach_*`` over the tensors of one device and dtype,
+with Python-float scalars and float32 moments."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 from torch import Tensor
 
 from adabelief._hyper import LOW_PRECISION_DTYPES, Hyperparameters
-from adabelief._single_tensor import single_tensor_step
+from adabelief.kernels.lists import GroupTensors
 from adabelief.scalars import StepScalars, step_scalars
 
 
@@ -25,42 +26,18 @@ def _real(tensors: list[Tensor]) -> list[Tensor]:
     return [torch.view_as_real(t) if torch.is_complex(t) else t for t in tensors]
 
 
-def foreach_step(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_vars: list[Tensor],
-    max_exp_avg_vars: list[Tensor],
-    state_steps: list[Tensor],
-    hp: Hyperparameters,
-    *,
-    tensor_math: bool,
-) -> None:
-    """Update all parameters and their state in place, one foreach launch per operation.
-
-    With ``tensor_math`` (capturable, torch.compile) the scalars must stay on the device; that
-    case runs the single-tensor kernel, which the compiler fuses anyway.
-    """
-    if tensor_math:
-        single_tensor_step(
-            params,
-            grads,
-            exp_avgs,
-            exp_avg_vars,
-            max_exp_avg_vars,
-            state_steps,
-            hp,
-            tensor_math=True,
-        )
-        return
-    for (_, dtype), index in group_by_device_and_dtype(params).items():
+def foreach_step(tensors: GroupTensors, hp: Hyperparameters) -> None:
+    """Update all parameters and their float32 moments in place, one foreach launch per
+    operation and (device, dtype); ``hp.lr`` is a float."""
+    for (_, dtype), index in group_by_device_and_dtype(tensors.params).items():
+        part = tensors.select(index)
         _foreach_group(
-            _real([params[i] for i in index]),
-            _real([grads[i] for i in index]),
-            _real([exp_avgs[i] for i in index]),
-            _real([exp_avg_vars[i] for i in index]),
-            _real([max_exp_avg_vars[i] for i in index]) if hp.amsgrad else [],
-            [state_steps[i] for i in index],
+            _real(part.params),
+            _real(part.grads),
+            _real(part.exp_avgs),
+            _real(part.exp_avg_vars),
+            _real(part.max_exp_avg_vars),
+            part.state_steps,
             hp,
             low_precision=dtype in LOW_PRECISION_DTYPES,
         )

@@ -1,13 +1,14 @@
 """Step benchmark: time, bandwidth and memory of one optimizer step, ours against the others.
 
-``adabelief bench ...``, ``python benchmarks/step.py ...`` and ``python -m adabelief.benchmark``
-run :func:`main`. In one process, over the same parameters and gradients, it times:
+``adabelief bench ...``, ``python benchmarks/step.py ...`` and
+``python -m adabelief.experiments.bench`` run :func:`main`. In one process, over the same parameters and gradients, it times:
 
 * ``torch.optim.Adam`` (for-loop, foreach, fused): the speed to match;
 * the other AdaBelief packages where importable: ``adabelief-pytorch`` (the official one, its
   prints suppressed), ``pytorch_optimizer.AdaBelief``, ``torch_optimizer.AdaBelief``;
 * every path of ours: single-tensor, foreach, fused, and the default (``fused=None,
-  foreach=None``, with the path it chose).
+  foreach=None``, with the path it chose), and the default with the compressed moments
+  (``state_precision="bf16"`` and ``"int8"``).
 
 What each column means:
 
@@ -21,6 +22,7 @@ What each column means:
 * ``x fused Adam``: median time over that of ``torch.optim.Adam(fused=True)``.
 * ``first ms``: the first ``step()`` of the optimizer in this process (state allocation, and
   for our fused path loading or compiling its kernel if nothing loaded it before).
+* ``state B/p``: bytes of optimizer state per parameter (step counts aside), as allocated.
 * ``peak MiB``: the peak of the bytes torch's CPU allocator handed out during one step, beyond
   what existed before it (``torch.profiler`` with ``profile_memory=True``, the maximum of its
   "Total Allocated" counter): the temporaries of the step. Memory allocated outside torch (our
@@ -158,6 +160,8 @@ SWEEP_CANDIDATES = (
     "ours-foreach",
     "ours-fused",
     "ours-default",
+    "ours-bf16",
+    "ours-int8",
 )
 
 
@@ -211,21 +215,6 @@ class _Copy:
         self.dst.copy_(self.src)
 
 
-def _ours_compiled(params: list[Tensor]) -> torch.optim.Optimizer:
-    """Our fused optimizer with the torch.compile path (the CUDA path) forced on CPU."""
-    from adabelief import AdaBelief, _fused
-
-    class CompiledPath(AdaBelief):
-        def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-            backend, _fused._CPU_BACKEND = _fused._CPU_BACKEND, "compiled"
-            try:
-                return super().step(closure)
-            finally:
-                _fused._CPU_BACKEND = backend
-
-    return CompiledPath(params, fused=True)
-
-
 def all_candidates(with_compiled: bool) -> tuple[list[Candidate], list[str]]:
     """The optimizers to time, and a note for each optional one that cannot be imported."""
 
@@ -260,9 +249,16 @@ def all_candidates(with_compiled: bool) -> tuple[list[Candidate], list[str]]:
         Candidate("ours-foreach", "ours: foreach", _ours(foreach=True, fused=False)),
         Candidate("ours-fused", "ours: fused", _ours(fused=True)),
         Candidate("ours-default", "ours: default", _ours()),
+        Candidate("ours-bf16", "ours: default, bf16 state", _ours(state_precision="bf16")),
+        Candidate("ours-int8", "ours: default, int8 state", _ours(state_precision="int8")),
     ]
     if with_compiled:
-        found.append(Candidate("ours-compiled", "ours: compiled (CUDA path)", _ours_compiled))
+        # fused=True with capturable=True: the compiled tensor-math path (CUDA's) on CPU.
+        found.append(
+            Candidate(
+                "ours-compiled", "ours: compiled (CUDA path)", _ours(fused=True, capturable=True)
+            )
+        )
     return found, notes
 
 
@@ -281,6 +277,7 @@ class Result:
     vs_adam_fused_min: float | None
     first_step_ms: float
     peak_extra_bytes: int | None
+    state_bytes_per_param: float | None = None
     note: str = ""
 
 
@@ -373,11 +370,24 @@ def step_peak_bytes(optimizer: Any) -> int | None:
 
 
 def _default_choice(optimizer: Any) -> str:
-    from adabelief.optimizer import _default_paths
+    from adabelief.kernels.dispatch import choose_path
 
     group = optimizer.param_groups[0]
-    fused, foreach = _default_paths(list(group["params"]), group)
-    return "fused" if fused else ("foreach" if foreach else "single-tensor")
+    return choose_path(list(group["params"]), group)
+
+
+def state_bytes_per_param(optimizer: Any, numel: int) -> float | None:
+    """Bytes of the optimizer's per-parameter state tensors (0-dim step counts aside) per
+    parameter; None for what is not an optimizer."""
+    state = getattr(optimizer, "state", None)
+    if not isinstance(state, dict) or not numel:
+        return None
+    total = 0
+    for entry in state.values():
+        for value in entry.values():
+            if isinstance(value, Tensor) and value.dim() > 0:
+                total += value.numel() * value.element_size()
+    return total / numel
 
 
 def bench_set(
@@ -410,6 +420,7 @@ def bench_set(
     )
     times: dict[str, list[float]] = {c.key: [] for c in candidates}
     first: dict[str, float] = {}
+    state_bytes: dict[str, float | None] = {}
     peaks: dict[str, int | None] = {}
     notes: dict[str, str] = {}
 
@@ -420,7 +431,8 @@ def bench_set(
         first[c.key] = (time.perf_counter() - begin) * 1e3
         for _ in range(warmup):
             optimizer.step()
-        if c.key == "ours-default":
+        state_bytes[c.key] = state_bytes_per_param(optimizer, pset.numel)
+        if c.key in ("ours-default", "ours-bf16", "ours-int8"):
             notes[c.key] = f"-> {_default_choice(optimizer)}"
         return optimizer
 
@@ -475,6 +487,7 @@ def bench_set(
                 vs_adam_fused_min=min(times[c.key]) * 1e3 / adam_min_ms if adam_min_ms else None,
                 first_step_ms=first[c.key],
                 peak_extra_bytes=peaks.get(c.key),
+                state_bytes_per_param=state_bytes.get(c.key),
                 note=notes.get(c.key, ""),
             )
         )
@@ -488,16 +501,18 @@ def format_set(report: SetReport) -> str:
         f"({report.description}; {report.mode}, {report.rounds}x{report.steps_per_round} "
         "timed steps)",
         f"{'optimizer':34} {'ms/step':>8} {'min':>8} {'GB/s':>6} {'%copy':>6} "
-        f"{'x Adam-fused':>12} {'(min)':>6} {'first ms':>9} {'peak MiB':>9}  note",
+        f"{'x Adam-fused':>12} {'(min)':>6} {'first ms':>9} {'state B/p':>9} {'peak MiB':>9}  "
+        "note",
     ]
     for r in report.results:
         ratio = f"{r.vs_adam_fused:.2f}" if r.vs_adam_fused is not None else "-"
         ratio_min = f"{r.vs_adam_fused_min:.2f}" if r.vs_adam_fused_min is not None else "-"
         peak = f"{r.peak_extra_bytes / 2**20:.1f}" if r.peak_extra_bytes is not None else "-"
+        state = f"{r.state_bytes_per_param:.2f}" if r.state_bytes_per_param is not None else "-"
         lines.append(
             f"{r.label:34} {r.median_ms:8.2f} {r.min_ms:8.2f} {r.gbs:6.1f} "
             f"{100 * r.copy_fraction:5.0f}% {ratio:>12} {ratio_min:>6} {r.first_step_ms:9.1f} "
-            f"{peak:>9}  {r.note}"
+            f"{state:>9} {peak:>9}  {r.note}"
         )
     return "\n".join(lines)
 
@@ -527,7 +542,7 @@ def machine_info() -> dict[str, Any]:
 def _probe(which: str, set_name: str) -> None:
     """Subprocess side: time construction and the first two steps; print JSON."""
     import adabelief
-    from adabelief import _fused
+    from adabelief.kernels import cpu
 
     params = make_params(PARAM_SETS[set_name])
     imported = time.perf_counter()
@@ -546,7 +561,7 @@ def _probe(which: str, set_name: str) -> None:
                 "construct_s": built - imported,
                 "first_step_s": first - built,
                 "second_step_s": second - first,
-                "kernel_builds": _fused.builds,
+                "kernel_builds": cpu.builds,
             }
         )
     )
@@ -561,7 +576,14 @@ def first_step_latency(set_name: str, log: Callable[[str], None]) -> dict[str, A
         runs.append(("torch Adam (fused)", "adam-fused"))
         for label, which in runs:
             env = dict(os.environ, ADABELIEF_CACHE_DIR=cache)
-            command = [sys.executable, "-m", "adabelief.benchmark", "--probe", which, set_name]
+            command = [
+                sys.executable,
+                "-m",
+                "adabelief.experiments.bench",
+                "--probe",
+                which,
+                set_name,
+            ]
             done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
             if done.returncode != 0:
                 out[label] = {"error": done.stderr.strip()[-500:]}
@@ -587,6 +609,45 @@ def format_latency(latency: dict[str, Any], set_name: str) -> str:
     return "\n".join(lines)
 
 
+def _count(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _check_json_path(parser: argparse.ArgumentParser, path: str) -> None:
+    """Refuse, before anything is timed, a ``--json`` path that cannot be written."""
+    target = os.path.abspath(path)
+    folder = os.path.dirname(target)
+    if os.path.isdir(target):
+        parser.error(f"--json {path}: is a directory")
+    if not os.path.isdir(folder):
+        parser.error(f"--json {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK) or (
+        os.path.exists(target) and not os.access(target, os.W_OK)
+    ):
+        parser.error(f"--json {path}: not writable")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="adabelief bench",
@@ -600,13 +661,17 @@ def _parser() -> argparse.ArgumentParser:
         help=f"parameter sets (default: {' '.join(DEFAULT_SETS)}; --quick: {' '.join(QUICK_SETS)})",
     )
     parser.add_argument(
-        "--rounds", type=int, help="interleaved rounds (default 6; quick or 50M+ parameters: 3)"
+        "--rounds",
+        type=_count(1),
+        help="interleaved rounds (default 6; quick or 50M+ parameters: 3)",
     )
     parser.add_argument(
-        "--steps", type=int, help="timed steps per round (default 5; quick 3; 50M+ parameters: 2)"
+        "--steps",
+        type=_count(1),
+        help="timed steps per round (default 5; quick 3; 50M+ parameters: 2)",
     )
     parser.add_argument(
-        "--warmup", type=int, help="untimed steps after the first (default 3; 50M+: 1)"
+        "--warmup", type=_count(0), help="untimed steps after the first (default 3; 50M+: 1)"
     )
     parser.add_argument("--quick", action="store_true", help="fewer sets and steps (~30 s)")
     parser.add_argument(
@@ -619,14 +684,16 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also time our torch.compile path (the CUDA path) on CPU; compiles for minutes",
     )
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument(
+        "--threads", type=_count(1), help="torch.set_num_threads (default: torch's)"
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the profiled memory step")
     parser.add_argument(
         "--no-latency", action="store_true", help="skip the fresh-process first-step latency"
     )
     parser.add_argument(
         "--interleave-budget-gib",
-        type=float,
+        type=_positive_float,
         default=12.0,
         help="interleave the optimizers of a set when all their states fit in this and in 60%% "
         "of the available memory (default 12 GiB); else time them one after the other",
@@ -637,8 +704,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark; returns the exit status (0)."""
-    args = _parser().parse_args(argv)
+    """Run the benchmark; returns the exit status (0, or 2 when the results cannot be written)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.json:
+        _check_json_path(parser, args.json)
     if args.probe:
         _probe(args.probe[0], args.probe[1])
         return 0
@@ -692,8 +762,9 @@ def main(argv: list[str] | None = None) -> int:
         latency = first_step_latency(HEADLINE, log)
         print(format_latency(latency, HEADLINE))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(
+        try:
+            _write_json(
+                args.json,
                 {
                     "argv": sys.argv if argv is None else argv,
                     "machine": machine,
@@ -703,10 +774,19 @@ def main(argv: list[str] | None = None) -> int:
                     "sets": [asdict(r) for r in reports],
                     "first_step_latency": latency,
                 },
-                f,
-                indent=2,
             )
+        except OSError as error:
+            print(f"adabelief bench: cannot write --json {args.json}: {error}", file=sys.stderr)
+            return 2
     return 0
+
+
+def _write_json(path: str, results: dict[str, Any]) -> None:
+    """Write ``results`` to ``path`` atomically (a finished benchmark is never half-written)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    with tempfile.NamedTemporaryFile("w", dir=folder, delete=False, suffix=".tmp") as f:
+        json.dump(results, f, indent=2)
+    os.replace(f.name, path)
 
 
 if __name__ == "__main__":

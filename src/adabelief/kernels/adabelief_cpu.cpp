@@ -1,0 +1,480 @@
+// The fused AdaBelief step on the CPU: one parallel pass that reads and writes every element of
+// a parameter, its gradient and its moments once, with no parameter-sized temporaries.
+//
+// The update is documented once, in docs/algorithm.md; adabelief/kernels/cpu.py builds this file
+// (the file's bytes are the build-cache key) and calls adabelief_update through ctypes.
+//
+// The ABI is defined in one place, adabelief/kernels/cpu.py (CPU_ABI), which passes it here as
+// macros: ADABELIEF_ABI_VERSION, the parameter dtype codes ADABELIEF_DTYPE_*, the state formats
+// ADABELIEF_STATE_*, the step kinds ADABELIEF_KIND_* and the int8 block size.
+//
+// Arithmetic: operation for operation the reference (torch's vectorised CPU kernels):
+// add(alpha=a) is fma(b, a, x), addcmul(value=v) is fma(v*b, c, x), addcdiv(value=v) is
+// x + (v*b)/c; nothing else is contracted (-ffp-contract=off). std::sqrt is correctly rounded;
+// torch's CPU sqrt is not always, so results differ from the single-tensor path by an ulp now and
+// then. 16-bit parameters are widened to float32 and rounded back to nearest even, as copy_ does.
+//
+// Compressed moments (adabelief/compressed_state.py is the reference) are decoded, updated and
+// encoded in registers (int8: in a 256-element block buffer on the stack), with the same hashed
+// dither as the reference, so a resumed run is bit-identical and needs no RNG state.
+
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if !defined(ADABELIEF_ABI_VERSION) || !defined(ADABELIEF_DTYPE_FLOAT32) ||   \
+    !defined(ADABELIEF_DTYPE_FLOAT64) || !defined(ADABELIEF_DTYPE_BFLOAT16) || \
+    !defined(ADABELIEF_DTYPE_FLOAT16) || !defined(ADABELIEF_STATE_FP32) ||     \
+    !defined(ADABELIEF_STATE_BF16) || !defined(ADABELIEF_STATE_INT8) ||        \
+    !defined(ADABELIEF_KIND_ADAPTIVE) || !defined(ADABELIEF_KIND_MOMENTUM) ||  \
+    !defined(ADABELIEF_KIND_NO_STEP) || !defined(ADABELIEF_INT8_BLOCK)
+#error "build through adabelief/kernels/cpu.py, which defines the ABI macros"
+#endif
+
+namespace {
+
+constexpr int kAdaptive = ADABELIEF_KIND_ADAPTIVE;
+constexpr int kMomentum = ADABELIEF_KIND_MOMENTUM;
+constexpr int kNoStep = ADABELIEF_KIND_NO_STEP;
+constexpr int64_t kBlock = ADABELIEF_INT8_BLOCK;
+
+struct BF16 { uint16_t bits; };
+struct F16 { uint16_t bits; };
+
+inline float from_bits(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline uint32_t to_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+
+// ---- parameter and gradient elements --------------------------------------------------------
+
+inline float load(const float* x, int64_t i) { return x[i]; }
+inline double load(const double* x, int64_t i) { return x[i]; }
+inline float load(const BF16* x, int64_t i) { return from_bits(uint32_t(x[i].bits) << 16); }
+inline float load(const F16* x, int64_t i) {
+  const uint32_t h = x[i].bits;
+  const uint32_t sign = (h & 0x8000u) << 16;
+  const uint32_t exponent = (h >> 10) & 0x1fu;
+  const uint32_t mantissa = h & 0x3ffu;
+  if (exponent == 0) {  // zero or subnormal: mantissa * 2^-24, exact in float
+    const float magnitude = float(mantissa) * 5.9604644775390625e-08f;
+    return sign ? -magnitude : magnitude;
+  }
+  if (exponent == 31) return from_bits(sign | 0x7f800000u | (mantissa << 13));
+  return from_bits(sign | ((exponent + 112u) << 23) | (mantissa << 13));
+}
+
+// Round to nearest even; NaN becomes the canonical quiet NaN, as in c10::BFloat16.
+inline uint16_t bf16_nearest(float v) {
+  const uint32_t u = to_bits(v);
+  return std::isnan(v) ? uint16_t(0x7fc0u) : uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+inline void store(float* x, int64_t i, float v) { x[i] = v; }
+inline void store(double* x, int64_t i, double v) { x[i] = v; }
+inline void store(BF16* x, int64_t i, float v) { x[i].bits = bf16_nearest(v); }
+inline void store(F16* x, int64_t i, float v) {
+  const uint32_t u = to_bits(v);
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  uint32_t a = u & 0x7fffffffu;
+  uint32_t h;
+  if (a > 0x7f800000u) {
+    h = 0x7e00u;  // NaN
+  } else if (a >= 0x477ff000u) {
+    h = 0x7c00u;  // at least 65520: rounds to infinity
+  } else if (a < 0x38800000u) {
+    // Below 2^-14: adding 0.5 rounds the magnitude (to nearest even) to a multiple of 2^-24, the
+    // subnormal step of a half, and leaves that multiple in the low mantissa bits.
+    h = to_bits(from_bits(a) + 0.5f) - 0x3f000000u;
+  } else {
+    a += 0xc8000fffu + ((a >> 13) & 1u);  // rebias the exponent, round to nearest even
+    h = a >> 13;
+  }
+  x[i].bits = uint16_t(sign | h);
+}
+
+// ---- the hashed dither of compressed_state.py ------------------------------------------------
+
+// MurmurHash3's 32-bit finalizer.
+inline uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x85ebca6bu;
+  x ^= x >> 13;
+  x *= 0xc2b2ae35u;
+  return x ^ (x >> 16);
+}
+
+// hash(value bits, step): step_key is (step * 0x9E3779B9) mod 2^32.
+inline uint32_t value_hash(float v, uint32_t step_key) { return mix32(to_bits(v) ^ step_key); }
+
+// Stochastic rounding of a float32 to bfloat16 (compressed_state.stochastic_round_to_bf16):
+// add a hashed 16-bit dither, truncate. A non-finite result (an infinite or NaN value, or one that
+// rounds past the largest bfloat16) takes the nearest-even rounding instead. Branch-free.
+inline uint16_t bf16_stochastic(float v, uint32_t step_key) {
+  const uint32_t u = to_bits(v);
+  const uint32_t rounded = (u + (value_hash(v, step_key) & 0xffffu)) & 0xffff0000u;
+  const bool finite = (rounded & 0x7f800000u) != 0x7f800000u;
+  const uint32_t nearest =
+      (u & 0x7fffffffu) > 0x7f800000u ? 0x7fc00000u : u + 0x7fffu + ((u >> 16) & 1u);
+  return uint16_t((finite ? rounded : nearest) >> 16);
+}
+
+// Uniform in [0, 1) from the hash (compressed_state.uniform_dither).
+inline float uniform_dither(float v, uint32_t step_key) {
+  return float(value_hash(v, step_key) & 0xffffffu) * (1.0f / 16777216.0f);
+}
+
+// ---- moment storage: what the update loop reads and writes per element -----------------------
+
+template <typename T>
+struct PlainMoment {  // float32 (or float64) moments, also the int8 block buffers
+  T* x;
+  T get(int64_t i) const { return x[i]; }
+  void set(int64_t i, T v) const { x[i] = v; }
+};
+
+struct BF16Moment {  // bfloat16 moments, written back with stochastic rounding
+  uint16_t* x;
+  uint32_t step_key;
+  float get(int64_t i) const { return from_bits(uint32_t(x[i]) << 16); }
+  void set(int64_t i, float v) const { x[i] = bf16_stochastic(v, step_key); }
+};
+
+template <typename P> struct Math { using T = float; };
+template <> struct Math<double> { using T = double; };
+
+struct Options {
+  double beta1, beta2, eps, decay, weight_decay, grad_scale, sign;
+};
+
+// The per-element update, written once for every storage format.
+template <typename P, typename M, bool L2, bool AMS, int KIND>
+void update_range(P* __restrict p, const P* __restrict g, M m, M s, M s_max, int64_t begin,
+                  int64_t end, const Options& o, double step_size, double sqrt_bc2) {
+  using T = typename Math<P>::T;
+  const T beta1 = T(o.beta1), one_minus_beta1 = T(1.0 - o.beta1);
+  const T beta2 = T(o.beta2), one_minus_beta2 = T(1.0 - o.beta2);
+  const T eps = T(o.eps), decay = T(o.decay), weight_decay = T(o.weight_decay);
+  const T scale = T(o.grad_scale), sign = T(o.sign);
+  const T neg_step = T(-step_size), bc2 = T(sqrt_bc2);
+  for (int64_t i = begin; i < end; ++i) {
+    T grad = load(g, i);
+    grad = grad / scale;  // exactly grad when there is no grad scale (scale 1)
+    grad = grad * sign;
+    T param = load(p, i);
+    if (L2) {
+      grad = std::fma(param, weight_decay, grad);
+    } else {
+      param = param * decay;  // exactly param when decay == 1
+    }
+    T avg = m.get(i) * beta1;
+    avg = std::fma(grad, one_minus_beta1, avg);
+    const T residual = grad - avg;
+    T var = s.get(i) * beta2;
+    var = std::fma(one_minus_beta2 * residual, residual, var);
+    var = var + eps;
+    T belief = var;
+    if (AMS) {
+      const T previous = s_max.get(i);
+      belief = (previous > var || previous != previous) ? previous : var;  // NaN wins
+      s_max.set(i, belief);
+    }
+    if (KIND == kAdaptive) {
+      const T denom = std::sqrt(belief) / bc2 + eps;
+      param = param + (neg_step * avg) / denom;
+    } else if (KIND == kMomentum) {
+      param = std::fma(avg, neg_step, param);
+    }
+    m.set(i, avg);
+    s.set(i, var);
+    store(p, i, param);
+  }
+}
+
+// ---- block-wise int8 (compressed_state.decode / encode_) -------------------------------------
+
+// exp_avg: signed codes, value = code * (absmax / 127).
+inline void decode_signed(const int8_t* codes, float absmax, int64_t n, float* out) {
+  const float step = absmax / 127.0f;
+  for (int64_t j = 0; j < n; ++j) out[j] = float(codes[j]) * step;
+}
+
+// exp_avg_var and its maximum: unsigned codes of the square root, value = (code * rootmax/255)^2.
+inline void decode_root(const uint8_t* codes, float rootmax, int64_t n, float* out) {
+  const float step = rootmax / 255.0f;
+  for (int64_t j = 0; j < n; ++j) {
+    const float root = float(codes[j]) * step;
+    out[j] = root * root;
+  }
+}
+
+// 1 / x * top, rounded twice, as torch evaluates ``top / tensor`` (reciprocal, then multiply).
+inline float inverse_scale(float block_max, float top) {
+  return block_max > 0.0f ? (1.0f / block_max) * top : 0.0f;
+}
+
+// The largest magnitude of a block, NaN if any value is NaN (as torch's amax). For non-negative
+// floats the order of the bit patterns is the order of the values, and NaN's patterns lie above
+// infinity's, so an integer maximum (which vectorises) gives both.
+inline float block_absmax(const float* values, int64_t n) {
+  uint32_t largest = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const uint32_t magnitude = to_bits(values[j]) & 0x7fffffffu;
+    largest = magnitude > largest ? magnitude : largest;
+  }
+  return from_bits(largest);
+}
+
+// floor(scaled + dither), the stochastic rounding of compressed_state.encode.
+inline float dithered_floor(float scaled, uint32_t step_key) {
+  return std::floor(scaled + uniform_dither(scaled, step_key));
+}
+
+inline void encode_signed(const float* values, int64_t n, uint32_t step_key, int8_t* codes,
+                          float* absmax) {
+  const float block_max = block_absmax(values, n);
+  *absmax = block_max;
+  const float inv = inverse_scale(block_max, 127.0f);
+  for (int64_t j = 0; j < n; ++j) {
+    float code = dithered_floor(values[j] * inv, step_key);
+    code = code < -127.0f ? -127.0f : code;
+    code = code > 127.0f ? 127.0f : code;
+    codes[j] = int8_t(code == code ? code : 0.0f);
+  }
+}
+
+// ``roots`` receives sqrt(max(v, 0)) (NaN stays NaN), correctly rounded as the reference's.
+inline void encode_root(const float* values, int64_t n, uint32_t step_key, uint8_t* codes,
+                        float* rootmax, float* roots) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float v = values[j];
+    roots[j] = std::sqrt(v > 0.0f || v != v ? v : 0.0f);
+  }
+  const float block_max = block_absmax(roots, n);
+  *rootmax = block_max;
+  const float inv = inverse_scale(block_max, 255.0f);
+  for (int64_t j = 0; j < n; ++j) {
+    const float scaled = roots[j] * inv;
+    float code = dithered_floor(scaled, step_key);
+    code = code < 0.0f ? 0.0f : code;
+    code = code > 255.0f ? 255.0f : code;
+    code = scaled > 0.0f && code < 1.0f ? 1.0f : code;  // a positive belief never becomes 0
+    codes[j] = uint8_t(code == code ? code : 0.0f);
+  }
+}
+
+// One tensor's pointers for one call.
+struct Operands {
+  void* p;
+  const void* g;
+  void* m;
+  void* s;
+  void* s_max;
+  float* m_scale;  // int8 only: one absmax per block
+  float* s_scale;
+  float* s_max_scale;
+  uint32_t step_key;
+};
+
+template <typename P, bool L2, bool AMS, int KIND>
+void update_int8(const Operands& t, int64_t begin, int64_t end, const Options& o,
+                 double step_size, double sqrt_bc2) {
+  float m[kBlock], s[kBlock], s_max[kBlock], roots[kBlock];
+  P* p = static_cast<P*>(t.p);
+  const P* g = static_cast<const P*>(t.g);
+  auto* m_codes = static_cast<int8_t*>(t.m);
+  auto* s_codes = static_cast<uint8_t*>(t.s);
+  auto* s_max_codes = static_cast<uint8_t*>(t.s_max);
+  for (int64_t b = begin; b < end; b += kBlock) {  // begin is a multiple of kBlock
+    const int64_t n = end - b < kBlock ? end - b : kBlock;
+    const int64_t block = b / kBlock;
+    decode_signed(m_codes + b, t.m_scale[block], n, m);
+    decode_root(s_codes + b, t.s_scale[block], n, s);
+    if (AMS) decode_root(s_max_codes + b, t.s_max_scale[block], n, s_max);
+    update_range<P, PlainMoment<float>, L2, AMS, KIND>(
+        p + b, g + b, PlainMoment<float>{m}, PlainMoment<float>{s}, PlainMoment<float>{s_max}, 0,
+        n, o, step_size, sqrt_bc2);
+    encode_signed(m, n, t.step_key, m_codes + b, t.m_scale + block);
+    encode_root(s, n, t.step_key, s_codes + b, t.s_scale + block, roots);
+    if (AMS) encode_root(s_max, n, t.step_key, s_max_codes + b, t.s_max_scale + block, roots);
+  }
+}
+
+using Fn = void (*)(const Operands&, int64_t, int64_t, const Options&, double, double);
+
+template <typename P, int FORMAT, bool L2, bool AMS, int KIND>
+void update_erased(const Operands& t, int64_t begin, int64_t end, const Options& o,
+                   double step_size, double sqrt_bc2) {
+  using T = typename Math<P>::T;
+  P* p = static_cast<P*>(t.p);
+  const P* g = static_cast<const P*>(t.g);
+  if constexpr (FORMAT == ADABELIEF_STATE_BF16) {
+    const uint32_t key = t.step_key;
+    update_range<P, BF16Moment, L2, AMS, KIND>(
+        p, g, BF16Moment{static_cast<uint16_t*>(t.m), key},
+        BF16Moment{static_cast<uint16_t*>(t.s), key},
+        BF16Moment{static_cast<uint16_t*>(t.s_max), key}, begin, end, o, step_size, sqrt_bc2);
+  } else if constexpr (FORMAT == ADABELIEF_STATE_INT8) {
+    update_int8<P, L2, AMS, KIND>(t, begin, end, o, step_size, sqrt_bc2);
+  } else {
+    update_range<P, PlainMoment<T>, L2, AMS, KIND>(
+        p, g, PlainMoment<T>{static_cast<T*>(t.m)}, PlainMoment<T>{static_cast<T*>(t.s)},
+        PlainMoment<T>{static_cast<T*>(t.s_max)}, begin, end, o, step_size, sqrt_bc2);
+  }
+}
+
+template <typename P, int FORMAT, bool L2, bool AMS>
+Fn pick_kind(int kind) {
+  switch (kind) {
+    case kAdaptive: return update_erased<P, FORMAT, L2, AMS, kAdaptive>;
+    case kMomentum: return update_erased<P, FORMAT, L2, AMS, kMomentum>;
+    default: return update_erased<P, FORMAT, L2, AMS, kNoStep>;
+  }
+}
+
+template <typename P, int FORMAT>
+Fn pick_flags(bool l2, bool ams, int kind) {
+  if (l2) return ams ? pick_kind<P, FORMAT, true, true>(kind) : pick_kind<P, FORMAT, true, false>(kind);
+  return ams ? pick_kind<P, FORMAT, false, true>(kind) : pick_kind<P, FORMAT, false, false>(kind);
+}
+
+template <typename P>
+Fn pick_format(int format, bool l2, bool ams, int kind) {
+  switch (format) {
+    case ADABELIEF_STATE_FP32: return pick_flags<P, ADABELIEF_STATE_FP32>(l2, ams, kind);
+    case ADABELIEF_STATE_BF16: return pick_flags<P, ADABELIEF_STATE_BF16>(l2, ams, kind);
+    case ADABELIEF_STATE_INT8: return pick_flags<P, ADABELIEF_STATE_INT8>(l2, ams, kind);
+    default: return nullptr;
+  }
+}
+
+Fn pick(int dtype, int format, bool l2, bool ams, int kind) {
+  switch (dtype) {
+    case ADABELIEF_DTYPE_FLOAT32: return pick_format<float>(format, l2, ams, kind);
+    case ADABELIEF_DTYPE_BFLOAT16: return pick_format<BF16>(format, l2, ams, kind);
+    case ADABELIEF_DTYPE_FLOAT16: return pick_format<F16>(format, l2, ams, kind);
+    case ADABELIEF_DTYPE_FLOAT64:  // float64 state is exact: no compressed formats
+      return format == ADABELIEF_STATE_FP32
+                 ? pick_flags<double, ADABELIEF_STATE_FP32>(l2, ams, kind)
+                 : nullptr;
+    default: return nullptr;
+  }
+}
+
+struct alignas(64) Cursor {  // the next chunk of a thread's block, on a cache line of its own
+  std::atomic<int64_t> next{0};
+  int64_t end = 0;
+};
+
+constexpr int64_t kChunk = 1 << 15;         // elements per work item (a multiple of kBlock)
+constexpr int64_t kMinPerThread = 1 << 16;  // elements per thread, at least
+static_assert(kChunk % kBlock == 0, "int8 blocks must not straddle chunks");
+
+}  // namespace
+
+extern "C" {
+
+int adabelief_abi_version() { return ADABELIEF_ABI_VERSION; }
+
+int adabelief_openmp() {
+#ifdef _OPENMP
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+// Adds 1 to each step counter (float32, or float64 when step_is_double) and writes the new values
+// to out.
+void adabelief_increment_steps(int64_t n, void* const* steps, int step_is_double, double* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (step_is_double) {
+      double* t = static_cast<double*>(steps[i]);
+      *t = *t + 1.0;
+      out[i] = *t;
+    } else {
+      float* t = static_cast<float*>(steps[i]);
+      *t = *t + 1.0f;
+      out[i] = *t;
+    }
+  }
+}
+
+// One step of n tensors of one parameter dtype and one state format.
+//   pointers[k * n + i]: operand k of tensor i, k = p, g, m, s, s_max, m_scale, s_scale,
+//     s_max_scale (the scales for the int8 format only; s_max and its scale with AMSGrad only);
+//   numel[i]: elements (complex tensors count their real and imaginary parts);
+//   step_size[i], sqrt_bc2[i], kind[i]: the step scalars; step_key[i]: the dither's step key;
+//   options: beta1, beta2, eps, decay factor, L2 coefficient, grad scale (1: none), sign.
+// Returns 0, or 1 for a dtype/format pair that has no kernel.
+int adabelief_update(int dtype, int format, int64_t n, void* const* pointers, const int64_t* numel,
+                     const double* step_size, const double* sqrt_bc2, const int8_t* kind,
+                     const uint32_t* step_key, const double* options, int l2, int amsgrad,
+                     int num_threads) {
+  if (pick(dtype, format, false, false, kAdaptive) == nullptr) return 1;
+  const Options o{options[0], options[1], options[2], options[3],
+                  options[4], options[5], options[6]};
+  std::vector<Operands> tensors(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    auto at = [&](int k) { return pointers[k * n + i]; };
+    tensors[size_t(i)] = Operands{at(0),
+                                  at(1),
+                                  at(2),
+                                  at(3),
+                                  at(4),
+                                  static_cast<float*>(at(5)),
+                                  static_cast<float*>(at(6)),
+                                  static_cast<float*>(at(7)),
+                                  step_key[i]};
+  }
+  std::vector<int64_t> work;  // (tensor, first element) of each chunk
+  int64_t total = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    total += numel[i];
+    for (int64_t b = 0; b < numel[i]; b += kChunk) {
+      work.push_back(i);
+      work.push_back(b);
+    }
+  }
+  const int64_t chunks = int64_t(work.size() / 2);
+  // A thread only where it gets enough elements to pay for waking it.
+  if (int64_t(num_threads) > total / kMinPerThread) num_threads = int(total / kMinPerThread);
+  if (num_threads < 1) num_threads = 1;
+  auto run = [&](int64_t c) {
+    const int64_t i = work[size_t(2 * c)], begin = work[size_t(2 * c + 1)];
+    const int64_t end = begin + kChunk < numel[i] ? begin + kChunk : numel[i];
+    const Fn fn = pick(dtype, format, l2 != 0, amsgrad != 0, kind[i]);
+    fn(tensors[size_t(i)], begin, end, o, step_size[i], sqrt_bc2[i]);
+  };
+  // Each thread streams through its own contiguous block of chunks, then takes the chunks
+  // left in the other blocks (a thread that the OS delays does not hold the others up).
+  std::vector<Cursor> cursors(static_cast<size_t>(num_threads));
+  for (int b = 0; b < num_threads; ++b) {
+    cursors[size_t(b)].next.store(chunks * b / num_threads, std::memory_order_relaxed);
+    cursors[size_t(b)].end = chunks * (b + 1) / num_threads;
+  }
+  auto work_from = [&](int me) {
+    for (int k = 0; k < num_threads; ++k) {
+      Cursor& cursor = cursors[size_t((me + k) % num_threads)];
+      for (;;) {
+        const int64_t c = cursor.next.fetch_add(1, std::memory_order_relaxed);
+        if (c >= cursor.end) break;
+        run(c);
+      }
+    }
+  };
+#ifdef _OPENMP
+  if (num_threads > 1) {
+#pragma omp parallel num_threads(num_threads)
+    work_from(omp_get_thread_num() % num_threads);
+    return 0;
+  }
+#endif
+  work_from(0);
+  return 0;
+}
+
+}  // extern "C"

@@ -1,0 +1,444 @@
+"""The fused CPU path: ``adabelief_cpu.cpp``, built once per machine, called through ctypes.
+
+The C++ source ships beside this module. It is compiled with the system C++ compiler and OpenMP
+into a shared library cached on disk (:func:`cache_dir`), keyed by the source file's bytes, the
+compiler, the flags (the ABI macros included) and the CPU; a later process loads it in about a
+millisecond. One call per (parameter dtype, state format) steps every tensor of a group: one
+parallel region over chunks of 32768 elements, each thread streaming through its own block of
+chunks, then helping with the others'. Hyperparameters are runtime arguments, so a learning rate
+or a step that changes never triggers a compilation. The per-step scalars come from
+:func:`adabelief.scalars.step_scalars` in Python floats, once per distinct step count.
+
+The ABI (version, dtype codes, state formats, step kinds) is :data:`CPU_ABI`, passed to the
+compiler as macros: this table is the one definition that both sides read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from array import array
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from adabelief import compressed_state
+from adabelief._hyper import Hyperparameters
+from adabelief.kernels.lists import GroupTensors
+from adabelief.scalars import StepScalars, step_scalars
+
+__all__ = [
+    "CPU_ABI",
+    "CPU_DTYPES",
+    "build_command",
+    "cache_dir",
+    "cpu_step",
+    "kernel",
+    "kernel_error",
+    "source",
+    "supports",
+]
+
+#: The kernel's ABI, passed to the compiler as ``-D`` macros (see adabelief_cpu.cpp).
+CPU_ABI: dict[str, int] = {
+    "ADABELIEF_ABI_VERSION": 3,
+    "ADABELIEF_DTYPE_FLOAT32": 0,
+    "ADABELIEF_DTYPE_FLOAT64": 1,
+    "ADABELIEF_DTYPE_BFLOAT16": 2,
+    "ADABELIEF_DTYPE_FLOAT16": 3,
+    "ADABELIEF_STATE_FP32": 0,
+    "ADABELIEF_STATE_BF16": 1,
+    "ADABELIEF_STATE_INT8": 2,
+    "ADABELIEF_KIND_ADAPTIVE": 0,
+    "ADABELIEF_KIND_MOMENTUM": 1,
+    "ADABELIEF_KIND_NO_STEP": 2,
+    "ADABELIEF_INT8_BLOCK": compressed_state.BLOCK_SIZE,
+}
+
+#: Parameter dtype -> (kernel dtype code, float32 elements per parameter element).
+CPU_DTYPES: dict[torch.dtype, tuple[int, int]] = {
+    torch.float32: (CPU_ABI["ADABELIEF_DTYPE_FLOAT32"], 1),
+    torch.float64: (CPU_ABI["ADABELIEF_DTYPE_FLOAT64"], 1),
+    torch.bfloat16: (CPU_ABI["ADABELIEF_DTYPE_BFLOAT16"], 1),
+    torch.float16: (CPU_ABI["ADABELIEF_DTYPE_FLOAT16"], 1),
+    torch.complex64: (CPU_ABI["ADABELIEF_DTYPE_FLOAT32"], 2),
+    torch.complex128: (CPU_ABI["ADABELIEF_DTYPE_FLOAT64"], 2),
+}
+_STATE_CODES = {
+    "fp32": CPU_ABI["ADABELIEF_STATE_FP32"],
+    "bf16": CPU_ABI["ADABELIEF_STATE_BF16"],
+    "int8": CPU_ABI["ADABELIEF_STATE_INT8"],
+}
+#: The state dtype the kernel reads for the fp32 format, by parameter dtype.
+_FP32_STATE_DTYPE = {
+    torch.float32: torch.float32,
+    torch.float64: torch.float64,
+    torch.bfloat16: torch.float32,
+    torch.float16: torch.float32,
+    torch.complex64: torch.complex64,
+    torch.complex128: torch.complex128,
+}
+
+#: Flag sets tried in order: the first that compiles and loads is cached.
+_FLAG_SETS: tuple[tuple[str, ...], ...] = (
+    ("-march=native", "-fopenmp"),
+    ("-fopenmp",),
+    ("-march=native",),
+    (),
+)
+_COMMON_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-ffp-contract=off")
+#: Tensor types the kernel takes as they are.
+PLAIN_TYPES = frozenset({Tensor, torch.nn.Parameter})
+_SOURCE_NAME = "adabelief_cpu.cpp"
+
+
+def source() -> bytes:
+    """The kernel's C++ source, as shipped in the package."""
+    return resources.files("adabelief.kernels").joinpath(_SOURCE_NAME).read_bytes()
+
+
+def _abi_macros() -> list[str]:
+    return [f"-D{name}={value}" for name, value in CPU_ABI.items()]
+
+
+def build_command(
+    compiler: str, flags: Sequence[str], source_path: Path, output: Path
+) -> list[str]:
+    """The compiler command line that builds the kernel from ``source_path`` into ``output``."""
+    return [
+        compiler,
+        *_COMMON_FLAGS,
+        *flags,
+        *_abi_macros(),
+        str(source_path),
+        "-o",
+        str(output),
+    ]
+
+
+class _Kernel:
+    """The loaded shared library with its argument types declared."""
+
+    def __init__(self, path: Path) -> None:
+        lib = ctypes.CDLL(str(path))
+        version = lib.adabelief_abi_version()
+        if version != CPU_ABI["ADABELIEF_ABI_VERSION"]:
+            raise OSError(f"{path} has ABI version {version}")
+        pointer, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        lib.adabelief_increment_steps.argtypes = [i64, pointer, c_int, pointer]
+        lib.adabelief_increment_steps.restype = None
+        # dtype, format, n, pointers, numel, step_size, sqrt_bc2, kind, step_key, options,
+        # l2, amsgrad, num_threads
+        lib.adabelief_update.argtypes = [c_int, c_int, i64, *([pointer] * 7), *([c_int] * 3)]
+        lib.adabelief_update.restype = c_int
+        self.path = path
+        self.openmp = bool(lib.adabelief_openmp())
+        self.increment_steps = lib.adabelief_increment_steps
+        self.update = lib.adabelief_update
+
+
+_lock = threading.Lock()
+_kernel: _Kernel | None = None
+_kernel_error: str | None = None  # why the kernel is unavailable, once known
+#: How many times this process compiled the CPU kernel (0 when it came from the disk cache).
+builds = 0
+
+
+def cache_dir() -> Path:
+    """Where the compiled CPU kernel is kept: ``$ADABELIEF_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/adabelief`` (``~/.cache/adabelief``)."""
+    if os.environ.get("ADABELIEF_CACHE_DIR"):
+        return Path(os.environ["ADABELIEF_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "adabelief"
+
+
+def compiler() -> str | None:
+    """The C++ compiler: ``$CXX``, else the first of c++, g++, clang++ on the PATH."""
+    if os.environ.get("CXX"):
+        return shutil.which(os.environ["CXX"])
+    for name in ("c++", "g++", "clang++"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def _machine_fingerprint() -> str:
+    """What ``-march=native`` depends on: the CPU model and its feature flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [
+                ln for ln in f.read(65536).splitlines() if ln.startswith(("model name", "flags"))
+            ]
+        return "\n".join(lines[:2])
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
+
+
+def _library_path(compiler_path: str, flags: Sequence[str]) -> Path:
+    stat = os.stat(compiler_path)
+    key = hashlib.sha256(source())
+    for part in (
+        compiler_path,
+        str(stat.st_size),
+        str(stat.st_mtime_ns),
+        " ".join(build_command("c++", flags, Path("in"), Path("out"))),
+        _machine_fingerprint(),
+        sys.platform,
+    ):
+        key.update(b"\0" + part.encode())
+    return cache_dir() / f"adabelief_cpu_{key.hexdigest()[:20]}.so"
+
+
+class _CompileError(OSError):
+    """The compiler rejected the source or the flags (not a timeout or a full disk)."""
+
+
+def _build(compiler_path: str, flags: Sequence[str], target: Path) -> None:
+    """Compile the kernel into ``target`` (atomically: concurrent processes may race)."""
+    global builds
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
+        source_path = Path(tmp) / _SOURCE_NAME
+        source_path.write_bytes(source())
+        output = Path(tmp) / target.name
+        command = build_command(compiler_path, flags, source_path, output)
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        if result.returncode != 0:
+            message = (result.stderr or result.stdout).strip().splitlines()[-3:]
+            raise _CompileError(f"{' '.join(command)} failed: {' '.join(message)}")
+        os.replace(output, target)
+    builds += 1
+
+
+def _load_kernel() -> _Kernel:
+    """Load a cached library, else build one, trying :data:`_FLAG_SETS` in order. A flag set
+    the compiler rejects leaves a ``.failed`` note beside the library, so later processes do
+    not try it again (the key changes with the compiler, the source and the CPU; delete the
+    cache directory to retry)."""
+    if os.environ.get("ADABELIEF_DISABLE_FUSED", "") not in ("", "0"):
+        raise OSError("disabled by ADABELIEF_DISABLE_FUSED")
+    if sys.platform == "win32":
+        raise OSError("the CPU kernel is not built on Windows")
+    compiler_path = compiler()
+    if compiler_path is None:
+        raise OSError("no C++ compiler found (set CXX, or install g++ or clang++)")
+    paths = [_library_path(compiler_path, flags) for flags in _FLAG_SETS]
+    errors = []
+    for path in paths:  # cached libraries first: no compilation at all
+        if path.exists():
+            try:
+                return _Kernel(path)
+            except (OSError, AttributeError) as error:
+                errors.append(str(error))
+    for flags, path in zip(_FLAG_SETS, paths, strict=True):
+        failed = path.with_suffix(".failed")
+        if path.exists() or failed.exists():
+            if failed.exists():
+                errors.append(failed.read_text(errors="replace"))
+            continue
+        try:
+            _build(compiler_path, flags, path)
+            return _Kernel(path)
+        except (OSError, subprocess.SubprocessError, AttributeError) as error:
+            errors.append(str(error))
+            if isinstance(error, _CompileError):
+                with contextlib.suppress(OSError):
+                    failed.write_text(str(error))
+    raise OSError(errors[0] if errors else "no flag set")
+
+
+def kernel() -> _Kernel | None:
+    """The CPU kernel, loaded (or built) on first use and cached for the process; None when it
+    cannot be built (:func:`kernel_error` says why)."""
+    global _kernel, _kernel_error
+    if _kernel is not None or _kernel_error is not None:
+        return _kernel
+    with _lock:
+        if _kernel is None and _kernel_error is None:
+            try:
+                _kernel = _load_kernel()
+            except Exception as error:  # any failure means: no kernel, use the fallback
+                _kernel_error = f"{type(error).__name__}: {error}"
+    return _kernel
+
+
+def kernel_error() -> str | None:
+    """Why the kernel is unavailable: after :func:`kernel` returned None, or when no compiler
+    can be found (checked without building); None otherwise."""
+    if _kernel_error is not None:
+        return _kernel_error
+    if _kernel is None and compiler() is None:
+        return "no C++ compiler found (set CXX, or install g++ or clang++)"
+    return None
+
+
+def supports(params: Sequence[Tensor]) -> bool:
+    """Whether the kernel takes these parameters: plain CPU tensors of a supported dtype."""
+    return all(
+        type(p) in PLAIN_TYPES and p.device.type == "cpu" and p.dtype in CPU_DTYPES for p in params
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The step
+
+
+def _addresses(tensors: Sequence[Tensor | None]) -> list[int]:
+    return [0 if t is None else t.data_ptr() for t in tensors]
+
+
+def cpu_step(
+    lib: _Kernel,
+    tensors: GroupTensors,
+    hp: Hyperparameters,
+    *,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+) -> None:
+    """Step plain CPU tensors with the kernel: step counts +1 (one call), scalars per distinct
+    step count, then one kernel call per (parameter dtype, state format). One host read each of
+    ``found_inf``, ``grad_scale`` and a tensor ``lr`` (free on the CPU). With ``found_inf``
+    nonzero nothing changes, step counts included."""
+    if found_inf is not None and float(found_inf) != 0.0:
+        return  # GradScaler found inf/NaN: skip the step
+    for p in tensors.params:
+        if p.dtype not in CPU_DTYPES:
+            raise TypeError(f"fused AdaBelief: unsupported parameter dtype {p.dtype}")
+    lr = float(hp.lr)
+    n = len(tensors.params)
+    new_steps = _increment_steps(lib, tensors.state_steps)
+
+    cache: dict[float, tuple[float, float, int]] = {}
+    for step in set(new_steps):
+        cache[step] = _kernel_scalars(
+            step_scalars(
+                step,
+                lr,
+                hp.beta1,
+                hp.beta2,
+                rectify=hp.rectify,
+                degenerated_to_sgd=hp.degenerated_to_sgd,
+            )
+        )
+    decoupled = hp.weight_decay != 0 and hp.weight_decouple
+    l2 = hp.weight_decay != 0 and not hp.weight_decouple
+    options = array(
+        "d",
+        [
+            hp.beta1,
+            hp.beta2,
+            hp.eps,
+            float(hp._replace(lr=lr).decay_factor()) if decoupled else 1.0,
+            hp.weight_decay,
+            float(grad_scale) if grad_scale is not None else 1.0,
+            -1.0 if hp.maximize else 1.0,
+        ],
+    )
+    threads = torch.get_num_threads()
+    parts: dict[tuple[torch.dtype, str], list[int]] = {}
+    for i in range(n):
+        parts.setdefault((tensors.params[i].dtype, tensors.format_of(i)), []).append(i)
+    for (dtype, fmt), index in parts.items():
+        part = tensors if len(parts) == 1 else tensors.select(index)
+        code, width = CPU_DTYPES[dtype]
+        columns = [list(column) for column in part.columns()]
+        write_back = _dense_operands(columns, dtype, fmt)
+        operands: list[Sequence[Tensor | None]] = list(columns)
+        if not hp.amsgrad:
+            operands[4] = [None] * len(index)
+        scales = [part.scales_of(j) for j in range(len(index))]
+        operands += [[s[k] for s in scales] for k in range(3)]
+        scalars = [cache[new_steps[i]] for i in index]
+        # The arrays must outlive the call: keep them referenced until it returns.
+        arrays: list[array[Any]] = [
+            array("Q", [address for column in operands for address in _addresses(column)]),
+            array("q", [p.numel() * width for p in part.params]),
+            array("d", [s[0] for s in scalars]),
+            array("d", [s[1] for s in scalars]),
+            array("b", [s[2] for s in scalars]),
+            array("I", [int(compressed_state.step_key(int(new_steps[i]))) for i in index]),
+            options,
+        ]
+        status = lib.update(
+            code,
+            _STATE_CODES[fmt],
+            len(index),
+            *(a.buffer_info()[0] if len(a) else None for a in arrays),
+            int(l2),
+            int(hp.amsgrad),
+            threads,
+        )
+        if status != 0:
+            raise RuntimeError(f"fused AdaBelief kernel failed with status {status}")
+        for original, copy in write_back:
+            original.copy_(copy)
+
+
+def _increment_steps(lib: _Kernel, state_steps: list[Tensor]) -> list[float]:
+    """Add 1 to every step count; the new values. One call when they are all float32 (or all
+    float64) CPU tensors."""
+    n = len(state_steps)
+    new_steps = array("d", bytes(8 * n))
+    step_dtypes = {t.dtype for t in state_steps}
+    if len(step_dtypes) == 1 and step_dtypes <= {torch.float32, torch.float64}:
+        if not all(t.device.type == "cpu" for t in state_steps):
+            raise ValueError("fused CPU step: step counts must be on the CPU")
+        addresses = array("Q", _addresses(state_steps))
+        lib.increment_steps(
+            n,
+            addresses.buffer_info()[0],
+            int(torch.float64 in step_dtypes),
+            new_steps.buffer_info()[0],
+        )
+    else:
+        for i, step_t in enumerate(state_steps):
+            step_t += 1
+            new_steps[i] = step_t.item()
+    return list(new_steps)
+
+
+def _kernel_scalars(scalars: StepScalars) -> tuple[float, float, int]:
+    """(step_size, sqrt_bc2, kind) with the kernel's step kinds."""
+    step_size, sqrt_bc2, adaptive = (float(scalars[0]), float(scalars[1]), bool(scalars[2]))
+    if adaptive:
+        kind = CPU_ABI["ADABELIEF_KIND_ADAPTIVE"]
+    elif step_size != 0:
+        kind = CPU_ABI["ADABELIEF_KIND_MOMENTUM"]
+    else:
+        kind = CPU_ABI["ADABELIEF_KIND_NO_STEP"]
+    return step_size, sqrt_bc2, kind
+
+
+def _dense_operands(
+    columns: list[list[Tensor]], dtype: torch.dtype, fmt: str
+) -> list[tuple[Tensor, Tensor]]:
+    """Make every operand a contiguous tensor of the dtype the kernel reads, in place in
+    ``columns`` (params, grads, exp_avgs, exp_avg_vars, max_exp_avg_vars); returns (original,
+    working copy) pairs to copy back after the kernel (rare: a non-contiguous parameter or
+    gradient, or fp32 state loaded in another dtype). Compressed moments are taken as stored."""
+    write_back: list[tuple[Tensor, Tensor]] = []
+    state = _FP32_STATE_DTYPE[dtype] if fmt == "fp32" else None
+    wanted = (dtype, dtype, state, state, state)
+    for j, (column, want) in enumerate(zip(columns, wanted, strict=True)):
+        for i, t in enumerate(column):
+            if (want is None or t.dtype == want) and t.is_contiguous():
+                continue
+            copy = t.to(dtype=want or t.dtype, memory_format=torch.contiguous_format, copy=True)
+            column[i] = copy
+            if j != 1:  # gradients are read only
+                write_back.append((t, copy))
+    return write_back

@@ -1,0 +1,240 @@
+"""The dispatcher: which path steps a group, and the one call to it.
+
+:func:`choose_path` decides from the group's options and its tensors:
+
+=============  ==============================================================================
+``"cpu"``      the fused C++/OpenMP kernel (:mod:`~adabelief.kernels.cpu`): ``fused=True``, or
+               the default, on plain CPU tensors (compressed moments in the same pass)
+``"compiled"`` :func:`~adabelief.kernels.tensor_math.compiled_step`: ``fused=True`` on CUDA and
+               other devices, or with ``capturable=True``
+``"tensor"``   :func:`~adabelief.kernels.tensor_math.tensor_step` eagerly: ``differentiable``,
+               ``capturable`` without ``fused``, inside ``torch.compile`` (traced into the
+               caller's graph), tensor subclasses the fused paths cannot unwrap
+``"foreach"``  :mod:`~adabelief.kernels.foreach`: ``foreach=True``, or the default on CUDA
+``"single"``   :mod:`~adabelief.kernels.single_tensor`: ``foreach=False``, or the default
+               elsewhere
+=============  ==============================================================================
+
+:func:`adabelief` runs it. The single-tensor and foreach kernels work on float32 moments, so
+compressed ones are decoded for them here, one parameter at a time (the float32 work copies never
+exceed one tensor), and encoded back: the reference the single-pass paths are tested against.
+A fused path that cannot run here (no C++ compiler, a compiler error) falls back to foreach, or
+to the eager tensor step, with one :class:`FusedFallbackWarning` per process.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, cast
+
+import torch
+from torch import Tensor
+
+from adabelief import compressed_state
+from adabelief._hyper import Hyperparameters
+from adabelief.kernels import cpu, tensor_math
+from adabelief.kernels.foreach import foreach_step
+from adabelief.kernels.lists import GroupTensors, MomentScales
+from adabelief.kernels.single_tensor import single_tensor_step
+
+__all__ = ["FusedFallbackWarning", "Path", "adabelief", "choose_path", "fused_is_default", "run"]
+
+Path = Literal["cpu", "compiled", "tensor", "foreach", "single"]
+
+
+class FusedFallbackWarning(UserWarning):
+    """``fused=True`` could not use its kernel and ran a slower path (issued once per process)."""
+
+
+_warned = False
+
+
+def warn_fallback(reason: str) -> None:
+    """Warn (once per process) that ``fused=True`` runs a slower path, and why."""
+    global _warned
+    if _warned:
+        return
+    _warned = True
+    warnings.warn(
+        f"adabelief: the fused kernel is unavailable ({reason}); fused=True runs a slower "
+        "unfused path instead (this warning is shown once)",
+        FusedFallbackWarning,
+        stacklevel=5,
+    )
+
+
+def fused_is_default(params: Sequence[Tensor], group: Mapping[str, Any]) -> bool:
+    """Whether the default (``fused=None, foreach=None``) uses the fused CPU kernel: plain CPU
+    tensors of supported dtypes, outside ``torch.compile``, not differentiable, and a kernel that
+    builds here with OpenMP (or a single torch thread). It was faster than foreach and
+    single-tensor at every size measured (see BENCHMARKS.md). CUDA keeps the foreach default
+    until the compiled path is measured on a GPU. The first call may build the kernel (seconds,
+    once per machine)."""
+    if group.get("differentiable") or group.get("capturable") or not params:
+        return False
+    if torch.compiler.is_compiling() or not cpu.supports(params):
+        return False
+    lib = cpu.kernel()
+    # A kernel built without OpenMP (e.g. Apple clang) is single-threaded: unmeasured against
+    # torch's multi-threaded kernels, so not the default there.
+    return lib is not None and (lib.openmp or torch.get_num_threads() == 1)
+
+
+def choose_path(params: Sequence[Tensor], group: Mapping[str, Any]) -> Path:
+    """The path that steps ``params`` (of one device) with ``group``'s options."""
+    fused, foreach = group["fused"], group["foreach"]
+    if group["differentiable"] or torch.compiler.is_compiling():
+        return "tensor"
+    if fused is None and foreach is None:
+        if fused_is_default(params, group):
+            return "cpu"
+        if group["capturable"]:
+            return "tensor"
+        plain_cuda = all(type(p) in cpu.PLAIN_TYPES and p.device.type == "cuda" for p in params)
+        return "foreach" if plain_cuda else "single"
+    if fused:
+        if group["capturable"] or not all(p.device.type == "cpu" for p in params):
+            return "compiled"
+        return "cpu"
+    if group["capturable"]:
+        return "tensor"
+    return "foreach" if foreach else "single"
+
+
+def adabelief(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_vars: list[Tensor],
+    max_exp_avg_vars: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    group: Mapping[str, Any],
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    scales: Sequence[MomentScales] | None = None,
+) -> None:
+    """Functional AdaBelief step over lists of tensors with the options of ``group`` (a param
+    group of :class:`adabelief.AdaBelief`), in place.
+
+    ``max_exp_avg_vars`` is empty unless ``group["amsgrad"]``. The moments may be stored as
+    :mod:`adabelief.compressed_state` keeps them; ``scales`` then holds each parameter's int8 block
+    scales. ``grad_scale``/``found_inf`` (GradScaler) are taken by the fused paths only.
+    """
+    tensors = GroupTensors(
+        params, grads, exp_avgs, exp_avg_vars, max_exp_avg_vars, state_steps, scales or ()
+    )
+    run(tensors, group, grad_scale=grad_scale, found_inf=found_inf)
+
+
+def run(
+    tensors: GroupTensors,
+    group: Mapping[str, Any],
+    *,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    """Step ``tensors`` with ``group``'s options on the path :func:`choose_path` picks (per
+    device, when the tensors are on several)."""
+    if not tensors.params:
+        return
+    hp = Hyperparameters.from_group(cast(dict, group), group["lr"])
+    devices = {p.device for p in tensors.params}
+    if len(devices) > 1:
+        for device in devices:
+            index = [i for i, p in enumerate(tensors.params) if p.device == device]
+            _run_one_device(tensors.select(index), group, hp, grad_scale, found_inf)
+        return
+    _run_one_device(tensors, group, hp, grad_scale, found_inf)
+
+
+def _run_one_device(
+    tensors: GroupTensors,
+    group: Mapping[str, Any],
+    hp: Hyperparameters,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+) -> None:
+    path = choose_path(tensors.params, group)
+    if path in ("cpu", "compiled") and not all(type(p) in cpu.PLAIN_TYPES for p in tensors.params):
+        local = _local_shards(tensors)
+        if local is None:  # another tensor subclass: its own dispatch, on the tensor step
+            path, local = "tensor", tensors
+        tensors = local
+    if path == "cpu":
+        lib = cpu.kernel()
+        if lib is not None:
+            cpu.cpu_step(lib, tensors, hp, grad_scale=grad_scale, found_inf=found_inf)
+            return
+        warn_fallback(cpu.kernel_error() or "unknown error")
+        path = "foreach"
+    elif path == "compiled":
+        try:
+            tensor_math.compiled_step(tensors, hp, grad_scale=grad_scale, found_inf=found_inf)
+            return
+        except tensor_math.CompileFailed as error:
+            warn_fallback(str(error))
+            path = "tensor"
+    if path == "tensor":
+        tensor_math.tensor_step(tensors, hp, grad_scale=grad_scale, found_inf=found_inf)
+        return
+    if group["fused"]:  # the fallback of fused=True: apply GradScaler's values outside
+        if found_inf is not None and float(found_inf) != 0.0:
+            return
+        if grad_scale is not None:
+            tensors = tensors._replace(grads=[g / grad_scale.to(g.device) for g in tensors.grads])
+    elif grad_scale is not None or found_inf is not None:
+        raise ValueError("grad_scale/found_inf are only supported by the fused path (fused=True)")
+    _run_float_kernel(path, tensors, hp._replace(lr=float(hp.lr)))
+
+
+def _run_float_kernel(path: Path, tensors: GroupTensors, hp: Hyperparameters) -> None:
+    """The single-tensor or foreach kernel, with compressed moments decoded around it."""
+    kernel = foreach_step if path == "foreach" else single_tensor_step
+    compressed = [i for i in range(len(tensors.params)) if tensors.format_of(i) != "fp32"]
+    if not compressed:
+        kernel(tensors, hp)
+        return
+    plain = [i for i in range(len(tensors.params)) if tensors.format_of(i) == "fp32"]
+    if plain:
+        kernel(tensors.select(plain), hp)
+    keys = ("exp_avg", "exp_avg_var", "exp_avg_var")
+    for i in compressed:
+        one = tensors.select([i])
+        stored = [one.exp_avgs, one.exp_avg_vars, one.max_exp_avg_vars]
+        scales = one.scales_of(0)
+        work = [
+            [compressed_state.decode(column[0], scales[k], keys[k])] if column else []
+            for k, column in enumerate(stored)
+        ]
+        kernel(GroupTensors(one.params, one.grads, work[0], work[1], work[2], one.state_steps), hp)
+        step = int(one.state_steps[0].item())
+        for k, column in enumerate(stored):
+            if column:
+                compressed_state.encode_(column[0], scales[k], work[k][0], keys[k], step)
+
+
+def _local_shards(tensors: GroupTensors) -> GroupTensors | None:
+    """``tensors`` with each DTensor replaced by its local shard (``to_local()``, which shares its
+    memory), or None when a tensor is another subclass or a shard's shape differs from its
+    parameter's."""
+    columns = []
+    for column in [*tensors.columns(), tensors.state_steps]:
+        local = []
+        for t in column:
+            if type(t) not in cpu.PLAIN_TYPES:
+                to_local = getattr(t, "to_local", None)
+                if not callable(to_local):
+                    return None
+                t = to_local()
+                if type(t) not in cpu.PLAIN_TYPES:
+                    return None
+            local.append(t)
+        columns.append(local)
+    shapes = [p.shape for p in columns[0]]
+    for column in columns[1:5]:
+        if column and [t.shape for t in column] != shapes:
+            return None
+    p, g, m, s, s_max, steps = columns
+    return GroupTensors(p, g, m, s, s_max, steps, tensors.scales)
