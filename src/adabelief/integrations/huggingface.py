@@ -15,7 +15,7 @@ With ``optimizer_cls_and_kwargs`` the Trainer builds the parameter groups itself
 ``cls(groups, **kwargs)``, and its learning-rate scheduler scales the learning rate the optimizer
 was built with. It does not pass ``args.learning_rate`` or the betas to a custom class. With a bare
 ``(AdaBelief, {})``, training would silently run at AdaBelief's default ``lr=1e-3``, whatever
-``args.learning_rate`` says. :func:`optimizer_cls_and_kwargs` closes that gap.
+``args.learning_rate`` says. ``optimizer_cls_and_kwargs`` closes that gap.
 
 Checkpoints need nothing more. The Trainer saves ``optimizer.state_dict()`` in each checkpoint,
 and ``trainer.train(resume_from_checkpoint=...)`` loads it back into the AdaBelief it builds.
@@ -47,7 +47,7 @@ def optimizer_cls_and_kwargs(
 
     The keyword arguments are ``lr=args.learning_rate`` and
     ``betas=(args.adam_beta1, args.adam_beta2)``, plus ``options`` (any other argument of
-    :class:`adabelief.AdaBelief`: ``eps``, ``rectify``, ``state_precision``, ...).
+    ``adabelief.AdaBelief``: ``eps``, ``rectify``, ``state_precision``, ...).
 
     ``args.adam_epsilon`` is not used. AdaBelief's ``eps`` is added to the belief ``s`` inside
     the square root, so it is about the square of Adam's. Adam's ``1e-8`` is the value the

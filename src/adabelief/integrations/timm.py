@@ -1,7 +1,7 @@
 """timm's optimizer factory: ``create_optimizer_v2(model, "adabelief.AdaBelief", ...)``.
 
-Importing this module registers :class:`adabelief.AdaBelief` in timm's default optimizer
-registry under :data:`NAME`::
+Importing this module registers ``adabelief.AdaBelief`` in timm's default optimizer
+registry under ``NAME``::
 
     import timm.optim
     import adabelief.integrations.timm  # noqa: F401  (registers "adabelief.AdaBelief")
@@ -13,7 +13,7 @@ biases, 1-d parameters (norms) and the names in ``model.no_weight_decay()`` go i
 ``weight_decay=0``, unless ``filter_bias_and_bn=False``. ``layer_decay`` adds timm's ``lr_scale``
 to each group. The decay itself is AdaBelief's: decoupled (``theta *= 1 - lr*wd``) by default,
 L2 with ``weight_decouple=False``. Every other keyword (``eps``, ``betas``, ``rectify``,
-``state_precision``, ...) goes to :class:`adabelief.AdaBelief` unchanged. A ``lookahead_``
+``state_precision``, ...) goes to ``adabelief.AdaBelief`` unchanged. A ``lookahead_``
 prefix wraps the optimizer in timm's Lookahead.
 
 Why the name. timm already registers its own port of the official code as ``adabelief``
@@ -33,14 +33,14 @@ from adabelief.optimizer import AdaBelief
 
 __all__ = ["NAME", "register"]
 
-#: The name under which this module registers :class:`adabelief.AdaBelief` (case-insensitive).
+#: The name under which this module registers ``adabelief.AdaBelief`` (case-insensitive).
 NAME = "adabelief.AdaBelief"
 
 
 def register(
     registry: OptimizerRegistry | None = None, name: str = NAME, *, replace: bool = False
 ) -> OptimInfo:
-    """Register :class:`adabelief.AdaBelief` in ``registry`` (timm's default one if ``None``)
+    """Register ``adabelief.AdaBelief`` in ``registry`` (timm's default one if ``None``)
     under ``name``, and return its entry. Registering it again under the same name changes nothing.
 
     Raises:
