@@ -8,14 +8,19 @@ per-step scalars are :mod:`adabelief.scalars`; loading other layouts is
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import Optimizer, ParamsT, _use_grad_for_differentiable
+from torch.optim.optimizer import (
+    Optimizer,
+    ParamsT,
+    _get_fused_kernels_supported_devices,
+    _use_grad_for_differentiable,
+)
 
+from adabelief import _validation as validation
 from adabelief import compressed_state
 from adabelief.checkpoint import migrate_state_dict, restore_moment_dtypes
 from adabelief.kernels import GroupTensors, MomentScales, cpu, dispatch
@@ -39,44 +44,16 @@ OPTION_DEFAULTS: dict[str, Any] = {
 }
 
 
-def _is_compiling() -> bool:
-    return bool(torch.compiler.is_compiling())
-
-
-def _check_nonnegative(name: str, value: object) -> None:
-    """Raise ``ValueError`` unless ``value`` is a finite real number >= 0 (or such a 1-element
-    tensor)."""
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(
-                f"Tensor {name} must have exactly one element, got shape {value.shape}"
+def _check_fused_devices(params: list[Tensor]) -> None:
+    """``RuntimeError``, as torch's fused optimizers raise it, unless every parameter is a floating
+    (or complex) tensor on a device with a fused path."""
+    supported = _get_fused_kernels_supported_devices()
+    for p in params:
+        if p.device.type not in supported or not (p.is_floating_point() or p.is_complex()):
+            raise RuntimeError(
+                "`fused=True` requires all the params to be floating point Tensors of "
+                f"supported devices: {supported} but {p.dtype} and {p.device.type}"
             )
-        if value.is_complex():
-            raise ValueError(f"Invalid {name}: {value} (complex)")
-        number = float(value.detach().reshape(()).item())
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        number = float(value)
-    else:
-        raise ValueError(f"Invalid {name}: {value!r} (expected a real number)")
-    if not math.isfinite(number) or number < 0.0:
-        raise ValueError(f"Invalid {name}: {value} (must be finite and >= 0)")
-
-
-def _check_betas(betas: object) -> tuple[float, float]:
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"Invalid betas: {betas!r} (expected a pair (beta1, beta2))")
-    checked = []
-    for index, beta in enumerate(betas):
-        if isinstance(beta, Tensor):
-            if beta.numel() != 1:
-                raise ValueError(f"Invalid betas[{index}]: tensor of shape {beta.shape}")
-            beta = float(beta.item())
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)):
-            raise ValueError(f"Invalid betas[{index}]: {beta!r} (expected a real number)")
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"Invalid betas[{index}]: {beta} (must be in [0, 1))")
-        checked.append(float(beta))
-    return checked[0], checked[1]
 
 
 class AdaBelief(Optimizer):
@@ -142,17 +119,13 @@ class AdaBelief(Optimizer):
         differentiable: bool = False,
         state_precision: str = "fp32",
     ) -> None:
-        _check_nonnegative("lr", lr)
+        validation.check_nonnegative("lr", lr)
         compressed_state.check_state_precision(state_precision)
-        _check_nonnegative("eps", eps)
-        _check_nonnegative("weight_decay", weight_decay)
-        betas = _check_betas(betas)
+        validation.check_nonnegative("eps", eps)
+        validation.check_nonnegative("weight_decay", weight_decay)
+        betas = validation.check_betas(betas)
         if isinstance(lr, Tensor) and lr.dim() != 0:
             lr = lr.reshape(())
-        if fused and foreach:
-            raise ValueError(f"fused={fused} and foreach={foreach} cannot both be True")
-        if fused and differentiable:
-            raise ValueError(f"fused={fused} does not support differentiable={differentiable}")
         if fused:
             reason = cpu.kernel_error()
             if reason is not None:
@@ -189,12 +162,20 @@ class AdaBelief(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         for name in ("lr", "eps", "weight_decay"):
             if name in param_group:
-                _check_nonnegative(name, param_group[name])
+                validation.check_nonnegative(name, param_group[name])
         if "betas" in param_group:
-            param_group["betas"] = _check_betas(param_group["betas"])
+            param_group["betas"] = validation.check_betas(param_group["betas"])
         if "state_precision" in param_group:
             compressed_state.check_state_precision(param_group["state_precision"])
         super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        # As torch's fused optimizers: RuntimeError for what no fused path implements.
+        if group["fused"]:
+            if group["foreach"]:
+                raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+            if group["differentiable"]:
+                raise RuntimeError("`fused` does not support `differentiable`")
+            _check_fused_devices(group["params"])
 
     def _init_group(self, group: dict[str, Any], tensors: GroupTensors) -> bool:
         """Append the group's parameters that have a gradient, with their state (created on

@@ -1,0 +1,53 @@
+"""The C++ kernel source: it compiles cleanly with warnings as errors, refuses to build without
+the ABI macros, and keys the build cache by its bytes."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from adabelief.kernels import cpu
+
+COMPILER = cpu.compiler()
+needs_compiler = pytest.mark.skipif(COMPILER is None, reason="no C++ compiler here")
+WARNINGS = ("-Wall", "-Wextra", "-Wshadow", "-Wconversion", "-Wno-sign-conversion", "-Werror")
+
+
+@needs_compiler
+def test_kernel_compiles_with_warnings_as_errors(tmp_path):
+    source = tmp_path / "adabelief_cpu.cpp"
+    source.write_bytes(cpu.source())
+    command = cpu.build_command(str(COMPILER), ("-fopenmp", *WARNINGS), source, tmp_path / "k.so")
+    command[command.index("-O3")] = "-O1"  # the warnings, not the optimiser, are under test
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+@needs_compiler
+def test_kernel_refuses_to_build_without_the_abi_macros(tmp_path):
+    source = tmp_path / "adabelief_cpu.cpp"
+    source.write_bytes(cpu.source())
+    command = [str(COMPILER), "-std=c++17", "-fsyntax-only", str(source)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "ABI macros" in done.stderr
+
+
+def test_the_abi_table_is_what_the_source_expects():
+    text = cpu.source().decode()
+    for name in cpu.CPU_ABI:
+        assert name in text, name
+
+
+def test_the_cache_key_is_the_source_bytes(monkeypatch, tmp_path):
+    if COMPILER is None:
+        pytest.skip("no C++ compiler here")
+    monkeypatch.setenv("ADABELIEF_CACHE_DIR", str(tmp_path))
+    flags = ("-fopenmp",)
+    before = cpu._library_path(str(COMPILER), flags)
+    assert before == cpu._library_path(str(COMPILER), flags)
+    original = cpu.source()
+    monkeypatch.setattr(cpu, "source", lambda: original + b"\n// edited\n")
+    assert cpu._library_path(str(COMPILER), flags) != before
+    assert Path(before).parent == tmp_path
