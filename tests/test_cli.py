@@ -48,16 +48,23 @@ def test_help_for_every_subcommand(command: list[str], capsys: pytest.CaptureFix
             "--out",
             "--device",
             "--jobs",
+            "--threads",
+            "--trials",
+            "--executor",
         ):
             assert option in out
         for word in (
             "toy",
             "classify",
             "lm",
+            "transformer",
             "gan",
             "all",
+            "FILE.py:FUNCTION",
             "data_batch_1",
             "ptb.train.txt",
+            "wiki.train.tokens",
+            "RAY_ADDRESS",
             "report.md",
         ):
             assert word in out
@@ -76,6 +83,10 @@ def test_help_for_every_subcommand(command: list[str], capsys: pytest.CaptureFix
         (["run", "toy", "--jobs", "-1"], "positive integer"),
         (["run", "toy", "--mode", "tuned"], "invalid choice"),
         (["run", "toy", "--data", "/no/such/folder"], "is not a folder"),
+        (["run", "toy", "--trials", "3"], "--trials only applies to --mode fair"),
+        (["run", "toy", "--executor", "ray", "--jobs", "2"], "--jobs applies to --executor local"),
+        (["run", "toy", "--executor", "dask"], "invalid choice"),
+        (["run", "toy", "--threads", "0"], "positive integer"),
         (["run"], "required"),
         (["frobnicate"], "invalid choice"),
     ],
@@ -119,9 +130,17 @@ def test_report_on_a_folder_that_is_not_a_run(
 def test_presets_lists_every_task(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["presets"]) == 0
     out = capsys.readouterr().out
-    for name in ("toy/rosenbrock", "classify/cifar10", "lm/ptb-3layer", "gan/wgan-gp-mog"):
+    for name in (
+        "toy/rosenbrock",
+        "classify/cifar10",
+        "lm/ptb-3layer",
+        "transformer/python-docs-char",
+        "gan/wgan-gp-mog",
+        "user/defaults",
+    ):
         assert name in out
-    assert "fair mode learning-rate factors" in out
+    assert "fair mode: 5 trials per optimizer with --quick" in out
+    assert "beta1 in [0.5, 0.95]" in out and "momentum in [0, 0.99]" in out
     assert main(["presets", "lm"]) == 0
     only_lm = capsys.readouterr().out
     assert "lm/ptb-1layer" in only_lm and "classify/" not in only_lm
@@ -169,3 +188,10 @@ def test_console_script_errors_have_no_traceback() -> None:
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().count("\n") == 0
     assert "unknown task 'nosuchtask'" in result.stderr
+
+
+def test_the_console_script_is_the_runner_cli() -> None:
+    from importlib.metadata import entry_points
+
+    (script,) = entry_points(group="console_scripts", name="adabelief")
+    assert script.value == "adabelief.experiments.cli:main"

@@ -1,4 +1,5 @@
-"""Dataset loaders: CIFAR-10 and Penn Treebank on tiny fake files, bundled datasets."""
+"""Dataset loaders and validation: CIFAR-10, Penn Treebank and WikiText-2 on small fake files
+written in the real formats, the bundled datasets, and the data fingerprint."""
 
 from __future__ import annotations
 
@@ -13,17 +14,25 @@ from adabelief.experiments.data import (
     CIFAR_FILES,
     CIFAR_MEAN,
     CIFAR_STD,
+    WIKITEXT_FILES,
     DataNotFoundError,
+    check_cifar10,
+    check_ptb,
+    check_wikitext,
     find_cifar_dir,
     find_ptb_dir,
     fixed_split,
     load_cifar10,
     load_digits,
     load_ptb,
+    load_python_docs,
     load_stdlib_text,
+    load_wikitext,
 )
 
 PER_BATCH = 6
+#: Repetitions of the fake PTB lines: enough words to pass the size check (1000 / 100 words).
+PTB_TRAIN_REPEATS, PTB_EVAL_REPEATS = 120, 20
 
 
 def write_fake_cifar(folder: Path, per_batch: int = PER_BATCH) -> None:
@@ -39,10 +48,21 @@ def write_fake_cifar(folder: Path, per_batch: int = PER_BATCH) -> None:
 
 
 def write_fake_ptb(folder: Path) -> None:
+    """Penn Treebank's format: one sentence per line, words separated by spaces."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "ptb.train.txt").write_text(" the cat sat \n the dog sat on the mat \n" * 20)
-    (folder / "ptb.valid.txt").write_text(" the cat sat on the mat \n")
-    (folder / "ptb.test.txt").write_text(" a dog sat \n" + " the cat sat on the mat \n" * 5)
+    train = " the cat sat \n the dog sat on the mat \n" * PTB_TRAIN_REPEATS
+    (folder / "ptb.train.txt").write_text(train)
+    (folder / "ptb.valid.txt").write_text(" the cat sat on the mat \n" * PTB_EVAL_REPEATS)
+    test = " a dog sat \n" + " the cat sat on the mat \n" * PTB_EVAL_REPEATS
+    (folder / "ptb.test.txt").write_text(test)
+
+
+def write_fake_wikitext(folder: Path) -> None:
+    """WikiText's ``.tokens`` format: headings, blank lines, tokenised sentences."""
+    folder.mkdir(parents=True, exist_ok=True)
+    article = " = Cats = \n \n The cat sat on the mat . It was a good cat @-@ like cat . \n \n"
+    for name, repeats in zip(WIKITEXT_FILES, (80, 12, 12), strict=True):
+        (folder / name).write_text(article * repeats)
 
 
 def test_cifar_loader_reads_batches_in_order_and_normalises(tmp_path: Path) -> None:
@@ -82,14 +102,99 @@ def test_cifar_missing_or_broken_files(tmp_path: Path) -> None:
         load_cifar10(tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda p: p.write_bytes(b"this is not a pickle at all"), "does not unpickle"),
+        (lambda p: p.write_bytes(p.read_bytes()[:100]), "does not unpickle"),
+        (lambda p: p.write_bytes(b""), "does not unpickle"),
+        (
+            lambda p: pickle.dump(
+                {b"data": np.zeros((4, 10), np.uint8), b"labels": [0] * 4}, p.open("wb")
+            ),
+            "shape",
+        ),
+        (
+            lambda p: pickle.dump(
+                {b"data": np.zeros((2, 3072), np.uint8), b"labels": [3, 12]}, p.open("wb")
+            ),
+            "labels outside 0..9",
+        ),
+        (lambda p: pickle.dump([1, 2, 3], p.open("wb")), "no b'data'"),
+    ],
+)
+def test_corrupt_cifar_files_are_named_before_training(
+    tmp_path: Path, damage: object, message: str
+) -> None:
+    write_fake_cifar(tmp_path)
+    damage(tmp_path / "data_batch_3")  # type: ignore[operator]
+    with pytest.raises(DataNotFoundError, match=message) as info:
+        check_cifar10(tmp_path)
+    assert "data_batch_3" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("ptb.train.txt", b"\x00\x01\x02binary\xff" * 500, "binary"),
+        ("ptb.test.txt", b"caf\xe9 " * 500, "not UTF-8"),
+        ("ptb.train.txt", b"too few words here\n", "holds 4 words"),
+        ("ptb.valid.txt", b"", "holds 0 words"),
+    ],
+)
+def test_bad_ptb_files_are_named(tmp_path: Path, name: str, content: bytes, message: str) -> None:
+    write_fake_ptb(tmp_path)
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(DataNotFoundError, match=message) as info:
+        check_ptb(tmp_path)
+    assert name in str(info.value)
+
+
+def test_fingerprint_follows_the_file_contents(tmp_path: Path) -> None:
+    write_fake_ptb(tmp_path)
+    first = check_ptb(tmp_path)
+    assert first.fingerprint == check_ptb(tmp_path).fingerprint
+    assert first.files[0].name == "ptb.train.txt" and "Penn Treebank" in first.description
+    path = tmp_path / "ptb.test.txt"
+    path.write_text(path.read_text() + " one more line \n")
+    assert check_ptb(tmp_path).fingerprint != first.fingerprint
+    write_fake_cifar(tmp_path / "c")
+    cifar = check_cifar10(tmp_path / "c")
+    with (tmp_path / "c" / "data_batch_1").open("wb") as handle:
+        labels = [1] * PER_BATCH
+        pickle.dump({b"data": np.ones((PER_BATCH, 3072), np.uint8), b"labels": labels}, handle)
+    assert check_cifar10(tmp_path / "c").fingerprint != cifar.fingerprint
+
+
+def test_wikitext_loader(tmp_path: Path) -> None:
+    write_fake_wikitext(tmp_path / "wikitext-2")
+    check = check_wikitext(tmp_path)
+    assert check.files[0].parent == tmp_path / "wikitext-2"
+    corpus = load_wikitext(tmp_path)
+    vocab = list(corpus.vocab)
+    assert "<eos>" in vocab and "@-@" in vocab and "cat" in vocab
+    assert "" not in vocab  # blank lines add no tokens
+    assert len(corpus.valid) > 100 and corpus.name == "wikitext"
+    with pytest.raises(DataNotFoundError, match=r"wiki\.train\.tokens"):
+        check_wikitext(tmp_path / "nothing")
+
+
+def test_python_docs_corpus_ships_with_python() -> None:
+    corpus = load_python_docs(50_000)
+    assert len(corpus.train) + len(corpus.valid) + len(corpus.test) == 50_000
+    text = "".join(corpus.vocab[i] for i in corpus.train[:2000].tolist())
+    assert " the " in text  # English prose, not code
+    assert load_python_docs(50_000).fingerprint == corpus.fingerprint
+
+
 def test_ptb_loader(tmp_path: Path) -> None:
     write_fake_ptb(tmp_path / "penn")
     assert find_ptb_dir(tmp_path) == tmp_path / "penn"
     corpus = load_ptb(tmp_path)
     vocab = list(corpus.vocab)
     assert "<eos>" in vocab and "<unk>" in vocab
-    assert len(corpus.train) == 20 * (4 + 7)
-    assert [vocab[i] for i in corpus.valid.tolist()] == [
+    assert len(corpus.train) == PTB_TRAIN_REPEATS * (4 + 7)
+    assert [vocab[i] for i in corpus.valid.tolist()[:7]] == [
         "the",
         "cat",
         "sat",
@@ -101,6 +206,7 @@ def test_ptb_loader(tmp_path: Path) -> None:
     # "a" never occurs in training text: it maps to <unk>.
     assert [vocab[i] for i in corpus.test.tolist()[:4]] == ["<unk>", "dog", "sat", "<eos>"]
     assert len(load_ptb(tmp_path, train_limit=10).train) == 10
+    assert len(corpus.valid) == PTB_EVAL_REPEATS * 7
 
 
 def test_ptb_missing_files(tmp_path: Path) -> None:

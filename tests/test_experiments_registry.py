@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from adabelief import AdaBelief
-from adabelief.experiments.presets import PRESETS, get_preset, lr_grid
+from adabelief.experiments.presets import PRESETS, get_preset
 from adabelief.experiments.registry import (
     DEFAULT_OPTIMIZERS,
     OptimizerEntry,
@@ -114,9 +114,14 @@ def test_unlisted_optimizers_borrow_values() -> None:
     assert borrowed == {"lr": 1e-3, "weight_decay": 5e-4}
 
 
-def test_lr_grid_sizes() -> None:
-    assert len(lr_grid(quick=True)) == 3 and 1.0 in lr_grid(quick=True)
-    assert len(lr_grid(quick=False)) == 5 and 1.0 in lr_grid(quick=False)
+def test_transformer_preset_is_the_papers_recipe() -> None:
+    preset = get_preset("transformer/python-docs-char")
+    adabelief = preset.hparams("adabelief")
+    assert adabelief["eps"] == 1e-16 and adabelief["lr"] == 1.5e-3
+    assert adabelief["rectify"] is True and adabelief["weight_decouple"] is True
+    assert adabelief["weight_decay"] == 1e-4
+    assert preset.settings["warmup"] > 0
+    assert get_preset("transformer/wikitext2").hparams("adamw")["betas"] == [0.9, 0.98]
 
 
 @pytest.mark.parametrize("precision", ["bf16", "int8"])

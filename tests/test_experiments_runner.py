@@ -7,18 +7,40 @@ import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from adabelief.experiments.analysis import analyze
 from adabelief.experiments.data import DataNotFoundError
-from adabelief.experiments.report import Evidence, build_report, claim_verdict
-from adabelief.experiments.runner import RunOptions, plan, resolve_data, run_experiments
+from adabelief.experiments.report import build_report
+from adabelief.experiments.runner import (
+    RunOptions,
+    plan,
+    resolve_data,
+    resolve_tasks,
+    run_experiments,
+)
+from adabelief.experiments.search import TUNING_SEED
 from adabelief.experiments.spec import Experiment, Metric, RunSpec
 from adabelief.experiments.stats import paired_comparison
 from adabelief.experiments.store import RunStore, atomic_write_text, json_safe
+from adabelief.experiments.tasks import TASKS
+from adabelief.experiments.verdicts import Evidence, claim_verdict
 from test_experiments_data import write_fake_cifar
+
+SYNTHETIC = Experiment(
+    task="toy",
+    name="synthetic",
+    title="synthetic",
+    preset="toy/abs",
+    settings={"steps": 1},
+    score=Metric("score", "score", True),
+    selection=Metric("val", "validation", True),
+    claims=("convergence",),
+    speed=Metric("speed", "speed", False),
+)
 
 
 @pytest.fixture(autouse=True)
@@ -32,7 +54,8 @@ def _restore_torch_globals() -> Iterator[None]:
     torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 
-def _options(out: Path, tasks: tuple[str, ...] = ("toy",), **changes: object) -> RunOptions:
+def options_for(out: Path, tasks: tuple[str, ...] = ("toy",), **changes: object) -> RunOptions:
+    """Tiny, single-process options for tests."""
     defaults: dict[str, object] = {
         "tasks": tasks,
         "out": out,
@@ -49,32 +72,81 @@ def _options(out: Path, tasks: tuple[str, ...] = ("toy",), **changes: object) ->
     return RunOptions(**defaults)  # type: ignore[arg-type]
 
 
-def test_plan_counts_and_fair_grid(tmp_path: Path) -> None:
-    paper = plan(_options(tmp_path), {"toy": None})
+def synthetic_record(
+    optimizer: str,
+    seed: int,
+    metrics: dict[str, float | None],
+    *,
+    trial: int | None = None,
+    hparams: dict[str, Any] | None = None,
+    experiment: Experiment = SYNTHETIC,
+    diverged: bool = False,
+    curves: dict[str, list[float | None]] | None = None,
+    threads: int = 1,
+) -> dict[str, Any]:
+    """A valid run record, as the runner writes them, with made-up metrics."""
+    spec = RunSpec(
+        experiment.task,
+        experiment.name,
+        experiment.settings,
+        optimizer,
+        hparams or {"lr": 0.1},
+        seed,
+        trial,
+        threads,
+    )
+    return {
+        "key": spec.key(),
+        **spec.to_json(),
+        "definition": experiment.to_json(),
+        "metrics": metrics,
+        "curves": curves or {},
+        "artifacts": {},
+        "diverged": diverged,
+        "finished_at": "2026-01-01T00:00:00",
+    }
+
+
+def _timeless(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in record["curves"].items() if k != "time_s"}
+
+
+def test_plan_counts_paper_and_fair(tmp_path: Path) -> None:
+    tasks = resolve_tasks(["toy"])
+    paper = plan(options_for(tmp_path), tasks, {"toy": None})
     assert len(paper) == 6
-    assert all(len(specs) == 3 * 2 for _, specs in paper)
-    fair = plan(_options(tmp_path, mode="fair"), {"toy": None})
-    specs = fair[0][1]
-    assert len(specs) == 3 * 3 * 2
-    adam_lrs = sorted({s.hparams["lr"] for s in specs if s.optimizer == "adam"})
-    assert len(adam_lrs) == 3 and 0.01 in adam_lrs
+    assert all(len(item.specs) == 3 * 2 for item in paper)
+    fair = plan(options_for(tmp_path, mode="fair", trials=4), tasks, {"toy": None})
+    specs = fair[0].specs
+    assert len(specs) == 3 * 4  # phase 1: every trial once, at the tuning seed
+    assert {s.seed for s in specs} == {TUNING_SEED}
+    assert sorted({s.trial for s in specs if s.optimizer == "adam"}) == [0, 1, 2, 3]
+    adam_lrs = {s.hparams["lr"] for s in specs if s.optimizer == "adam"}
+    assert len(adam_lrs) == 4 and all(0.01 / 3.17 < lr < 0.01 * 3.17 for lr in adam_lrs)
     assert len({s.key() for s in specs}) == len(specs)
+    assert fair[0].spaces["sgd"].family == "sgd" and fair[0].spaces["adam"].family == "adaptive"
 
 
 def test_run_key_depends_on_everything_that_matters() -> None:
-    base = RunSpec("toy", "abs", {"steps": 5}, "adam", {"lr": 0.1}, 1.0, 0)
-    assert base.key() == RunSpec("toy", "abs", {"steps": 5}, "adam", {"lr": 0.1}, 1.0, 0).key()
+    base = RunSpec("toy", "abs", {"steps": 5}, "adam", {"lr": 0.1}, 0)
+    assert base.key() == RunSpec("toy", "abs", {"steps": 5}, "adam", {"lr": 0.1}, 0).key()
     changed = [
-        RunSpec("toy", "abs", {"steps": 6}, "adam", {"lr": 0.1}, 1.0, 0),
-        RunSpec("toy", "abs", {"steps": 5}, "sgd", {"lr": 0.1}, 1.0, 0),
-        RunSpec("toy", "abs", {"steps": 5}, "adam", {"lr": 0.2}, 1.0, 0),
-        RunSpec("toy", "abs", {"steps": 5}, "adam", {"lr": 0.1}, 1.0, 1),
+        RunSpec("toy", "abs", {"steps": 6}, "adam", {"lr": 0.1}, 0),
+        RunSpec("toy", "abs", {"steps": 5, "data_fingerprint": "ab"}, "adam", {"lr": 0.1}, 0),
+        RunSpec("toy", "abs", {"steps": 5}, "sgd", {"lr": 0.1}, 0),
+        RunSpec("toy", "abs", {"steps": 5}, "adam", {"lr": 0.2}, 0),
+        RunSpec("toy", "abs", {"steps": 5}, "adam", {"lr": 0.1}, 1),
+        RunSpec("toy", "abs", {"steps": 5}, "adam", {"lr": 0.1}, 0, trial=0),
+        RunSpec("toy", "abs", {"steps": 5}, "adam", {"lr": 0.1}, 0, threads=2),
+        RunSpec("toy", "abs", {"steps": 5}, "adam", {"lr": 0.1}, 0, device="cuda"),
     ]
-    assert len({base.key(), *(s.key() for s in changed)}) == 5
+    assert len({base.key(), *(s.key() for s in changed)}) == len(changed) + 1
+    odd = RunSpec("my task/v2", "f", {}, "adam", {}, 0)
+    assert "/" not in odd.key() and " " not in odd.key()
 
 
 def test_interrupted_run_resumes_only_missing_runs(tmp_path: Path) -> None:
-    options = _options(tmp_path)
+    options = options_for(tmp_path)
     first, _ = run_experiments(options)
     assert len(first.ran) == 36 and first.reused == 0 and not first.failed
     run_files = sorted((tmp_path / "runs").glob("*.json"))
@@ -93,23 +165,29 @@ def test_interrupted_run_resumes_only_missing_runs(tmp_path: Path) -> None:
 
 
 def test_outputs_report_and_rebuild(tmp_path: Path) -> None:
-    options = _options(tmp_path, tasks=("toy", "gan"), make_plots=True)
+    options = options_for(tmp_path, tasks=("toy", "gan"), make_plots=True)
     summary, report = run_experiments(options)
     assert not summary.failed and report is not None
     records = json.loads((tmp_path / "results.json").read_text())
     assert len(records) == len(summary.ran) == (6 + 3) * 3 * 2
     record = records[0]
-    for field in (
+    for name in (
         "task",
         "experiment",
         "optimizer",
         "hparams",
         "seed",
+        "threads",
+        "device",
         "curves",
         "metrics",
         "wall_time_s",
+        "definition",
+        "executor",
+        "host",
     ):
-        assert field in record
+        assert name in record
+    assert record["executor"] == "local" and record["host"]
     with (tmp_path / "summary.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert {r["optimizer"] for r in rows} == {"adabelief", "adam", "sgd"}
@@ -120,13 +198,19 @@ def test_outputs_report_and_rebuild(tmp_path: Path) -> None:
         "## Claim 2",
         "## Claim 3",
         "## Where AdaBelief loses",
+        "## Time to target and performance profile",
         "paper mode",
     ):
         assert heading in text
     assert "not tested" in text  # no classify/lm runs: claim 2 has no evidence
-    assert (tmp_path / "plots" / "toy-rosenbrock-trajectories.png").stat().st_size > 0
-    assert (tmp_path / "plots" / "gan-gan-mog-points.png").stat().st_size > 0
-    assert (tmp_path / "plots" / "gan-dcgan-digits-images.png").stat().st_size > 0
+    plots = tmp_path / "plots"
+    for name in (
+        "toy-rosenbrock-trajectories.png",
+        "gan-gan-mog-points.png",
+        "gan-dcgan-digits-images.png",
+        "profile-paper.png",
+    ):
+        assert (plots / name).stat().st_size > 0, name
     (tmp_path / "report.md").unlink()
     (tmp_path / "results.json").unlink()
     rebuilt = build_report(tmp_path, make_plots=False)
@@ -136,79 +220,58 @@ def test_outputs_report_and_rebuild(tmp_path: Path) -> None:
 
 def test_parallel_workers_match_in_process_results(tmp_path: Path) -> None:
     serial, parallel = tmp_path / "serial", tmp_path / "parallel"
-    run_experiments(_options(serial, optimizers=("adabelief", "sgd"), seeds=1))
+    run_experiments(options_for(serial, optimizers=("adabelief", "sgd"), seeds=1))
     summary, _ = run_experiments(
-        _options(parallel, optimizers=("adabelief", "sgd"), seeds=1, jobs=2)
+        options_for(parallel, optimizers=("adabelief", "sgd"), seeds=1, jobs=2)
     )
     assert len(summary.ran) == 12 and not summary.failed
     for path in (serial / "runs").glob("*.json"):
         a = json.loads(path.read_text())
         b = json.loads((parallel / "runs" / path.name).read_text())
-        assert a["metrics"] == b["metrics"] and a["curves"] == b["curves"]
+        assert a["metrics"] == b["metrics"] and _timeless(a) == _timeless(b)
 
 
-def test_report_selects_learning_rate_on_validation_in_fair_mode(tmp_path: Path) -> None:
-    store = RunStore(tmp_path)
-    metric = Metric("score", "score", True)
-    experiment = Experiment(
-        task="toy",
-        name="synthetic",
-        title="synthetic",
-        preset="toy/abs",
-        settings={},
-        score=metric,
-        selection=Metric("val", "validation", True),
-        claims=("convergence",),
-        speed=Metric("speed", "speed", False),
-    )
-    runs = []
-    # Factor 3 has the best validation score but the worst test score: it must still be chosen.
-    for optimizer, factors in (
-        ("adabelief", {1.0: (0.5, 0.9), 3.0: (0.9, 0.1)}),
-        ("adam", {1.0: (0.6, 0.5)}),
-    ):
-        for factor, (val, score) in factors.items():
-            for seed in range(3):
-                key = f"{optimizer}-{factor}-{seed}"
-                store.save(
-                    {
-                        "key": key,
-                        "metrics": {
-                            "val": val + seed / 100,
-                            "score": score + seed / 100,
-                            "speed": 1.0,
-                        },
-                        "diverged": False,
-                    }
-                )
-                runs.append(
-                    {
-                        "key": key,
-                        "optimizer": optimizer,
-                        "lr_factor": factor,
-                        "seed": seed,
-                        "hparams": {"lr": factor},
-                    }
-                )
-    store.update_manifest(
-        {
-            "toy": {
-                "mode": "fair",
-                "quick": True,
-                "seeds": [0, 1, 2],
-                "experiments": [{"experiment": experiment.to_json(), "runs": runs}],
-            }
-        }
-    )
-    (result,) = analyze(store)
-    chosen = result.get("adabelief")
-    assert chosen is not None and chosen.chosen.lr_factor == 3.0
-    comparison = result.compare(metric, "adam")
-    assert comparison is not None and comparison.verdict == "worse"
-    report = build_report(tmp_path, make_plots=False)
+def test_fair_mode_reruns_the_validation_winner_at_every_seed(tmp_path: Path) -> None:
+    options = options_for(tmp_path, mode="fair", trials=3, seeds=3, optimizers=("adam", "sgd"))
+    summary, report = run_experiments(options)
+    assert not summary.failed and report is not None
+    (result, *_) = analyze(RunStore(tmp_path)).results
+    assert result.mode == "fair" and result.trials == 3
+    for row in result.optimizers:
+        assert len(row.trials) == 3 and row.search_space is not None
+        assert sorted(row.chosen.records) == [0, 1, 2]  # the winner at every seed
+        losers = [c for c in row.trials if c is not row.chosen]
+        assert all(sorted(c.records) == [TUNING_SEED] for c in losers)
+        selection = result.experiment.selection
+        best = min(row.trials, key=lambda c: c.selection_rank(selection, [TUNING_SEED]))
+        assert best.selection_rank(selection, [0]) == row.chosen.selection_rank(selection, [0])
     text = report.path.read_text()
-    assert "fair mode" in text and "**x3:" in text
-    assert "x3) †" in text  # chosen at the edge of the grid, flagged
+    assert "search space: lr in" in text and "(winner)" in text and "momentum in" in text
+    # 6 experiments x 2 optimizers x (3 trials + 2 reruns)
+    assert len(summary.ran) == 6 * 2 * 5
+
+
+def test_report_selects_the_trial_on_validation_in_fair_mode(tmp_path: Path) -> None:
+    store = RunStore(tmp_path)
+    # Trial 1 has the best validation score but the worst test score: it must still be chosen.
+    for optimizer, trials in (
+        ("adabelief", {0: (0.5, 0.9), 1: (0.9, 0.1)}),
+        ("adam", {0: (0.6, 0.5), 1: (0.2, 0.6)}),
+    ):
+        for trial, (val, score) in trials.items():
+            seeds = range(3) if (optimizer, trial) in (("adabelief", 1), ("adam", 0)) else [0]
+            for seed in seeds:
+                spread = seed / (100 if optimizer == "adabelief" else 50)
+                metrics = {"val": val + seed / 100, "score": score + spread, "speed": 1.0}
+                hparams = {"lr": 0.1 * (trial + 1)}
+                store.save(synthetic_record(optimizer, seed, metrics, trial=trial, hparams=hparams))
+    (result,) = analyze(store).results
+    chosen = result.get("adabelief")
+    assert chosen is not None and chosen.chosen.trial == 1
+    comparison = result.compare(SYNTHETIC.score, "adam")
+    assert comparison is not None and comparison.verdict == "worse"
+    text = build_report(tmp_path, make_plots=False).path.read_text()
+    assert "fair mode" in text and "trial 1: lr 0.2 → 0.9 (winner)" in text
     assert "toy/synthetic, score: adam" in text  # listed under "Where AdaBelief loses"
 
 
@@ -221,33 +284,44 @@ def test_claim_verdict_rules() -> None:
     better = evidence([2.0, 3.0, 4.1], [1.0, 2.0, 3.0])
     worse = evidence([1.0, 2.0, 3.0], [2.0, 3.0, 4.1])
     same = evidence([1.0, 2.0, 3.0], [1.1, 1.9, 3.0])
+    one_seed = evidence([5.0], [1.0])
     assert claim_verdict([]) == "not tested"
     assert claim_verdict([better, same]) == "supported"
     assert claim_verdict([same]).startswith("consistent")
     assert claim_verdict([better, worse]) == "mixed"
     assert claim_verdict([worse, worse]) == "not supported"
+    # One seed: nothing was tested, so nothing is "consistent".
+    assert claim_verdict([one_seed]).startswith("not tested")
+    assert claim_verdict([one_seed, better]) == "supported"
 
 
 def test_resolve_data_rules(tmp_path: Path) -> None:
-    assert resolve_data(("toy", "classify"), None) == {"toy": None, "classify": None}
+    toy, classify = TASKS["toy"], TASKS["classify"]
+    assert resolve_data([toy, classify], None) == {"toy": None, "classify": None}
     with pytest.raises(DataNotFoundError, match="CIFAR-10"):
-        resolve_data(("classify",), tmp_path)
+        resolve_data([classify], tmp_path)
     with pytest.raises(DataNotFoundError, match="none of the tasks"):
-        resolve_data(("toy",), tmp_path)
+        resolve_data([toy], tmp_path)
     write_fake_cifar(tmp_path)
-    everything = resolve_data(("toy", "classify", "lm", "gan"), tmp_path)
-    assert everything["classify"] == tmp_path and everything["lm"] is None
+    everything = resolve_data(list(TASKS.values()), tmp_path)
+    check = everything["classify"]
+    assert check is not None and len(check.fingerprint) == 16
+    assert everything["lm"] is None and everything["transformer"] is None
     with pytest.raises(DataNotFoundError, match="Penn Treebank"):
-        resolve_data(("lm",), tmp_path)
+        resolve_data([TASKS["lm"]], tmp_path)
+    # With 'all', a missing dataset falls back to bundled data, a broken one is an error.
+    (tmp_path / "test_batch").write_bytes(b"junk")
+    with pytest.raises(DataNotFoundError, match="test_batch"):
+        resolve_data(list(TASKS.values()), tmp_path)
 
 
 def test_store_writes_standard_json_atomically(tmp_path: Path) -> None:
     store = RunStore(tmp_path)
-    store.save({"key": "k", "metrics": {"a": math.nan, "b": [math.inf, 1.0]}})
-    assert json.loads(store.run_path("k").read_text())["metrics"] == {"a": None, "b": [None, 1.0]}
-    assert store.has("k") and not store.has("missing")
-    store.run_path("broken").write_text("{not json")
-    assert not store.has("broken")
+    record = synthetic_record("adam", 0, {"a": math.nan, "b": 1.0}, curves={"c": [math.inf, 1.0]})
+    store.save(record)
+    saved = json.loads(store.run_path(record["key"]).read_text())
+    assert saved["metrics"] == {"a": None, "b": 1.0} and saved["curves"] == {"c": [None, 1.0]}
+    assert store.has(record["key"]) and not store.has("missing")
     assert json_safe({"x": (1.0, math.nan)}) == {"x": [1.0, None]}
     atomic_write_text(tmp_path / "sub" / "f.txt", "hello")
     assert (tmp_path / "sub" / "f.txt").read_text() == "hello"

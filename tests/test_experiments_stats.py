@@ -63,17 +63,23 @@ def test_pairs_with_missing_values_are_dropped_and_small_n_is_flagged() -> None:
     assert empty.n == 0
 
 
-def test_constant_differences() -> None:
+def test_constant_differences_fall_back_to_the_sign_test() -> None:
     same = paired_comparison([1.0, 2.0, 3.0], [1.0, 2.0, 3.0], higher_is_better=True)
-    assert same.t_p_value == 1.0
+    assert same.t_p_value is None and same.p_value == 1.0
     assert same.verdict == "no significant difference"
+    # One test image on every seed: identical differences. t = inf would call this p = 0; the
+    # sign test (3 wins of 3, p = 0.25) cannot call it significant.
     shifted = paired_comparison([2.0, 3.0, 4.0], [1.0, 2.0, 3.0], higher_is_better=True)
-    assert shifted.t_p_value == 0.0
-    assert shifted.verdict == "better"
+    assert shifted.t_p_value is None
+    assert shifted.p_value == pytest.approx(0.25)
+    assert shifted.verdict == "no significant difference"
+    # With six seeds the sign test alone reaches p < 0.05 (2 / 64).
+    six = paired_comparison([1.0] * 6, [0.0] * 6, higher_is_better=True)
+    assert six.p_value == pytest.approx(2 / 64) and six.verdict == "better"
 
 
 def test_student_t_p_limits() -> None:
     pytest.importorskip("scipy")
     assert student_t_p(0.0, 4) == pytest.approx(1.0)
-    assert student_t_p(math.inf, 4) == 0.0
+    assert student_t_p(math.inf, 4) is None
     assert student_t_p(2.776, 4) == pytest.approx(0.05, abs=1e-3)

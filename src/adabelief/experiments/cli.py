@@ -1,8 +1,10 @@
-"""The ``adabelief`` command: reproduce the AdaBelief paper's claims on this machine.
+"""The ``adabelief`` command: reproduce the AdaBelief paper's claims on this machine or a cluster.
 
 ``adabelief run TASK...`` trains, ``adabelief report DIR`` rebuilds a report from a run folder,
-``adabelief presets`` lists the paper settings, ``adabelief bench ...`` runs the step benchmark.
-Heavy imports (torch, the tasks) happen only in the subcommands that need them.
+``adabelief presets`` lists the paper settings and fair-mode search spaces, ``adabelief bench
+...`` runs the step benchmark (:mod:`adabelief.experiments.bench`).  Heavy imports (the tasks,
+Ray) happen only in the subcommands that need them.  Every bad input ends with one line on
+stderr and exit status 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any, NoReturn
 
 __all__ = ["main"]
 
-TASK_NAMES = ("toy", "classify", "lm", "gan")
+TASK_NAMES = ("toy", "classify", "lm", "transformer", "gan")
 EXIT_OK, EXIT_FAILED_RUNS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
@@ -42,7 +44,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _default_jobs() -> int:
+def _cpus() -> int:
     if hasattr(os, "sched_getaffinity"):
         return max(1, len(os.sched_getaffinity(0)))
     return max(1, os.cpu_count() or 1)
@@ -50,39 +52,60 @@ def _default_jobs() -> int:
 
 _RUN_EPILOG = """\
 tasks:
-  toy       2-D functions (|x|+|y|, |x+y|+|x-y|/10, (x+y)^2+(x-y)^2/10, Beale, Rosenbrock,
-            McCormick): trajectories on contour plots, steps to reach the optimum
-  classify  small CNN on scikit-learn's bundled 8x8 digits: train/test accuracy curves and the
-            generalization gap; with --data holding CIFAR-10's python pickles (data_batch_1..5,
-            test_batch, possibly under cifar-10-batches-py/): VGG11, ResNet34, DenseNet121 with
-            the paper's schedule (200 epochs, lr x0.1 at 150, batch 128; with --quick only
-            VGG11 on 2,048 images for 2 epochs, a smoke test)
-  lm        character-level LSTM on Python standard-library source (ships with Python):
-            held-out perplexity; with --data holding Penn Treebank (ptb.train.txt, ptb.valid.txt,
-            ptb.test.txt, possibly under ptb/ or penn/): the paper's 1/2/3-layer LSTMs (200
-            epochs, lr /10 at 100 and 145; with --quick a small 1-layer model, 2 epochs)
-  gan       WGAN-GP and a standard GAN on 8 Gaussians (modes covered, high-quality fraction);
-            a small DCGAN on digits scored by a Frechet distance; spread over seeds = stability
-  all       all four (with --data, a task whose files are not in DIR uses its bundled data)
+  toy          2-D functions (|x|+|y|, |x+y|+|x-y|/10, (x+y)^2+(x-y)^2/10, Beale, Rosenbrock,
+               McCormick): trajectories on contour plots, steps to reach the optimum
+  classify     small CNN on scikit-learn's bundled 8x8 digits: train/test accuracy curves and
+               the generalization gap; with --data holding CIFAR-10's python pickles
+               (data_batch_1..5, test_batch, possibly under cifar-10-batches-py/): VGG11,
+               ResNet34, DenseNet121 with the paper's schedule (200 epochs, lr x0.1 at 150,
+               batch 128; with --quick only VGG11 on 2,048 images for 2 epochs, a smoke test)
+  lm           character-level LSTM on Python standard-library source (ships with Python):
+               held-out perplexity; with --data holding Penn Treebank (ptb.train.txt,
+               ptb.valid.txt, ptb.test.txt, possibly under ptb/ or penn/): the paper's 1/2/3-layer
+               LSTMs (200 epochs, lr /10 at 100 and 145; with --quick a small 1-layer model)
+  transformer  small Transformer language model with the paper's Transformer recipe (rectify,
+               decoupled decay, eps 1e-16, inverse-square-root schedule with warm-up) on the
+               characters of Python's documentation (pydoc_data, ships with Python); with --data
+               holding WikiText-2 (wiki.train.tokens, wiki.valid.tokens, wiki.test.tokens,
+               possibly under wikitext-2/): words. Compared with Adam and AdamW
+  gan          WGAN-GP and a standard GAN on 8 Gaussians (modes covered, high-quality fraction);
+               a small DCGAN on digits scored by a Frechet distance; spread over seeds = stability
+  all          all five (with --data, a task whose files are not in DIR uses its bundled data)
+  FILE.py:FUNCTION or package.module:FUNCTION
+               your own task: a function decorated with @adabelief.experiments.user_task
+               (see the README); it can be mixed with the built-in tasks
 
 modes:
-  paper     every optimizer uses its preset (see 'adabelief presets') as published
-  fair      every optimizer's learning rate is tried on a grid around its preset (3 values with
-            --quick, 5 otherwise), picked on validation data, and scored on test data
+  paper        every optimizer uses its preset (see 'adabelief presets') as published
+  fair         every optimizer gets the same --trials N trials, drawn quasi-randomly (scrambled
+               Halton, scipy.stats.qmc) from its own search space around its preset: learning
+               rate, eps, weight decay and beta1 (SGD: learning rate, momentum, weight decay).
+               Each trial runs at seed 0 and is judged on validation data; the best is rerun at
+               every seed and scored on test data (AlgoPerf's external tuning, DeepOBS)
+
+executors:
+  local        --jobs worker processes on this machine (default)
+  ray          one Ray task per run, asking for --threads CPUs (and a GPU with --device cuda),
+               on the cluster named by RAY_ADDRESS, or a Ray instance started here when it is
+               unset; results come back to this process, which writes every file (pip install
+               'adabelief[ray]'; --data must exist at the same path on every worker)
 
 outputs (in --out DIR):
-  runs/<key>.json   one file per finished run, written when it ends: rerunning the same command
-                    after an interruption resumes and skips finished runs
+  runs/<key>.json   one file per finished run (the key hashes everything that decides the
+                    result: task, settings, data fingerprint, optimizer, hyperparameters, seed,
+                    torch threads, device): rerunning a command resumes and skips finished runs
   results.json      every run: task, experiment, optimizer, hyperparameters, seed, curves,
-                    metrics, wall time
-  summary.csv       mean/std per experiment, optimizer, learning rate and metric
-  report.md         per claim, what the runs show (paired comparisons over seeds), and where
-                    AdaBelief loses; plots/*.png  learning curves, trajectories, GAN samples
+                    metrics, wall time, executor and host
+  summary.csv       mean/std per experiment, optimizer, trial and metric
+  report.md         per claim, what the runs show (paired comparisons over seeds), where
+                    AdaBelief loses, time to target and performance profiles, per-experiment
+                    tables; plots/*.png  learning curves, trajectories, GAN samples, profiles
 
 examples:
-  adabelief run all --quick --out runs/quick          # about 5 minutes on 2 CPU cores
-  adabelief run classify lm --data ~/datasets --device cuda --out runs/paper
-  adabelief run toy classify --quick --mode fair --optimizers adabelief,adam,sgd
+  adabelief run all --quick --out runs/quick           # under 10 minutes on 2 CPU cores
+  adabelief run all --quick --mode fair --out runs/fair  # under 15 minutes on 2 CPU cores
+  adabelief run classify lm --data ~/datasets --device cuda --executor ray --out runs/paper
+  adabelief run toy my_task.py:my_task --quick --optimizers adabelief,adam,sgd
 """
 
 
@@ -91,7 +114,7 @@ def _build_parser() -> _Parser:
         prog="adabelief",
         description=(
             "Check the AdaBelief paper's claims (fast convergence like Adam, generalization like "
-            "SGD, stable GAN training) on this machine."
+            "SGD, stable GAN training) on this machine or a Ray cluster."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Run 'adabelief COMMAND --help' for the options of each command.",
@@ -107,11 +130,16 @@ def _build_parser() -> _Parser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=_RUN_EPILOG,
     )
-    run.add_argument("tasks", nargs="+", metavar="TASK", help="toy, classify, lm, gan or all")
+    run.add_argument(
+        "tasks",
+        nargs="+",
+        metavar="TASK",
+        help="toy, classify, lm, transformer, gan, all, or FILE.py:FUNCTION",
+    )
     run.add_argument(
         "--quick",
         action="store_true",
-        help="small budgets (all four tasks in about 5 minutes on 2 CPU cores)",
+        help="small budgets (all five tasks in under 10 minutes on 2 CPU cores)",
     )
     run.add_argument(
         "--seeds",
@@ -131,15 +159,22 @@ def _build_parser() -> _Parser:
         "--mode",
         choices=("paper", "fair"),
         default="paper",
-        help="paper: presets as published; fair: learning-rate grid per optimizer picked on "
-        "validation data (default: %(default)s)",
+        help="paper: presets as published; fair: the same number of quasi-random trials per "
+        "optimizer from its own search space, picked on validation data (default: %(default)s)",
+    )
+    run.add_argument(
+        "--trials",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="fair mode: trials per optimizer (default: 5 with --quick, 20 otherwise)",
     )
     run.add_argument(
         "--data",
         type=Path,
         metavar="DIR",
-        help="folder with CIFAR-10 python pickles and/or Penn Treebank text files "
-        "(default: bundled datasets only)",
+        help="folder with CIFAR-10 python pickles, Penn Treebank and/or WikiText-2 text files "
+        "(default: bundled datasets only); every file is validated before training",
     )
     run.add_argument(
         "--out",
@@ -151,33 +186,42 @@ def _build_parser() -> _Parser:
         "--device",
         choices=("cpu", "cuda"),
         default="cpu",
-        help="where classify and lm train (default: cpu); toy and gan are tiny and stay on the CPU",
+        help="where classify, lm, transformer and user tasks train (default: cpu); toy and gan "
+        "are tiny and stay on the CPU",
+    )
+    run.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        default="local",
+        help="local: worker processes here; ray: one Ray task per run on the cluster named by "
+        "RAY_ADDRESS, or a local Ray instance (default: %(default)s)",
     )
     run.add_argument(
         "--jobs",
         type=_positive_int,
         default=None,
         metavar="N",
-        help="parallel runs in worker processes, each with cores/N torch threads "
-        f"(default: the number of CPU cores, {_default_jobs()} here; 1 with --device cuda)",
+        help="local executor: parallel runs in worker processes (default: CPU cores / --threads, "
+        f"{_cpus()} here with one thread; 1 with --device cuda)",
     )
     run.add_argument(
         "--threads",
         type=_positive_int,
-        default=None,
+        default=1,
         metavar="N",
-        help="torch threads per run (default: CPU cores / jobs; the small quick-mode models run "
-        "best with 1)",
+        help="torch threads per run (default: %(default)s; part of each run's identity, since "
+        "results depend on it; the Ray executor asks for this many CPUs per run)",
     )
-    run.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     run.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     run.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
 
     report = commands.add_parser(
         "report",
         help="rebuild results.json, summary.csv, plots and report.md from a run folder",
-        description="Rebuild results.json, summary.csv, the plots and report.md from the runs "
-        "stored in DIR (e.g. after an interrupted run, or to re-read finished runs).",
+        description="Rebuild results.json, summary.csv, the plots and report.md from every run "
+        "stored in DIR/runs (e.g. after an interrupted run, or after several commands wrote "
+        "into the same folder). Run files that are not valid are named and left out.",
     )
     report.add_argument(
         "directory", type=Path, metavar="DIR", help="a folder written by 'adabelief run'"
@@ -186,11 +230,11 @@ def _build_parser() -> _Parser:
 
     presets = commands.add_parser(
         "presets",
-        help="list the named presets (paper settings) per task",
+        help="list the named presets (paper settings) per task and fair mode's search spaces",
         description="List every task's named presets: schedule, quick-mode overrides, and each "
-        "optimizer's hyperparameters, plus the fair-mode learning-rate grid.",
+        "optimizer's hyperparameters, plus fair mode's search spaces.",
     )
-    presets.add_argument("task", nargs="?", choices=TASK_NAMES, help="only this task")
+    presets.add_argument("task", nargs="?", choices=(*TASK_NAMES, "user"), help="only this task")
 
     commands.add_parser(
         "bench",
@@ -202,23 +246,7 @@ def _build_parser() -> _Parser:
     return parser
 
 
-def _parse_tasks(names: list[str]) -> tuple[str, ...]:
-    tasks: list[str] = []
-    for name in names:
-        key = name.strip().lower()
-        if key == "all":
-            tasks.extend(TASK_NAMES)
-        elif key in TASK_NAMES:
-            tasks.append(key)
-        else:
-            raise UsageError(
-                f"adabelief run: unknown task {name!r}; choose from {', '.join(TASK_NAMES)}, all"
-            )
-    return tuple(dict.fromkeys(tasks))
-
-
 def _command_run(args: argparse.Namespace, argv: list[str]) -> int:
-    tasks = _parse_tasks(args.tasks)
     from adabelief.experiments.registry import UnknownOptimizerError, check_optimizer_names
 
     try:
@@ -229,7 +257,14 @@ def _command_run(args: argparse.Namespace, argv: list[str]) -> int:
         raise UsageError(f"adabelief run: {exc}") from None
     if not optimizers:
         raise UsageError("adabelief run: --optimizers is empty")
-    if args.device == "cuda":
+    if args.trials is not None and args.mode != "fair":
+        raise UsageError("adabelief run: --trials only applies to --mode fair")
+    if args.jobs is not None and args.executor == "ray":
+        raise UsageError(
+            "adabelief run: --jobs applies to --executor local; Ray schedules every run as a "
+            "task of --threads CPUs"
+        )
+    if args.device == "cuda" and args.executor == "local":
         import torch
 
         if not torch.cuda.is_available():
@@ -237,30 +272,44 @@ def _command_run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.data is not None and not args.data.is_dir():
         raise UsageError(f"adabelief run: --data {args.data} is not a folder")
     from adabelief.experiments.data import DataNotFoundError
+    from adabelief.experiments.executors import ExecutorError
     from adabelief.experiments.runner import RunOptions, run_experiments
+    from adabelief.experiments.store import OutputError
+    from adabelief.experiments.usertask import TaskLoadError
 
     seeds = args.seeds or (3 if args.quick else 5)
+    jobs = args.jobs or (1 if args.device == "cuda" else max(1, _cpus() // args.threads))
     options = RunOptions(
-        tasks=tasks,
+        tasks=tuple(args.tasks),
         out=args.out or Path("runs/quick" if args.quick else "runs/full"),
         quick=args.quick,
         seeds=seeds,
         optimizers=optimizers,
         mode=args.mode,
+        trials=args.trials,
         data_dir=args.data,
         device=args.device,
-        jobs=args.jobs or (1 if args.device == "cuda" else _default_jobs()),
+        executor=args.executor,
+        jobs=jobs,
         threads=args.threads,
         progress=not args.no_progress,
         tiny=args.tiny,
         make_plots=not args.no_plots,
     )
     if seeds < 2:
-        print("note: one seed gives no paired statistics; use --seeds 3 or more", file=sys.stderr)
+        print(
+            "note: one seed gives no paired statistics (claims will read 'not tested'); use "
+            "--seeds 3 or more",
+            file=sys.stderr,
+        )
     try:
         summary, report = run_experiments(options, "adabelief " + shlex.join(argv))
-    except DataNotFoundError as exc:
+    except (TaskLoadError, DataNotFoundError, ExecutorError) as exc:
         raise UsageError(f"adabelief run: {exc}") from None
+    except OutputError as exc:
+        raise UsageError(f"adabelief run: --out {options.out}: {exc}") from None
+    for bad in summary.bad_files:
+        print(f"warning: {bad}; it was run again", file=sys.stderr)
     print(
         f"{len(summary.ran)} runs done, {summary.reused} reused from {options.out}, "
         f"{len(summary.failed)} failed"
@@ -268,6 +317,8 @@ def _command_run(args: argparse.Namespace, argv: list[str]) -> int:
     for key, error in list(summary.failed.items())[:3]:
         last = error.strip().splitlines()[-1] if error.strip() else "unknown error"
         print(f"failed: {key}: {last}", file=sys.stderr)
+    if len(summary.failed) > 3:
+        print(f"failed: ... and {len(summary.failed) - 3} more", file=sys.stderr)
     if summary.interrupted:
         print(
             f"interrupted: finished runs are saved in {options.out}/runs; "
@@ -275,6 +326,11 @@ def _command_run(args: argparse.Namespace, argv: list[str]) -> int:
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
+    if summary.report_kept:
+        print(
+            f"report: {options.out / 'report.md'} left as it was (no run of this command finished)",
+            file=sys.stderr,
+        )
     if report is not None:
         _print_verdicts(report)
     return EXIT_FAILED_RUNS if summary.failed else EXIT_OK
@@ -282,6 +338,8 @@ def _command_run(args: argparse.Namespace, argv: list[str]) -> int:
 
 def _print_verdicts(report: Any) -> None:
     print(f"report: {report.path}")
+    if report.bad_files:
+        print(f"  {report.bad_files} run files are not valid runs; the report lists them")
     for row in report.verdicts:
         print(f"  {row.claim}: {row.verdict} ({row.evidence})")
 
@@ -295,6 +353,10 @@ def _command_report(args: argparse.Namespace) -> int:
         report = build_report(args.directory, make_plots=not args.no_plots)
     except ReportError as exc:
         raise UsageError(f"adabelief report: {exc}") from None
+    except OSError as exc:
+        raise UsageError(
+            f"adabelief report: cannot write in {args.directory} ({exc.strerror or exc})"
+        ) from None
     print(f"{report.runs} runs read, {report.missing} planned runs missing")
     _print_verdicts(report)
     return EXIT_OK
@@ -313,8 +375,9 @@ def _format_mapping(mapping: dict[str, Any]) -> str:
 
 
 def _command_presets(args: argparse.Namespace) -> int:
-    from adabelief.experiments.presets import PRESETS, lr_grid
+    from adabelief.experiments.presets import PRESETS
     from adabelief.experiments.registry import DEFAULT_OPTIMIZERS, available_optimizers
+    from adabelief.experiments.search import default_trials, search_space
 
     available = set(available_optimizers())
     wrap = textwrap.TextWrapper(width=100, initial_indent="    ", subsequent_indent="      ")
@@ -323,15 +386,27 @@ def _command_presets(args: argparse.Namespace) -> int:
             continue
         print(f"{preset.name}: {preset.description}")
         print(wrap.fill(f"source: {preset.source}"))
-        print(wrap.fill(f"settings: {_format_mapping(preset.settings)}"))
+        if preset.settings:
+            print(wrap.fill(f"settings: {_format_mapping(preset.settings)}"))
         if preset.quick:
             print(wrap.fill(f"--quick: {_format_mapping(preset.quick)}"))
         for name, hparams in preset.optimizers.items():
             flag = "" if name in available else "  (not installed)"
             print(wrap.fill(f"{name}: {_format_mapping(hparams)}{flag}"))
         print()
-    grid = lambda quick: ", ".join(f"x{f:.2g}" for f in lr_grid(quick))  # noqa: E731
-    print(f"fair mode learning-rate factors: {grid(True)} (--quick), {grid(False)} (full)")
+    example = next(
+        (p for p in PRESETS.values() if p.task == args.task), PRESETS["classify/digits-cnn"]
+    )
+    print(
+        f"fair mode: {default_trials(True)} trials per optimizer with --quick, "
+        f"{default_trials(False)} otherwise (--trials N); search spaces around each preset, "
+        f"e.g. for {example.name} with --quick:"
+    )
+    for name in ("adabelief", "adam", "sgd"):
+        space = search_space(name, example.hparams(name), quick=True)
+        print(f"    {name}:")
+        for dimension in space.describe().split("; "):
+            print(f"      {dimension}")
     print(
         f"default optimizers: {', '.join(DEFAULT_OPTIMIZERS)}; installed: {', '.join(sorted(available))}"
     )
@@ -344,8 +419,8 @@ def _command_bench(rest: list[str]) -> int:
     except ModuleNotFoundError as exc:
         if exc.name in ("adabelief.experiments.bench",):
             print(
-                "adabelief bench: the benchmark module (adabelief.experiments.bench) is not part of "
-                "this installation",
+                "adabelief bench: the benchmark module (adabelief.experiments.bench) is not part "
+                "of this installation",
                 file=sys.stderr,
             )
             return EXIT_USAGE

@@ -7,9 +7,19 @@
   in ``DIR`` or ``DIR/cifar-10-batches-py``.
 * Penn Treebank: ``ptb.train.txt``, ``ptb.valid.txt``, ``ptb.test.txt`` in ``DIR`` (or
   ``DIR/ptb``, ``DIR/penn``), one sentence per line as in Mikolov's release.
+* Python documentation text: the help topics of ``pydoc_data.topics`` (the text of Python's
+  language reference that ``help()`` shows; it ships with Python), as a character-level corpus.
+* WikiText-2: ``wiki.train.tokens``, ``wiki.valid.tokens``, ``wiki.test.tokens`` (the tokenised
+  release) in ``DIR`` or ``DIR/wikitext-2``, word level.
 
 Data splits are fixed (they do not depend on the run's seed) so that runs with different seeds
 and optimizers are paired on the same data.
+
+Real datasets are validated before any training (:func:`check_cifar10`, :func:`check_ptb`,
+:func:`check_wikitext`): every file is read completely, and a corrupt, truncated, binary or
+too small file raises :class:`DataNotFoundError` naming it.  The check returns a
+:class:`DataCheck` whose ``fingerprint`` (SHA-256 of the files' names and bytes) becomes part of
+every run's identity, so changed files are never served stale runs.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ import hashlib
 import importlib
 import inspect
 import pickle
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,22 +38,39 @@ import torch
 
 __all__ = [
     "CIFAR_FILES",
+    "MIN_EVAL_TOKENS",
+    "MIN_TRAIN_TOKENS",
     "PTB_FILES",
     "STDLIB_MODULES",
+    "WIKITEXT_FILES",
     "ArrayDataset",
+    "DataCheck",
     "DataNotFoundError",
     "TextCorpus",
+    "check_cifar10",
+    "check_ptb",
+    "check_wikitext",
     "find_cifar_dir",
     "find_ptb_dir",
+    "find_wikitext_dir",
+    "fingerprint_files",
     "fixed_split",
     "load_cifar10",
     "load_digits",
     "load_ptb",
+    "load_python_docs",
     "load_stdlib_text",
+    "load_wikitext",
+    "read_cifar_batch",
+    "read_text_file",
 ]
 
 CIFAR_FILES: tuple[str, ...] = (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch")
 PTB_FILES: tuple[str, ...] = ("ptb.train.txt", "ptb.valid.txt", "ptb.test.txt")
+WIKITEXT_FILES: tuple[str, ...] = ("wiki.train.tokens", "wiki.valid.tokens", "wiki.test.tokens")
+#: Smallest word-level text files accepted: a training file with fewer tokens cannot fill the
+#: batches, and held-out files with fewer give no meaningful perplexity.
+MIN_TRAIN_TOKENS, MIN_EVAL_TOKENS = 1000, 100
 #: Standard-library modules whose source forms the bundled character-level corpus.  They are
 #: pure Python, exist in every supported version and change rarely; the corpus hash is recorded
 #: with each run so that results from different Python versions are not mixed up silently.
@@ -67,7 +95,38 @@ SPLIT_SEED = 20201020
 
 
 class DataNotFoundError(ValueError):
-    """A ``--data`` folder does not hold the files a task needs."""
+    """A ``--data`` folder does not hold the files a task needs, or one of them is unusable."""
+
+
+@dataclass(frozen=True)
+class DataCheck:
+    """A validated dataset: what it is, its files, and a fingerprint of their contents."""
+
+    description: str
+    files: tuple[Path, ...]
+    fingerprint: str
+
+
+@functools.lru_cache(maxsize=64)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fingerprint_files(files: Sequence[Path]) -> str:
+    """SHA-256 (16 hex digits) over the files' names and contents, in the given order.
+
+    A file's digest is cached per process by path, size and modification time.
+    """
+    digest = hashlib.sha256()
+    for path in files:
+        stat = path.stat()
+        digest.update(path.name.encode() + b"\0")
+        digest.update(_file_digest(str(path.resolve()), stat.st_size, stat.st_mtime_ns).encode())
+    return digest.hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -149,18 +208,47 @@ def find_cifar_dir(data_dir: Path) -> Path:
     )
 
 
-def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    with path.open("rb") as handle:
-        # The official CIFAR-10 files are pickles; only point --data at files you trust.
-        batch = pickle.load(handle, encoding="bytes")
+def read_cifar_batch(
+    path: Path, label_key: bytes = b"labels", classes: int = 10, dataset: str = "CIFAR-10"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Images ``(N, 3, 32, 32)`` uint8 and labels of one CIFAR python batch, validated.
+
+    ``label_key`` / ``classes`` select the labels (CIFAR-10: ``b"labels"``, 10 classes).  A file
+    that does not unpickle (corrupt, truncated), lacks the keys, has another shape, or has labels
+    outside ``[0, classes)`` raises :class:`DataNotFoundError` naming it.
+    """
+    what = f"{path} is not a {dataset} python batch"
     try:
-        data = np.asarray(batch[b"data"], dtype=np.uint8)
-        labels = np.asarray(batch[b"labels"], dtype=np.int64)
-    except (KeyError, TypeError) as exc:
-        raise DataNotFoundError(f"{path} is not a CIFAR-10 python batch ({exc})") from exc
-    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
-        raise DataNotFoundError(f"{path} is not a CIFAR-10 python batch (shape {data.shape})")
-    return data.reshape(-1, 3, 32, 32), labels
+        with path.open("rb") as handle:
+            # The official CIFAR files are pickles; only point --data at files you trust.
+            batch = pickle.load(handle, encoding="bytes")
+    except OSError as exc:
+        raise DataNotFoundError(f"cannot read {path} ({exc.strerror or exc})") from None
+    except Exception as exc:
+        raise DataNotFoundError(f"{what} (it does not unpickle: {type(exc).__name__})") from None
+    if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
+        raise DataNotFoundError(f"{what} (no {b'data'!r} and {label_key!r} entries)")
+    try:
+        data = np.asarray(batch[b"data"])
+        labels = np.asarray(batch[label_key])
+    except (TypeError, ValueError) as exc:
+        raise DataNotFoundError(f"{what} ({exc})") from None
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise DataNotFoundError(f"{what} (data of shape {data.shape} and type {data.dtype})")
+    if labels.ndim != 1 or len(labels) != len(data) or len(data) == 0:
+        raise DataNotFoundError(f"{what} ({len(data)} images, labels of shape {labels.shape})")
+    if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= classes:
+        raise DataNotFoundError(f"{what} (labels outside 0..{classes - 1})")
+    return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
+
+
+def check_cifar10(data_dir: Path) -> DataCheck:
+    """Find and validate the CIFAR-10 batches in ``data_dir`` (every file is read)."""
+    folder = find_cifar_dir(data_dir)
+    files = tuple(folder / name for name in CIFAR_FILES)
+    for path in files:
+        read_cifar_batch(path)
+    return DataCheck(f"CIFAR-10 in {folder}", files, fingerprint_files(files))
 
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -179,10 +267,10 @@ def load_cifar10(
     ``train_limit`` / ``test_limit`` keep only the first examples (for quick runs).
     """
     folder = find_cifar_dir(data_dir)
-    parts = [_read_cifar_batch(folder / name) for name in CIFAR_FILES[:5]]
+    parts = [read_cifar_batch(folder / name) for name in CIFAR_FILES[:5]]
     train_data = np.concatenate([p[0] for p in parts])
     train_labels = np.concatenate([p[1] for p in parts])
-    test_data, test_labels = _read_cifar_batch(folder / "test_batch")
+    test_data, test_labels = read_cifar_batch(folder / "test_batch")
     if train_limit is not None:
         train_data, train_labels = train_data[:train_limit], train_labels[:train_limit]
     if test_limit is not None:
@@ -206,15 +294,68 @@ def load_cifar10(
     )
 
 
+def _find_text_dir(
+    data_dir: Path, names: tuple[str, ...], subfolders: tuple[str, ...], dataset: str
+) -> Path:
+    for candidate in (data_dir, *(data_dir / sub for sub in subfolders)):
+        if all((candidate / name).is_file() for name in names):
+            return candidate
+    where = " or ".join(f"{sub}/" for sub in subfolders)
+    raise DataNotFoundError(
+        f"no {dataset} text files in {data_dir} (expected {', '.join(names)} "
+        f"there or in its {where} folder)"
+    )
+
+
 def find_ptb_dir(data_dir: Path) -> Path:
     """The folder under ``data_dir`` holding the Penn Treebank text files (raises if none)."""
-    for candidate in (data_dir, data_dir / "ptb", data_dir / "penn"):
-        if all((candidate / name).is_file() for name in PTB_FILES):
-            return candidate
-    raise DataNotFoundError(
-        f"no Penn Treebank text files in {data_dir} (expected {', '.join(PTB_FILES)} "
-        "there or in its ptb/ or penn/ folder)"
-    )
+    return _find_text_dir(data_dir, PTB_FILES, ("ptb", "penn"), "Penn Treebank")
+
+
+def find_wikitext_dir(data_dir: Path) -> Path:
+    """The folder under ``data_dir`` holding the WikiText-2 token files (raises if none)."""
+    return _find_text_dir(data_dir, WIKITEXT_FILES, ("wikitext-2",), "WikiText-2")
+
+
+def read_text_file(path: Path, min_tokens: int) -> str:
+    """A UTF-8 text file with at least ``min_tokens`` whitespace-separated words, or raise.
+
+    Binary files (NUL bytes), invalid UTF-8 and files with too few words raise
+    :class:`DataNotFoundError` naming the file.
+    """
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataNotFoundError(f"cannot read {path} ({exc.strerror or exc})") from None
+    if b"\0" in raw:
+        raise DataNotFoundError(f"{path} is a binary file, not text")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataNotFoundError(
+            f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason})"
+        ) from None
+    words = len(text.split())
+    if words < min_tokens:
+        raise DataNotFoundError(f"{path} holds {words} words; at least {min_tokens} are needed")
+    return text
+
+
+def _check_text_files(folder: Path, names: tuple[str, ...], dataset: str) -> DataCheck:
+    files = tuple(folder / name for name in names)
+    for index, path in enumerate(files):
+        read_text_file(path, MIN_TRAIN_TOKENS if index == 0 else MIN_EVAL_TOKENS)
+    return DataCheck(f"{dataset} in {folder}", files, fingerprint_files(files))
+
+
+def check_ptb(data_dir: Path) -> DataCheck:
+    """Find and validate the Penn Treebank files in ``data_dir``."""
+    return _check_text_files(find_ptb_dir(data_dir), PTB_FILES, "Penn Treebank")
+
+
+def check_wikitext(data_dir: Path) -> DataCheck:
+    """Find and validate the WikiText-2 files in ``data_dir``."""
+    return _check_text_files(find_wikitext_dir(data_dir), WIKITEXT_FILES, "WikiText-2")
 
 
 def _fingerprint(*texts: str) -> str:
@@ -224,20 +365,23 @@ def _fingerprint(*texts: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def load_ptb(data_dir: Path, train_limit: int | None = None) -> TextCorpus:
-    """Word-level Penn Treebank: each line's words followed by ``<eos>``.
+def _word_corpus(
+    folder: Path, names: tuple[str, ...], name: str, train_limit: int | None
+) -> TextCorpus:
+    """Word-level corpus: each non-empty line's words followed by ``<eos>``.
 
     The vocabulary comes from the training file; a word seen only in valid/test maps to
     ``<unk>``.  ``train_limit`` keeps only the first tokens of the training stream.
     """
-    folder = find_ptb_dir(data_dir)
-    texts = [(folder / name).read_text(encoding="utf-8") for name in PTB_FILES]
+    texts = [
+        read_text_file(folder / file, MIN_TRAIN_TOKENS if i == 0 else MIN_EVAL_TOKENS)
+        for i, file in enumerate(names)
+    ]
     streams = [
-        [w for line in text.splitlines() for w in [*line.split(), "<eos>"]] for text in texts
+        [w for line in text.splitlines() if line.split() for w in [*line.split(), "<eos>"]]
+        for text in texts
     ]
     vocab = sorted(set(streams[0]) | {"<unk>", "<eos>"})
-    if len(streams[0]) < 2:
-        raise DataNotFoundError(f"{folder / PTB_FILES[0]} holds too little text")
     index = {word: i for i, word in enumerate(vocab)}
     unk = index["<unk>"]
 
@@ -248,8 +392,18 @@ def load_ptb(data_dir: Path, train_limit: int | None = None) -> TextCorpus:
     if train_limit is not None:
         train = train[:train_limit]
     return TextCorpus(
-        train, encode(streams[1]), encode(streams[2]), tuple(vocab), "ptb", _fingerprint(*texts)
+        train, encode(streams[1]), encode(streams[2]), tuple(vocab), name, _fingerprint(*texts)
     )
+
+
+def load_ptb(data_dir: Path, train_limit: int | None = None) -> TextCorpus:
+    """Word-level Penn Treebank (see :func:`_word_corpus`)."""
+    return _word_corpus(find_ptb_dir(data_dir), PTB_FILES, "ptb", train_limit)
+
+
+def load_wikitext(data_dir: Path, train_limit: int | None = None) -> TextCorpus:
+    """Word-level WikiText-2 from its ``.tokens`` files (already tokenised, ``<unk>`` included)."""
+    return _word_corpus(find_wikitext_dir(data_dir), WIKITEXT_FILES, "wikitext", train_limit)
 
 
 @functools.lru_cache(maxsize=1)
@@ -267,13 +421,33 @@ def _stdlib_source() -> str:
     return "\n".join(pieces)
 
 
-def load_stdlib_text(max_chars: int | None = None) -> TextCorpus:
-    """Character-level corpus from the source of :data:`STDLIB_MODULES` (split 90/5/5).
+@functools.lru_cache(maxsize=1)
+def _python_docs() -> str:
+    try:
+        from pydoc_data.topics import topics
+    except ImportError as exc:  # some distributions split pydoc_data into another package
+        raise DataNotFoundError(
+            f"this Python has no pydoc_data module ({exc}); the bundled Transformer corpus "
+            "needs it (it is part of the standard library)"
+        ) from None
+    return "\n\n".join(topics[name].strip() for name in sorted(topics))
 
-    ``max_chars`` keeps only the first characters (for quick runs); the split is contiguous so
-    that held-out text is unseen text.
+
+def load_python_docs(max_chars: int | None = None) -> TextCorpus:
+    """Character-level corpus from Python's help topics (``pydoc_data.topics``), split 90/5/5."""
+    return _char_corpus(_python_docs(), max_chars, "python-docs")
+
+
+def load_stdlib_text(max_chars: int | None = None) -> TextCorpus:
+    """Character-level corpus from the source of :data:`STDLIB_MODULES` (split 90/5/5)."""
+    return _char_corpus(_stdlib_source(), max_chars, "stdlib-source")
+
+
+def _char_corpus(text: str, max_chars: int | None, name: str) -> TextCorpus:
+    """Characters as tokens, split 90/5/5 contiguously so that held-out text is unseen text.
+
+    ``max_chars`` keeps only the first characters (for quick runs).
     """
-    text = _stdlib_source()
     if max_chars is not None:
         text = text[:max_chars]
     vocab = tuple(sorted(set(text)))
@@ -285,6 +459,6 @@ def load_stdlib_text(max_chars: int | None = None) -> TextCorpus:
         ids[n_train : n_train + n_valid],
         ids[n_train + n_valid :],
         vocab,
-        "stdlib-source",
+        name,
         _fingerprint(text),
     )

@@ -4,6 +4,7 @@
 * :func:`vgg11`, :func:`resnet34`, :func:`densenet121` - CIFAR-10 variants of the paper's models
   (32x32 inputs: 3x3 stem, no initial pooling).
 * :class:`LSTMLanguageModel` - embedding, stacked LSTM, tied or untied decoder.
+* :class:`TransformerLanguageModel` - a small causal (decoder-only) pre-norm Transformer.
 * :class:`MLPGenerator`, :class:`MLPCritic` - 2-D GAN networks; :class:`DCGANGenerator`,
   :class:`DCGANDiscriminator` - a small DCGAN for 8x8 images.
 """
@@ -25,6 +26,7 @@ __all__ = [
     "LSTMState",
     "MLPCritic",
     "MLPGenerator",
+    "TransformerLanguageModel",
     "build_classifier",
     "densenet121",
     "resnet34",
@@ -243,6 +245,52 @@ class LSTMLanguageModel(nn.Module):
             new_state.append(layer_state)
             x = self.dropout(x)
         return self.decoder(x), new_state
+
+
+class TransformerLanguageModel(nn.Module):
+    """Token and learned position embeddings, ``layers`` pre-norm Transformer blocks with a
+    causal mask, a final layer norm, and a decoder tied to the token embedding.
+
+    Inputs are ``(batch, time)`` token ids with ``time <= context``; outputs are logits
+    ``(batch, time, vocab)``.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int,
+        heads: int,
+        layers: int,
+        ff_dim: int,
+        context: int,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.context = context
+        self.embedding = nn.Embedding(vocab_size, d_model)
+        self.position = nn.Embedding(context, d_model)
+        block = nn.TransformerEncoderLayer(
+            d_model, heads, ff_dim, dropout, batch_first=True, norm_first=True
+        )
+        self.blocks = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d_model)
+        self.decoder = nn.Linear(d_model, vocab_size, bias=False)
+        self.decoder.weight = self.embedding.weight
+        self.dropout = nn.Dropout(dropout)
+        self.register_buffer(
+            "causal_mask", nn.Transformer.generate_square_subsequent_mask(context), persistent=False
+        )
+        # Small embeddings (std 0.02, as in GPT-2): the tied decoder then starts near uniform.
+        nn.init.normal_(self.embedding.weight, std=0.02)
+        nn.init.normal_(self.position.weight, std=0.02)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        length = tokens.size(1)
+        positions = torch.arange(length, device=tokens.device)
+        x = self.dropout(self.embedding(tokens) + self.position(positions))
+        mask: torch.Tensor = self.causal_mask[:length, :length]  # type: ignore[index]
+        x = self.blocks(x, mask=mask, is_causal=True)
+        return self.decoder(self.norm(x))
 
 
 class MLPGenerator(nn.Module):

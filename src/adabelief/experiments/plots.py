@@ -1,14 +1,19 @@
 """PNG figures for the report (matplotlib's Agg canvas; pyplot and its global state are not used).
 
-* learning curves: mean over seeds with a +-1 std band, per optimizer;
-* ``trajectories``: the toy task's paths on the function's contour plot (first seed);
-* ``points``: the 2-D GAN's samples against the 8 modes (first seed);
-* ``images``: generated digits (first seed).
+This module draws what every experiment has:
+
+* learning curves: mean over seeds with a +-1 std band, per optimizer; diverged runs are left
+  out (they are counted in the report's tables), and AdaBelief's line is drawn first and
+  widest, so that the others stay visible on top of it;
+* the performance profile across experiments.
+
+Task-specific figures (trajectories, GAN samples) are drawn by their tasks (``Task.plots``)
+with the helpers here: :func:`new_figure`, :func:`save_figure`, :func:`optimizer_color`,
+:func:`line_style`, :func:`run_label`, :func:`first_record`.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,9 +23,25 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from adabelief.experiments.analysis import REFERENCE, ExperimentResult, OptimizerResult
+from adabelief.experiments.analysis import (
+    REFERENCE,
+    TAU_MAX,
+    ExperimentResult,
+    OptimizerResult,
+    Profile,
+)
 
-__all__ = ["optimizer_color", "plot_experiment"]
+__all__ = [
+    "first_record",
+    "line_style",
+    "new_figure",
+    "optimizer_color",
+    "plot_curves",
+    "plot_profile",
+    "plot_stem",
+    "run_label",
+    "save_figure",
+]
 
 _COLORS = {
     "adabelief": "#d62728",
@@ -32,6 +53,10 @@ _COLORS = {
     "yogi": "#e377c2",
     "adabelief_ref": "#7f7f7f",
 }
+#: Curves that are not plotted as learning curves (positions and clocks).
+_AXES_CURVES = {"x", "step", "time_s"}
+#: Curves shown on a log scale when all their values are positive.
+_LOG_CURVES = {"train_loss", "val_ppl", "distance", "fid"}
 
 
 def optimizer_color(name: str) -> str:
@@ -39,21 +64,50 @@ def optimizer_color(name: str) -> str:
     return _COLORS.get(name, "#17becf")
 
 
-def _save(figure: Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
+def line_style(optimizer: str) -> dict[str, Any]:
+    """Matplotlib line options: AdaBelief wide and underneath, the others thinner, dashed, on top."""
+    if optimizer == REFERENCE:
+        return {"color": optimizer_color(optimizer), "lw": 3.0, "ls": "-", "zorder": 2}
+    return {"color": optimizer_color(optimizer), "lw": 1.4, "ls": "--", "zorder": 3}
+
+
+def new_figure(width: float, height: float) -> Figure:
+    """A figure on its own Agg canvas."""
+    figure = Figure(figsize=(width, height))
     FigureCanvasAgg(figure)
+    return figure
+
+
+def save_figure(figure: Figure, path: Path) -> Path:
+    """Write ``figure`` as PNG (the umask decides the file's permissions)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110, bbox_inches="tight")
     return path
 
 
-def _label(row: OptimizerResult) -> str:
-    factor = row.chosen.lr_factor
+def plot_stem(result: ExperimentResult) -> str:
+    """File-name stem of an experiment's figures: ``task-experiment``, plus the mode and study
+    when they are needed to tell figures of the same experiment apart."""
+    stem = f"{result.experiment.task}-{result.experiment.name}"
+    if result.mode != "paper":
+        stem += f"-{result.mode}"
+    return f"{stem}-{result.study}" if result.label else stem
+
+
+def run_label(row: OptimizerResult) -> str:
+    """Legend text: optimizer, learning rate and (fair mode) the winning trial."""
     lr = row.chosen.hparams.get("lr")
-    return (
-        f"{row.optimizer} (lr {lr:g})"
-        if factor == 1 or lr is None
-        else f"{row.optimizer} (lr {lr:g}, x{factor:.2g})"
-    )
+    text = row.optimizer if not isinstance(lr, int | float) else f"{row.optimizer} (lr {lr:.3g})"
+    return text if row.chosen.trial is None else f"{text}, trial {row.chosen.trial}"
+
+
+def first_record(row: OptimizerResult) -> dict[str, Any] | None:
+    """The chosen candidate's record of its first seed that did not diverge (or ``None``)."""
+    for seed in sorted(row.chosen.records):
+        record = row.chosen.records[seed]
+        if not record.get("diverged"):
+            return record
+    return None
 
 
 def _stack(rows: list[list[float | None]]) -> np.ndarray:
@@ -64,174 +118,107 @@ def _stack(rows: list[list[float | None]]) -> np.ndarray:
     return out
 
 
-def _curve_axes(axes: Axes, result: ExperimentResult, curve: str, label: str) -> None:
-    for row in result.optimizers:
-        runs = [r for r in row.chosen.records.values() if curve in r.get("curves", {})]
+def _finished_runs(row: OptimizerResult, curve: str) -> list[dict[str, Any]]:
+    return [
+        r
+        for r in row.chosen.records.values()
+        if not r.get("diverged") and any(v is not None for v in r.get("curves", {}).get(curve, []))
+    ]
+
+
+def _curve_axes(axes: Axes, result: ExperimentResult, curve: str, label: str) -> bool:
+    drawn: list[np.ndarray] = []
+    rows = sorted(result.optimizers, key=lambda r: r.optimizer != REFERENCE)
+    for row in rows:
+        runs = _finished_runs(row, curve)
         if not runs:
             continue
         values = _stack([r["curves"][curve] for r in runs])
         longest = max(runs, key=lambda r: len(r["curves"].get("x", [])))
-        x = np.asarray(longest["curves"]["x"], dtype=np.float64)[: values.shape[1]]
+        positions = longest["curves"].get("x") or list(range(1, values.shape[1] + 1))
+        x = np.asarray([np.nan if v is None else v for v in positions], dtype=np.float64)
+        x = x[: values.shape[1]]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             mean = np.nanmean(values, axis=0)[: len(x)]
             std = np.nanstd(values, axis=0)[: len(x)]
-        color = optimizer_color(row.optimizer)
-        width = 2.2 if row.optimizer == REFERENCE else 1.3
-        axes.plot(x, mean, color=color, lw=width, label=_label(row))
+        style = line_style(row.optimizer)
+        axes.plot(x, mean, label=run_label(row), **style)
         if len(runs) > 1:
-            axes.fill_between(x, mean - std, mean + std, color=color, alpha=0.15, lw=0)
+            axes.fill_between(
+                x, mean - std, mean + std, color=style["color"], alpha=0.12, lw=0, zorder=1
+            )
+        drawn.append(mean[np.isfinite(mean)])
     axes.set_xlabel(result.experiment.x_label)
     axes.set_ylabel(label)
-    if curve in ("train_loss", "val_ppl", "distance", "fid"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            axes.set_yscale("log")
     axes.grid(alpha=0.3)
+    finite = np.concatenate(drawn) if drawn else np.array([])
+    if finite.size == 0:
+        axes.text(0.5, 0.5, "no finished runs", ha="center", va="center", transform=axes.transAxes)
+        return False
+    if curve in _LOG_CURVES and finite.min() > 0:
+        axes.set_yscale("log")
+    return True
+
+
+def _curves_of(result: ExperimentResult) -> list[tuple[str, str]]:
+    """The experiment's declared curves, or every curve its runs have (user tasks)."""
+    if result.experiment.curves:
+        return list(result.experiment.curves)
+    names: dict[str, None] = {}
+    for row in result.optimizers:
+        for record in row.chosen.records.values():
+            for name in record.get("curves", {}):
+                if name not in _AXES_CURVES:
+                    names[name] = None
+    return [(name, name) for name in sorted(names)]
 
 
 def plot_curves(result: ExperimentResult, path: Path) -> Path | None:
-    """Learning curves of every optimizer (mean +- std over seeds)."""
-    curves = result.experiment.curves
+    """Learning curves of every optimizer (mean +- std over the seeds that did not diverge)."""
+    curves = _curves_of(result)
     if not curves or not result.optimizers:
         return None
-    figure = Figure(figsize=(4.2 * len(curves), 3.4))
+    figure = new_figure(4.2 * len(curves), 3.4)
+    any_drawn = False
     for index, (curve, label) in enumerate(curves):
-        _curve_axes(figure.add_subplot(1, len(curves), index + 1), result, curve, label)
-    figure.axes[0].legend(fontsize=7)
-    figure.suptitle(f"{result.experiment.title} ({result.mode} mode, {len(result.seeds)} seeds)")
-    return _save(figure, path)
+        axes = figure.add_subplot(1, len(curves), index + 1)
+        any_drawn |= _curve_axes(axes, result, curve, label)
+    if any_drawn:
+        figure.axes[0].legend(fontsize=7)
+    figure.suptitle(
+        f"{result.experiment.title} ({result.mode} mode, {len(result.seeds)} seeds; "
+        "mean ± std, diverged runs left out)",
+        fontsize=9,
+    )
+    return save_figure(figure, path)
 
 
-def _first_record(row: OptimizerResult) -> dict[str, Any] | None:
-    return row.chosen.records[min(row.chosen.records)] if row.chosen.records else None
-
-
-def _with_samples(result: ExperimentResult) -> list[tuple[OptimizerResult, dict[str, Any]]]:
-    """Each optimizer's first-seed record that holds generated samples."""
-    rows = []
-    for row in result.optimizers:
-        record = _first_record(row)
-        if record is not None and record.get("artifacts", {}).get("samples"):
-            rows.append((row, record))
-    return rows
-
-
-def points_start(result: ExperimentResult) -> tuple[float, float]:
-    """Start point of the first seed (from the first optimizer with a stored path)."""
-    for row in result.optimizers:
-        record = _first_record(row)
-        if record is not None and record.get("artifacts", {}).get("path"):
-            x, y = record["artifacts"]["path"][0]
-            return float(x), float(y)
-    x, y = result.experiment.settings["start"]
-    return float(x), float(y)
-
-
-def plot_trajectories(result: ExperimentResult, path: Path) -> Path | None:
-    """Paths of the first seed on a contour plot of the toy function."""
-    import torch
-
-    from adabelief.experiments.tasks.toy import FUNCTIONS
-
-    function = FUNCTIONS[result.experiment.settings["function"]]
-    x0, x1, y0, y1 = function.window
-    xs, ys = np.linspace(x0, x1, 200), np.linspace(y0, y1, 200)
-    gx, gy = np.meshgrid(xs, ys)
-    with torch.no_grad():
-        z = function.function(torch.from_numpy(gx), torch.from_numpy(gy)).numpy()
-    figure = Figure(figsize=(6, 5))
+def plot_profile(profile: Profile, path: Path) -> Path | None:
+    """Performance profiles ``rho(tau)`` of every optimizer for one mode."""
+    if not profile.ratios:
+        return None
+    figure = new_figure(5.5, 3.8)
     axes = figure.add_subplot(1, 1, 1)
-    shifted = z - z.min() + 1e-3
-    levels = np.geomspace(shifted.min(), shifted.max(), 30)
-    axes.contour(gx, gy, shifted, levels=levels, cmap="Greys", linewidths=0.6)
-    for row in result.optimizers:
-        record = _first_record(row)
-        if record is None or not record.get("artifacts", {}).get("path"):
-            continue
-        points = np.asarray(record["artifacts"]["path"], dtype=np.float64)
-        mine = row.optimizer == REFERENCE
-        axes.plot(
-            points[:, 0],
-            points[:, 1],
-            color=optimizer_color(row.optimizer),
-            lw=2.2 if mine else 1.3,
-            ls="-" if mine else "--",
-            zorder=3 if mine else 2,
-            label=_label(row),
+    taus = np.linspace(1.0, TAU_MAX, 301)
+    names = sorted(profile.ratios, key=lambda name: name != REFERENCE)
+    for name in names:
+        rho = [profile.rho(name, tau) for tau in taus]
+        axes.step(
+            taus,
+            rho,
+            where="post",
+            label=f"{name} (area {profile.area(name):.2f})",
+            **line_style(name),
         )
-        axes.plot(points[-1, 0], points[-1, 1], "o", color=optimizer_color(row.optimizer), ms=4)
-    axes.plot(*points_start(result), "s", color="black", ms=5, label="start (first seed)")
-    axes.plot(*function.optimum, "*", color="gold", ms=14, mec="black", label="optimum")
-    axes.set_xlim(x0, x1)
-    axes.set_ylim(y0, y1)
-    axes.legend(fontsize=7, loc="best")
-    axes.set_title(f"{function.title}: first seed's trajectories")
-    return _save(figure, path)
-
-
-def plot_points(result: ExperimentResult, path: Path) -> Path | None:
-    """Generated 2-D samples (first seed) of each optimizer against the 8 modes."""
-    from adabelief.experiments.tasks.gan import MOG_CENTERS
-
-    rows = _with_samples(result)
-    if not rows:
-        return None
-    figure = Figure(figsize=(2.6 * len(rows), 2.8))
-    centers = MOG_CENTERS.numpy()
-    for index, (row, record) in enumerate(rows):
-        axes = figure.add_subplot(1, len(rows), index + 1)
-        samples = np.asarray(record["artifacts"]["samples"], dtype=np.float64)
-        axes.scatter(
-            samples[:, 0], samples[:, 1], s=2, color=optimizer_color(row.optimizer), alpha=0.5
-        )
-        axes.scatter(centers[:, 0], centers[:, 1], s=25, marker="x", color="black")
-        hq = record["metrics"].get("hq_fraction")
-        axes.set_title(
-            f"{row.optimizer}\nhq {hq:.2f}" if hq is not None else row.optimizer, fontsize=8
-        )
-        axes.set_xlim(-3, 3)
-        axes.set_ylim(-3, 3)
-        axes.set_xticks([])
-        axes.set_yticks([])
-        axes.set_aspect("equal")
-    figure.suptitle(result.experiment.title, fontsize=9)
-    return _save(figure, path)
-
-
-def plot_images(result: ExperimentResult, path: Path) -> Path | None:
-    """Generated digits (first seed, 4x4 grid) of each optimizer."""
-    rows = _with_samples(result)
-    if not rows:
-        return None
-    figure = Figure(figsize=(2.4 * len(rows), 2.7))
-    for index, (row, record) in enumerate(rows):
-        images = np.asarray(record["artifacts"]["samples"], dtype=np.float64)[:16]
-        side = math.ceil(math.sqrt(len(images)))
-        grid = np.zeros((side * 9 - 1, side * 9 - 1))  # white separators
-        for k, image in enumerate(images):
-            r, c = divmod(k, side)
-            grid[r * 9 : r * 9 + 8, c * 9 : c * 9 + 8] = image
-        axes = figure.add_subplot(1, len(rows), index + 1)
-        axes.imshow(grid, cmap="gray_r", vmin=0, vmax=1)
-        fid = record["metrics"].get("fid")
-        axes.set_title(
-            f"{row.optimizer}\nFD {fid:.1f}" if fid is not None else row.optimizer, fontsize=8
-        )
-        axes.axis("off")
-    figure.suptitle(result.experiment.title, fontsize=9)
-    return _save(figure, path)
-
-
-def plot_experiment(result: ExperimentResult, directory: Path) -> list[Path]:
-    """All figures of one experiment; returns the files written."""
-    stem = f"{result.experiment.task}-{result.experiment.name}"
-    written = [plot_curves(result, directory / f"{stem}-curves.png")]
-    special = {
-        "trajectories": plot_trajectories,
-        "points": plot_points,
-        "images": plot_images,
-    }.get(result.experiment.plot)
-    if special is not None:
-        written.append(special(result, directory / f"{stem}-{result.experiment.plot}.png"))
-    return [p for p in written if p is not None]
+    axes.set_xlim(1.0, TAU_MAX)
+    axes.set_ylim(-0.02, 1.02)
+    axes.set_xlabel("tau: steps to target / fastest optimizer's steps")
+    axes.set_ylabel("fraction of experiments within tau")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7, loc="lower right")
+    axes.set_title(
+        f"Performance profile, {profile.mode} mode ({len(profile.experiments)} experiments)",
+        fontsize=9,
+    )
+    return save_figure(figure, path)

@@ -1,10 +1,10 @@
 """Named presets: each experiment's schedule and every optimizer's hyperparameters.
 
-Paper mode uses these values as they are; fair mode multiplies each optimizer's learning rate
-by the factors of :func:`lr_grid` and keeps the best on validation data.  ``source`` says where
-the values come from: the AdaBelief paper (Zhuang et al., NeurIPS 2020) and the hyperparameter
-table of its official repository, or a choice of this project where the paper has no setting
-(bundled datasets, quick budgets).
+Paper mode uses these values as they are; fair mode draws trials from a search space centred on
+them (:mod:`adabelief.experiments.search`) and keeps the best on validation data.  ``source``
+says where the values come from: the AdaBelief paper (Zhuang et al., NeurIPS 2020) and the
+hyperparameter table of its official repository, or a choice of this project where the paper
+has no setting (bundled datasets, quick budgets).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["PRESETS", "Preset", "get_preset", "lr_grid", "presets_for_task"]
+__all__ = ["PRESETS", "USER_PRESET", "Preset", "get_preset", "presets_for_task"]
 
 #: AdaBelief's switches in the paper's experiments (the official repository's table:
 #: no decoupled weight decay, no rectification, as in adabelief-pytorch 0.0.5).
@@ -54,11 +54,6 @@ class Preset:
         return {
             k: copy.deepcopy(v) for k, v in adam.items() if k in ("lr", "betas", "weight_decay")
         }
-
-
-def lr_grid(quick: bool) -> tuple[float, ...]:
-    """Learning-rate multipliers tried per optimizer in fair mode (half-decade steps)."""
-    return (1 / 3, 1.0, 3.0) if quick else (0.1, 1 / 3, 1.0, 3.0, 10.0)
 
 
 def _toy(
@@ -189,6 +184,35 @@ def _lm_char(layers: int) -> Preset:
     )
 
 
+#: The paper's Transformer recipe (IWSLT14 De-En): AdaBelief lr 1.5e-3, eps 1e-16, rectify and
+#: decoupled decay on, wd 1e-4, inverse-square-root schedule with warm-up.  The Adam family
+#: gets fairseq's IWSLT recipe (lr 5e-4, betas (0.9, 0.98), AdamW wd 1e-4).
+_TRANSFORMER_OPTIMIZERS: dict[str, dict[str, Any]] = {
+    "adabelief": {
+        "lr": 1.5e-3,
+        "eps": 1e-16,
+        "weight_decay": 1e-4,
+        "weight_decouple": True,
+        "rectify": True,
+    },
+    "adam": {"lr": 5e-4, "betas": [0.9, 0.98], "weight_decay": 0.0},
+    "adamw": {"lr": 5e-4, "betas": [0.9, 0.98], "weight_decay": 1e-4},
+    "radam": {"lr": 5e-4, "betas": [0.9, 0.98], "weight_decay": 0.0},
+    "sgd": {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4},
+    "adabound": {"lr": 5e-4, "betas": [0.9, 0.98], "final_lr": 0.1},
+    "yogi": {"lr": 5e-4, "betas": [0.9, 0.98]},
+}
+_TRANSFORMER_SOURCE = (
+    "paper (Transformer on IWSLT14): AdaBelief lr 1.5e-3, eps 1e-16, rectify and decoupled weight "
+    "decay on, wd 1e-4, inverse-square-root schedule with warm-up (8k steps in the paper); Adam "
+    "family lr 5e-4, betas (0.9, 0.98), AdamW wd 1e-4 (fairseq's IWSLT recipe); language "
+    "modelling instead of translation, model size, warm-up length, SGD: project choice"
+)
+
+#: What a user's own task (``adabelief run file.py:FUNCTION``) starts from: the library's and
+#: torch's defaults, SGD with momentum 0.9 at lr 0.01.  ``@user_task(hparams=...)`` overrides.
+USER_PRESET = "user/defaults"
+
 PRESETS: dict[str, Preset] = {
     preset.name: preset
     for preset in (
@@ -243,6 +267,89 @@ PRESETS: dict[str, Preset] = {
         _lm_ptb(1),
         _lm_ptb(2),
         _lm_ptb(3),
+        Preset(
+            name="transformer/python-docs-char",
+            task="transformer",
+            description="character-level Transformer language model on Python's documentation "
+            "text (pydoc_data, bundled)",
+            source=_TRANSFORMER_SOURCE,
+            settings={
+                "corpus": "python-docs",
+                "max_chars": None,
+                "d_model": 128,
+                "heads": 4,
+                "layers": 3,
+                "ff_dim": 512,
+                "context": 128,
+                "dropout": 0.1,
+                "batch_size": 32,
+                "steps": 3000,
+                "warmup": 300,
+                "evaluations": 10,
+                "eval_tokens": 20_000,
+            },
+            quick={
+                "max_chars": 200_000,
+                "d_model": 64,
+                "layers": 2,
+                "ff_dim": 128,
+                "context": 64,
+                "batch_size": 16,
+                "steps": 300,
+                "warmup": 30,
+                "evaluations": 5,
+                "eval_tokens": 4_000,
+            },
+            optimizers=_TRANSFORMER_OPTIMIZERS,
+        ),
+        Preset(
+            name="transformer/wikitext2",
+            task="transformer",
+            description="word-level Transformer language model on WikiText-2 (needs --data)",
+            source=_TRANSFORMER_SOURCE,
+            settings={
+                "corpus": "wikitext",
+                "max_chars": None,
+                "d_model": 256,
+                "heads": 4,
+                "layers": 4,
+                "ff_dim": 1024,
+                "context": 128,
+                "dropout": 0.2,
+                "batch_size": 32,
+                "steps": 20_000,
+                "warmup": 4_000,
+                "evaluations": 20,
+                "eval_tokens": None,
+            },
+            quick={
+                "d_model": 64,
+                "layers": 2,
+                "ff_dim": 128,
+                "context": 64,
+                "steps": 200,
+                "warmup": 20,
+                "evaluations": 4,
+                "eval_tokens": 10_000,
+            },
+            optimizers=_TRANSFORMER_OPTIMIZERS,
+        ),
+        Preset(
+            name=USER_PRESET,
+            task="user",
+            description="a user's own task (adabelief run FILE.py:FUNCTION)",
+            source="AdaBelief's and torch's defaults; SGD lr 0.01, momentum 0.9: project choice",
+            settings={},
+            optimizers={
+                "adabelief": {"lr": 1e-3, "eps": 1e-16, "weight_decay": 0.0},
+                "adam": {"lr": 1e-3, "weight_decay": 0.0},
+                "adamw": {"lr": 1e-3, "weight_decay": 1e-2},
+                "radam": {"lr": 1e-3, "weight_decay": 0.0},
+                "sgd": {"lr": 0.01, "momentum": 0.9, "weight_decay": 0.0},
+                "adabound": {"lr": 1e-3, "final_lr": 0.1},
+                "yogi": {"lr": 1e-3},
+            },
+        ),
         Preset(
             name="gan/wgan-gp-mog",
             task="gan",

@@ -1,9 +1,10 @@
 """Turn a run folder into ``results.json``, ``summary.csv``, plots and ``report.md``.
 
-The report states, for each of the paper's three claims, what the runs on disk show.  Every
-sentence about a claim is computed from paired comparisons over seeds (see
-:mod:`adabelief.experiments.stats`); nothing is hard-coded, and the comparisons AdaBelief loses
-are listed as prominently as the ones it wins.
+The report covers every valid run file on disk (see :mod:`adabelief.experiments.analysis` for
+how runs are grouped and selected) and says which runs it shows and which files it could not
+read.  Verdicts come from :mod:`adabelief.experiments.verdicts`; this module only renders them.
+Every sentence about a claim is computed from paired comparisons over seeds; nothing is
+hard-coded, and the comparisons AdaBelief loses are listed as prominently as the ones it wins.
 """
 
 from __future__ import annotations
@@ -19,18 +20,35 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adabelief.experiments.analysis import REFERENCE, ExperimentResult, analyze
-from adabelief.experiments.plots import plot_experiment
-from adabelief.experiments.presets import lr_grid
-from adabelief.experiments.spec import CLAIMS, Experiment, Metric
-from adabelief.experiments.stats import ALPHA, PairedComparison
+from adabelief.experiments.analysis import (
+    REFERENCE,
+    TAU_MAX,
+    Analysis,
+    ExperimentResult,
+    Profile,
+    analyze,
+    performance_profiles,
+)
+from adabelief.experiments.plots import plot_curves, plot_profile, plot_stem
+from adabelief.experiments.search import TUNING_SEED
+from adabelief.experiments.stats import ALPHA, PairedComparison, summarize
 from adabelief.experiments.store import RunStore
+from adabelief.experiments.verdicts import (
+    ClaimAssessment,
+    Evidence,
+    assess_claims,
+    comparisons_available,
+    losses,
+    metric_named,
+)
 
-__all__ = ["ClaimVerdict", "Evidence", "Report", "ReportError", "build_report", "claim_verdict"]
+__all__ = ["ClaimVerdict", "Report", "ReportError", "build_report"]
+
+_HPARAM_NAMES = ("lr", "eps", "weight_decay", "betas", "momentum")
 
 
 class ReportError(RuntimeError):
-    """The folder cannot be reported on (e.g. it holds no manifest)."""
+    """The folder cannot be reported on (it is not a run folder)."""
 
 
 @dataclass(frozen=True)
@@ -50,16 +68,7 @@ class Report:
     verdicts: tuple[ClaimVerdict, ...]
     runs: int
     missing: int
-
-
-@dataclass(frozen=True)
-class Evidence:
-    """AdaBelief against one other optimizer on one metric of one experiment."""
-
-    result: ExperimentResult
-    metric: Metric
-    other: str
-    comparison: PairedComparison
+    bad_files: int = 0
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:
@@ -83,60 +92,24 @@ def _mean_std(result: ExperimentResult, optimizer: str, metric: str) -> str:
     return f"{_fmt(summary.mean)} ± {_fmt(summary.std, 2)}"
 
 
-def claim_verdict(evidence: Iterable[Evidence]) -> str:
-    """Summarise paired comparisons into a verdict word.
-
-    ``supported``: AdaBelief significantly better somewhere and significantly worse nowhere;
-    ``consistent``: no significant difference anywhere (what "like X" predicts);
-    ``mixed``: significantly worse somewhere but not everywhere; ``not supported``: significantly
-    worse in every comparison; ``not tested``: no comparison available.
-    """
-    verdicts = [e.comparison.verdict for e in evidence if e.comparison.n > 0]
-    if not verdicts:
-        return "not tested"
-    worse, better = verdicts.count("worse"), verdicts.count("better")
-    if worse == 0:
-        return "supported" if better else "consistent (no significant difference)"
-    if worse == len(verdicts):
-        return "not supported"
-    return "mixed"
+def _hparams(hparams: dict[str, Any]) -> str:
+    parts = []
+    for name in _HPARAM_NAMES:
+        value = hparams.get(name)
+        if isinstance(value, list | tuple):
+            parts.append(f"{name} ({', '.join(_fmt(float(v)) for v in value)})")
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            parts.append(f"{name} {_fmt(float(value))}")
+    return ", ".join(parts) or "-"
 
 
-def _tally(evidence: list[Evidence]) -> str:
-    verdicts = [e.comparison.verdict for e in evidence]
-    parts = [
-        f"{verdicts.count(word)} {word}"
-        for word in ("better", "no significant difference", "worse", "too few seeds")
-        if verdicts.count(word)
-    ]
-    return ", ".join(parts) if parts else "no comparisons"
+def _task_for(name: str) -> Any:
+    from adabelief.experiments.tasks import TASKS
+
+    return TASKS.get(name)
 
 
-def _metric_named(experiment: Experiment, attribute_or_name: str) -> Metric | None:
-    """``experiment.score`` / ``.speed`` by attribute, or any of its metrics by name."""
-    if attribute_or_name in ("score", "selection", "speed"):
-        value = getattr(experiment, attribute_or_name)
-        return value if isinstance(value, Metric) else None
-    return next((m for m in experiment.metrics if m.name == attribute_or_name), None)
-
-
-def _collect(
-    results: list[ExperimentResult], claim: str, metric_of: str, other: str
-) -> list[Evidence]:
-    evidence = []
-    for result in results:
-        if claim not in result.experiment.claims:
-            continue
-        metric = _metric_named(result.experiment, metric_of)
-        if metric is None:
-            continue
-        comparison = result.compare(metric, other)
-        if comparison is not None and comparison.n > 0:
-            evidence.append(Evidence(result, metric, other, comparison))
-    return evidence
-
-
-def _evidence_table(evidence: list[Evidence]) -> list[str]:
+def _evidence_table(evidence: Iterable[Evidence]) -> list[str]:
     lines = [
         "| experiment | metric | AdaBelief | other | mean diff (AdaBelief - other) "
         "| paired t p | sign test (wins-losses) | verdict |",
@@ -145,9 +118,9 @@ def _evidence_table(evidence: list[Evidence]) -> list[str]:
     for e in evidence:
         c = e.comparison
         se = f" ± {_fmt(c.standard_error, 2)}" if math.isfinite(c.standard_error) else ""
-        t_p = _fmt_p(c.t_p_value if c.t_p_value is not None else math.nan)
+        t_p = _fmt_p(c.t_p_value) if c.t_p_value is not None else "undefined"
         lines.append(
-            f"| {e.result.experiment.task}/{e.result.experiment.name} | {e.metric.label} "
+            f"| {e.result.name} | {e.metric.label} "
             f"| {_mean_std(e.result, REFERENCE, e.metric.name)} "
             f"| {e.other}: {_mean_std(e.result, e.other, e.metric.name)} "
             f"| {_fmt(c.mean_difference)}{se} | {t_p} "
@@ -164,7 +137,7 @@ def _short(comparison: PairedComparison) -> str:
 
 
 def _matrix(
-    results: list[ExperimentResult], claim: str, metric_names: list[str], others: list[str]
+    results: list[ExperimentResult], claim: str, metric_names: Iterable[str], others: list[str]
 ) -> list[str]:
     """AdaBelief against every other optimizer, one row per experiment and metric."""
     rows = []
@@ -172,23 +145,19 @@ def _matrix(
         if claim not in result.experiment.claims or result.get(REFERENCE) is None:
             continue
         for name in metric_names:
-            metric = _metric_named(result.experiment, name)
+            metric = metric_named(result.experiment, name)
             if metric is None:
                 continue
             cells = []
             for other in others:
                 comparison = result.compare(metric, other)
                 cells.append("-" if comparison is None or comparison.n == 0 else _short(comparison))
-            rows.append(
-                f"| {result.experiment.task}/{result.experiment.name} | {metric.label} | "
-                + " | ".join(cells)
-                + " |"
-            )
+            rows.append(f"| {result.name} | {metric.label} | " + " | ".join(cells) + " |")
     if not rows or not others:
         return []
     return [
         "AdaBelief against every optimizer (better / worse: paired t-test p < "
-        f"{ALPHA}; n.s.: not significant):",
+        f"{ALPHA}, or the sign test where the differences do not vary; n.s.: not significant):",
         "",
         "| experiment | metric | " + " | ".join(f"vs {o}" for o in others) + " |",
         "|---|---|" + "---|" * len(others),
@@ -198,225 +167,283 @@ def _matrix(
 
 
 def _claim_section(
-    number: int,
-    claim: str,
-    results: list[ExperimentResult],
-    metric_names: list[str],
-    primary: str,
-    others: list[str],
-    measured_by: str,
-) -> tuple[list[str], str, str]:
-    main = _collect(results, claim, metric_names[0], primary)
-    verdict = claim_verdict(main)
-    lines = [f"## Claim {number}: {CLAIMS[claim]}", "", f"Measured by {measured_by}.", ""]
-    if not main:
-        lines += [
-            f"**Verdict: not tested** - no experiment paired AdaBelief with {primary} here.",
+    number: int, assessment: ClaimAssessment, results: list[ExperimentResult], others: list[str]
+) -> list[str]:
+    lines = [
+        f"## Claim {number}: {assessment.statement}",
+        "",
+        f"Measured by {assessment.rule.measured_by}.",
+        "",
+    ]
+    if not assessment.evidence:
+        return [
+            *lines,
+            "**Verdict: not tested** - no experiment paired AdaBelief with its rivals here.",
             "",
         ]
-        return lines, verdict, "no paired runs"
-    summary = f"vs {primary}: {_tally(main)} (of {len(main)})"
-    lines += [f"**Verdict: {verdict}** - AdaBelief {summary}.", ""]
-    lines += _evidence_table(main)
-    lines += _matrix(results, claim, metric_names, others)
-    return lines, verdict, summary
-
-
-def _gan_section(results: list[ExperimentResult], others: list[str]) -> tuple[list[str], str, str]:
-    quality = _collect(results, "gan", "score", "adam")
-    verdict = claim_verdict(quality)
-    lines = [
-        f"## Claim 3: {CLAIMS['gan']}",
-        "",
-        "Measured by the final sample quality (test noise) of each GAN and by its spread across "
-        "seeds (sample standard deviation; smaller = more stable), plus divergences. The verdict "
-        "compares with Adam, the paper's GAN baseline; it is downgraded to *mixed* when "
-        "AdaBelief's spread exceeds Adam's in most experiments or it diverges more often.",
-        "",
-    ]
-    gan_results = [r for r in results if "gan" in r.experiment.claims and r.get(REFERENCE)]
-    if not gan_results or not quality:
-        lines += ["**Verdict: not tested** - no GAN runs of AdaBelief and Adam.", ""]
-        return lines, "not tested", "no paired runs"
-    names = [o.optimizer for o in gan_results[0].optimizers]
-    spread_lines = [
-        "| experiment | metric | "
-        + " | ".join(f"{name} std" for name in names)
-        + " | AdaBelief spread rank |",
-        "|---|---|" + "---|" * (len(names) + 1),
-    ]
-    smaller_than_adam, lowest, ab_div, adam_div = 0, 0, 0, 0
-    for result in gan_results:
-        metric = result.experiment.score
-        stds = {
-            o.optimizer: result.summary(o.optimizer, metric.name).std for o in result.optimizers
-        }
-        finite = sorted(v for v in stds.values() if math.isfinite(v))
-        ab_std = stds.get(REFERENCE, math.nan)
-        rank = finite.index(ab_std) + 1 if math.isfinite(ab_std) else None
-        lowest += rank == 1
-        if math.isfinite(ab_std) and math.isfinite(stds.get("adam", math.nan)):
-            smaller_than_adam += ab_std <= stds["adam"]
-        reference = result.get(REFERENCE)
-        ab_div += reference.chosen.diverged if reference else 0
-        adam = result.get("adam")
-        adam_div += adam.chosen.diverged if adam else 0
-        spread_lines.append(
-            f"| gan/{result.experiment.name} | {metric.label} | "
-            + " | ".join(_fmt(stds.get(name)) for name in names)
-            + f" | {rank if rank else '-'} of {len(finite)} |"
-        )
-    stable = smaller_than_adam * 2 >= len(gan_results) and ab_div <= adam_div
-    if verdict in ("supported", "consistent (no significant difference)") and not stable:
-        verdict = "mixed"
-    summary = (
-        f"quality vs adam: {_tally(quality)}; spread <= Adam's in {smaller_than_adam} of "
-        f"{len(gan_results)}; smallest spread in {lowest} of {len(gan_results)}; "
-        f"divergences AdaBelief {ab_div}, Adam {adam_div}"
-    )
-    lines += [f"**Verdict: {verdict}** - {summary}.", ""]
-    lines += _evidence_table(quality)
-    lines += _matrix(results, "gan", ["score"], others)
-    lines += ["Spread of the score across seeds:", "", *spread_lines, ""]
-    return lines, verdict, summary
+    lines += [f"**Verdict: {assessment.verdict}** - AdaBelief {assessment.summary}.", ""]
+    if assessment.verdict.startswith("not tested"):
+        lines += [
+            "Every comparison below has a single seed, so no test was possible; run with "
+            "`--seeds 3` or more.",
+            "",
+        ]
+    lines += _evidence_table(assessment.evidence)
+    lines += _matrix(results, assessment.claim, assessment.rule.metrics, others)
+    stability = assessment.stability
+    if stability is not None and stability.rows:
+        names = [o.optimizer for o in stability.rows[0].result.optimizers]
+        lines += [
+            "Spread of the score across seeds:",
+            "",
+            "| experiment | metric | "
+            + " | ".join(f"{name} std" for name in names)
+            + " | AdaBelief spread rank |",
+            "|---|---|" + "---|" * (len(names) + 1),
+        ]
+        for row in stability.rows:
+            rank = f"{row.rank} of {row.ranked}" if row.rank else f"- of {row.ranked}"
+            lines.append(
+                f"| {row.result.name} | {row.result.experiment.score.label} | "
+                + " | ".join(_fmt(row.stds.get(name)) for name in names)
+                + f" | {rank} |"
+            )
+        lines.append("")
+    return lines
 
 
 def _losses_section(results: list[ExperimentResult]) -> list[str]:
     lines = ["## Where AdaBelief loses", ""]
-    rows = []
-    for result in results:
-        if result.get(REFERENCE) is None:
-            continue
-        metrics = [m for m in (result.experiment.score, result.experiment.speed) if m is not None]
-        for metric in dict.fromkeys(metrics):
-            for row in result.optimizers:
-                comparison = result.compare(metric, row.optimizer)
-                if comparison is None or comparison.n == 0 or not comparison.advantage < 0:
-                    continue
-                rows.append(
-                    (
-                        comparison.verdict != "worse",
-                        comparison.p_value,
-                        result,
-                        metric,
-                        row.optimizer,
-                        comparison,
-                    )
-                )
-    if not rows:
+    if not comparisons_available(results):
         return [
             *lines,
-            "AdaBelief's mean was at least as good as every other optimizer's on every score and speed metric.",
+            "No experiment has finished runs of AdaBelief and another optimizer on a common "
+            "seed, so nothing was compared.",
+            "",
+        ]
+    found = losses(results)
+    if not found:
+        return [
+            *lines,
+            "AdaBelief's mean was at least as good as every other optimizer's on every score "
+            "and speed metric.",
             "",
         ]
     lines += [
-        "Every comparison where another optimizer's mean beat AdaBelief's (significant ones first):",
+        "Every comparison where another optimizer's mean beat AdaBelief's (significant ones "
+        "first):",
         "",
     ]
-    for not_significant, _, result, metric, other, c in sorted(rows, key=lambda r: (r[0], r[1])):
-        tag = "significant" if not not_significant else "not significant"
+    for loss in found:
+        tag = "significant" if loss.significant else "not significant"
         lines.append(
-            f"- {result.experiment.task}/{result.experiment.name}, {metric.label}: {other} "
-            f"{_mean_std(result, other, metric.name)} vs AdaBelief "
-            f"{_mean_std(result, REFERENCE, metric.name)} (paired p {_fmt_p(c.p_value)}, {tag})"
+            f"- {loss.result.name}, {loss.metric.label}: {loss.other} "
+            f"{_mean_std(loss.result, loss.other, loss.metric.name)} vs AdaBelief "
+            f"{_mean_std(loss.result, REFERENCE, loss.metric.name)} "
+            f"(paired p {_fmt_p(loss.comparison.p_value)}, {tag})"
         )
+    return [*lines, ""]
+
+
+_TARGET_RULE = (
+    "Rule: an experiment's target is the level of its target curve (validation accuracy or "
+    "perplexity, distance to the optimum, sample quality) that every seed of the best "
+    "optimizer (best mean score) reached at some evaluation. A run's time to target is the "
+    "optimizer steps, and the seconds of training, at its first evaluation that reached the "
+    "target; a run that diverged or never reached it counts as infinitely slow. Medians are "
+    "over seeds. The performance profile (Dolan & Moré, as in AlgoPerf) of an optimizer is "
+    "rho(tau), the fraction of experiments where its median steps are within a factor tau of "
+    f"the fastest optimizer's; its area is normalised over tau from 1 to {TAU_MAX:g} (1: the "
+    "fastest everywhere, 0: never within 4x). Steps rather than seconds rank the optimizers, "
+    "since seconds depend on the machine's load."
+)
+
+
+def _target_section(
+    results: list[ExperimentResult], profiles: list[Profile], plots: dict[str, Path], root: Path
+) -> list[str]:
+    with_target = [r for r in results if r.time_to_target is not None]
+    lines = ["## Time to target and performance profile", "", _TARGET_RULE, ""]
+    if not with_target:
+        return [*lines, "No experiment has a target curve with finished runs.", ""]
+    names = list(dict.fromkeys(o for r in with_target for o in r.time_to_target.runs))  # type: ignore[union-attr]
+    lines += [
+        "| experiment | target | best | "
+        + " | ".join(f"{name}: median steps (s), reached" for name in names)
+        + " |",
+        "|---|---|---|" + "---|" * len(names),
+    ]
+    for result in with_target:
+        ttt = result.time_to_target
+        assert ttt is not None
+        cells = []
+        for name in names:
+            runs = ttt.runs.get(name)
+            if runs is None:
+                cells.append("-")
+                continue
+            steps, seconds = runs.median_steps, runs.median_seconds
+            text = "not reached" if math.isinf(steps) else _fmt(steps)
+            if math.isfinite(steps) and math.isfinite(seconds):
+                text += f" ({_fmt(seconds, 3)} s)"
+            cells.append(f"{text}, {runs.reached}/{len(runs.steps)}")
+        lines.append(
+            f"| {result.name} | {ttt.curve.label} "
+            f"{'≥' if ttt.curve.higher_is_better else '≤'} {_fmt(ttt.target)} | {ttt.best} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    lines.append("")
+    for profile in profiles:
+        lines += [
+            f"Performance profile, {profile.mode} mode, over {len(profile.experiments)} "
+            "experiments (area under rho(tau), higher is better):",
+            "",
+            "| optimizer | area | within 1x (fastest) | within 2x | within 4x |",
+            "|---|---|---|---|---|",
+        ]
+        ranked = sorted(profile.ratios, key=lambda name: -profile.area(name))
+        for name in ranked:
+            lines.append(
+                f"| {name} | {profile.area(name):.3f} | {profile.rho(name, 1.0):.2f} "
+                f"| {profile.rho(name, 2.0):.2f} | {profile.rho(name, TAU_MAX):.2f} |"
+            )
+        lines.append("")
+        if profile.mode in plots:
+            path = plots[profile.mode]
+            lines += [f"![{path.stem}]({path.relative_to(root).as_posix()})", ""]
+    return lines
+
+
+def _trials_lines(result: ExperimentResult) -> list[str]:
+    experiment = result.experiment
+    lines = [
+        f"Fair-mode search: every optimizer got the same {result.trials} trials (points of a "
+        "scrambled Halton sequence mapped into its own search space), each run at seed "
+        f"{TUNING_SEED} and judged on {experiment.selection.label}; the winner (bold) was "
+        "rerun at every seed and is what the table and the comparisons use.",
+        "",
+    ]
+    if experiment.selection.name == experiment.score.name:
+        lines += [
+            "_This experiment has no held-out data: trials are judged on the reported metric "
+            "itself, so here fair mode means best-of-trials for every optimizer._",
+            "",
+        ]
+    for row in result.optimizers:
+        space = row.search_space or {}
+        dims = space.get("dimensions", [])
+        described = "; ".join(
+            f"{d['name']} = {d['low']:g} (fixed)"
+            if d["low"] == d["high"]
+            else f"{d['name']} in [{d['low']:.3g}, {d['high']:.3g}] ({d['rule']})"
+            for d in dims
+        )
+        lines.append(f"- **{row.optimizer}** search space: {described or 'not recorded'}")
+        for candidate in sorted(row.trials, key=lambda c: c.trial or 0):
+            value = candidate.value(experiment.selection.name, TUNING_SEED)
+            record = candidate.records.get(TUNING_SEED)
+            outcome = (
+                "missing"
+                if record is None
+                else ("diverged" if record.get("diverged") else _fmt(value))
+            )
+            text = f"trial {candidate.trial}: {_hparams(candidate.hparams)} → {outcome}"
+            lines.append(f"  - **{text} (winner)**" if candidate is row.chosen else f"  - {text}")
+        if row.unused:
+            lines.append(
+                f"  - {row.unused} further configurations on disk are not used (trials beyond "
+                "the number every optimizer has, or older versions)"
+            )
     return [*lines, ""]
 
 
 def _experiment_section(result: ExperimentResult, plots: list[Path], root: Path) -> list[str]:
     experiment = result.experiment
+    where = ", ".join(f"{where} ({n})" for where, n in sorted(result.executors.items()))
+    missing = f", {result.missing} planned runs missing" if result.missing else ""
     lines = [
-        f"### {experiment.task}/{experiment.name}: {experiment.title}",
+        f"### {result.name}: {experiment.title}",
         "",
-        f"Preset `{experiment.preset}`, {result.mode} mode, seeds {result.seeds}, "
-        f"{result.planned - result.missing}/{result.planned} runs on disk.",
+        f"Preset `{experiment.preset}`, {result.mode} mode, {result.threads} torch "
+        f"thread{'s' if result.threads > 1 else ''} on "
+        f"{result.device}, seeds {result.seeds}, {result.runs} runs on disk{missing}; ran on: "
+        f"{where}.",
         "",
     ]
+    fingerprint = experiment.settings.get("data_fingerprint")
+    if fingerprint:
+        lines += [f"Data fingerprint `{fingerprint}` (SHA-256 of the `--data` files).", ""]
     metrics = experiment.metrics
-    header = ["optimizer", "lr"] + [
+    header = ["optimizer", "hyperparameters"] + [
         m.label + (" ↑" if m.higher_is_better else " ↓") for m in metrics
     ]
     header.append("diverged")
     if experiment.paper:
         header.append(f"paper: {experiment.score.label}")
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    at_edge = False
     for row in result.optimizers:
-        lr = row.chosen.hparams.get("lr")
-        lr_text = _fmt(lr) if isinstance(lr, int | float) else "-"
-        if result.mode == "fair":
-            lr_text += f" (x{row.chosen.lr_factor:.2g})"
-            factors = sorted(c.lr_factor for c in row.candidates)
-            if len(factors) > 1 and row.chosen.lr_factor in (factors[0], factors[-1]):
-                lr_text += " †"
-                at_edge = True
-        cells = [row.optimizer, lr_text] + [
-            _mean_std(result, row.optimizer, m.name) for m in metrics
-        ]
-        cells.append(f"{row.chosen.diverged}/{len(row.chosen.records)}")
+        chosen = row.chosen
+        label = _hparams(chosen.hparams) + ("" if chosen.trial is None else f" ({chosen.label})")
+        cells = [row.optimizer, label] + [_mean_std(result, row.optimizer, m.name) for m in metrics]
+        cells.append(f"{chosen.diverged}/{len(chosen.records)}")
         if experiment.paper:
             cells.append(_fmt(experiment.paper.get(row.optimizer)))
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    if at_edge:
+    unused = sum(row.unused for row in result.optimizers)
+    if result.mode == "paper" and unused:
         lines += [
-            "† chosen at the edge of the learning-rate grid: that optimizer's best learning rate "
-            "may lie outside the grid, so its score may be an underestimate.",
+            f"{unused} further hyperparameter sets of these optimizers are on disk (an older "
+            "preset); the table uses the set with the most seeds.",
             "",
         ]
     if result.mode == "fair":
-        lines.append("Learning-rate grid (mean validation metric per factor; chosen in bold):")
-        lines.append("")
-        if experiment.selection.name == experiment.score.name:
-            lines += [
-                "_This experiment has no held-out data: the grid is judged on the reported "
-                "metric itself, so here fair mode means best-of-grid for every optimizer._",
-                "",
-            ]
-        for row in result.optimizers:
-            entries = []
-            for candidate in sorted(row.candidates, key=lambda c: c.lr_factor):
-                values = [candidate.value(experiment.selection.name, s) for s in result.seeds]
-                finite = [v for v in values if v is not None]
-                text = f"x{candidate.lr_factor:.2g}: {_fmt(sum(finite) / len(finite)) if finite else 'diverged'}"
-                entries.append(f"**{text}**" if candidate is row.chosen else text)
-            lines.append(f"- {row.optimizer}: " + ", ".join(entries))
-        lines.append("")
+        lines += _trials_lines(result)
     if experiment.paper and result.quick:
         lines += [
-            "_Quick mode: far smaller than the paper's setting; the paper column is context, not a target._",
+            "_Quick mode: far smaller than the paper's setting; the paper column is context, "
+            "not a target._",
             "",
         ]
+    task = _task_for(experiment.task)
+    if task is not None:
+        lines += task.report_lines(result)
     for path in plots:
         lines += [f"![{path.stem}]({path.relative_to(root).as_posix()})", ""]
     return lines
 
 
-def _mode_lines(manifest: dict[str, Any]) -> list[str]:
-    """One line per (mode, scale) used, naming its tasks."""
-    groups: dict[tuple[str, bool], list[str]] = {}
-    details: dict[str, str] = {}
-    for task, entry in manifest["tasks"].items():
-        key = (str(entry.get("mode", "paper")), bool(entry.get("quick")))
-        groups.setdefault(key, []).append(task)
-        seeds = len(entry.get("seeds", []))
-        details[task] = f"`{task}` ({seeds} seeds, {entry.get('data') or 'bundled data'})"
+def _mode_lines(results: list[ExperimentResult]) -> list[str]:
+    """One line per (mode, scale) shown, naming its tasks."""
+    groups: dict[tuple[str, bool], dict[str, list[ExperimentResult]]] = {}
+    for result in results:
+        groups.setdefault((result.mode, result.quick), {}).setdefault(
+            result.experiment.task, []
+        ).append(result)
     lines = []
     for (mode, quick), tasks in groups.items():
         scale = "quick" if quick else "full"
+        listed = ", ".join(
+            f"`{task}` ({len(items)} experiment{'s' if len(items) > 1 else ''}, "
+            f"{max(len(r.seeds) for r in items)} seeds, "
+            f"{'real data' if any(r.experiment.settings.get('data_fingerprint') for r in items) else 'bundled data'})"
+            for task, items in tasks.items()
+        )
         if mode == "fair":
-            factors = ", ".join(f"x{f:.2g}" for f in lr_grid(quick))
+            trials = sorted({r.trials for r in results if r.mode == "fair"})
             how = (
-                f"every optimizer's learning rate was tried at {factors} its preset; the best "
-                "mean validation metric picked it, and the test metrics of that choice are reported"
+                f"every optimizer got the same number of quasi-random trials ({', '.join(map(str, trials))}) "
+                "from its own search space (learning rate, eps, weight decay and beta1; for SGD "
+                "learning rate, momentum and weight decay), each run once and judged on "
+                "validation data; the best trial was rerun at every seed and scored on test data"
             )
         else:
             how = (
                 "every optimizer used its preset unchanged, untuned for these problems; a preset "
                 "that happens to suit one optimizer better can decide a comparison, so check "
-                "conclusions with `--mode fair`, which tunes every optimizer's learning rate"
+                "conclusions with `--mode fair`, which tunes every optimizer the same way"
             )
-        listed = ", ".join(details[t] for t in tasks)
         lines.append(f"- **{mode} mode**, {scale} scale: {listed}. In this mode {how}.")
     return lines
 
@@ -428,10 +455,15 @@ def _environment(records: list[dict[str, Any]]) -> list[str]:
         (r.get("environment", {}).get("torch"), r.get("environment", {}).get("device"))
         for r in records
     }
+    where: dict[str, int] = {}
+    for r in records:
+        key = f"{r.get('executor', 'local')} on {r.get('host', 'unknown')}"
+        where[key] = where.get(key, 0) + 1
     wall = sum(float(r.get("wall_time_s") or 0) for r in records)
     host = records[0].get("environment", {})
     return [
         f"- runs: {len(records)}, total training time {wall / 60:.1f} min (summed over runs)",
+        f"- executors and hosts: {', '.join(f'{k} ({n})' for k, n in sorted(where.items()))}",
         f"- torch / device: {', '.join(f'{t} on {d}' for t, d in sorted(envs, key=str))}",
         f"- python {host.get('python')}, {host.get('platform')}, {host.get('cpus')} CPUs",
     ]
@@ -444,10 +476,13 @@ def _write_summary_csv(results: list[ExperimentResult]) -> str:
         [
             "task",
             "experiment",
+            "study",
             "mode",
+            "threads",
+            "device",
             "optimizer",
+            "trial",
             "lr",
-            "lr_factor",
             "selected",
             "metric",
             "higher_is_better",
@@ -460,21 +495,23 @@ def _write_summary_csv(results: list[ExperimentResult]) -> str:
             "seeds",
         ]
     )
-    from adabelief.experiments.stats import summarize
-
     for result in results:
         for row in result.optimizers:
-            for candidate in sorted(row.candidates, key=lambda c: c.lr_factor):
+            for candidate in sorted(row.trials, key=lambda c: c.trial or 0):
+                seeds = sorted(candidate.records)
                 for metric in result.experiment.metrics:
-                    s = summarize([candidate.value(metric.name, seed) for seed in result.seeds])
+                    s = summarize([candidate.value(metric.name, seed) for seed in seeds])
                     writer.writerow(
                         [
                             result.experiment.task,
                             result.experiment.name,
+                            result.study,
                             result.mode,
+                            result.threads,
+                            result.device,
                             row.optimizer,
+                            "" if candidate.trial is None else candidate.trial,
                             candidate.hparams.get("lr"),
-                            f"{candidate.lr_factor:.4g}",
                             int(candidate is row.chosen),
                             metric.name,
                             int(metric.higher_is_better),
@@ -490,119 +527,155 @@ def _write_summary_csv(results: list[ExperimentResult]) -> str:
     return buffer.getvalue()
 
 
+def _plots(results: list[ExperimentResult], root: Path) -> dict[int, list[Path]]:
+    directory = root / "plots"
+    plots: dict[int, list[Path]] = {}
+    for index, result in enumerate(results):
+        written = [plot_curves(result, directory / f"{plot_stem(result)}-curves.png")]
+        task = _task_for(result.experiment.task)
+        extra = task.plots(result, directory) if task is not None else []
+        plots[index] = [p for p in (*written, *extra) if p is not None]
+    return plots
+
+
+def _reference_note(analysis: Analysis) -> list[str]:
+    if any(r.get(REFERENCE) for r in analysis.results):
+        return []
+    requested = any(
+        REFERENCE in entry.get("optimizers", [])
+        for entry in analysis.manifest.get("tasks", {}).values()
+        if isinstance(entry, dict)
+    )
+    if requested:
+        return [
+            "**AdaBelief was requested but none of its runs finished (see the failed runs the "
+            "`run` command printed), so no claim is assessed.**",
+            "",
+        ]
+    return ["**AdaBelief was not among the optimizers run, so no claim is assessed.**", ""]
+
+
 def build_report(root: Path, make_plots: bool = True) -> Report:
     """Rebuild ``results.json``, ``summary.csv``, the plots and ``report.md`` in ``root``.
 
-    Raises :class:`ReportError` when ``root`` is not a run folder.
+    Raises :class:`ReportError` when ``root`` holds no runs and no manifest.
     """
     store = RunStore(root)
-    manifest = store.read_manifest()
-    if not manifest["tasks"]:
-        raise ReportError(f"{root} is not an adabelief run folder (no manifest.json with runs)")
-    results = analyze(store)
-    records: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    for entry in manifest["tasks"].values():
-        for item in entry.get("experiments", []):
-            for run in item["runs"]:
-                record = store.load(run["key"])
-                if record is not None and record["key"] not in seen:
-                    seen.add(record["key"])
-                    records.append(record)
-    store.write_json("results.json", records)
-    store.write_text("summary.csv", _write_summary_csv(results))
+    analysis = analyze(store)
+    if not analysis.records and not analysis.manifest["tasks"] and not analysis.bad_files:
+        raise ReportError(f"{root} is not an adabelief run folder (no runs/ and no manifest.json)")
+    results = analysis.results
+    with store.lock("report"):
+        store.write_json("results.json", analysis.records)
+        store.write_text("summary.csv", _write_summary_csv(results))
+        profiles = performance_profiles(results)
+        plots = _plots(results, root) if make_plots else {}
+        profile_plots: dict[str, Path] = {}
+        if make_plots:
+            for profile in profiles:
+                path = plot_profile(profile, root / "plots" / f"profile-{profile.mode}.png")
+                if path is not None:
+                    profile_plots[profile.mode] = path
+        assessments = assess_claims(results)
+        others = [
+            o
+            for o in dict.fromkeys(r.optimizer for res in results for r in res.optimizers)
+            if o != REFERENCE
+        ]
+        text = _render(analysis, assessments, others, profiles, plots, profile_plots, root)
+        path = store.write_text("report.md", text)
+    verdicts = tuple(ClaimVerdict(a.statement, a.verdict, a.summary) for a in assessments)
+    return Report(path, verdicts, len(analysis.records), analysis.missing, len(analysis.bad_files))
 
-    plots: dict[int, list[Path]] = {}
-    if make_plots:
-        for index, result in enumerate(results):
-            plots[index] = plot_experiment(result, root / "plots")
 
-    others = [
-        o
-        for o in dict.fromkeys(r.optimizer for res in results for r in res.optimizers)
-        if o != REFERENCE
-    ]
-    c1, v1, s1 = _claim_section(
-        1,
-        "convergence",
-        results,
-        ["speed"],
-        "adam",
-        others,
-        "each experiment's speed metric: steps to reach the optimum (toy) or the mean training "
-        "loss over the whole run, i.e. the area under the training-loss curve (classify, lm); "
-        "lower is faster",
-    )
-    c2, v2, s2 = _claim_section(
-        2,
-        "generalization",
-        results,
-        ["score", "generalization_gap"],
-        "sgd",
-        others,
-        "each experiment's held-out score: test accuracy (classify) or test perplexity (lm), "
-        "compared with SGD; the final train - test accuracy gap is shown in the matrix but does "
-        "not enter the verdict",
-    )
-    c3, v3, s3 = _gan_section(results, others)
-    missing = sum(r.missing for r in results)
-    seeds = sorted({len(r.seeds) for r in results})
-    ran_reference = any(r.get(REFERENCE) for r in results)
+def _render(
+    analysis: Analysis,
+    assessments: list[ClaimAssessment],
+    others: list[str],
+    profiles: list[Profile],
+    plots: dict[int, list[Path]],
+    profile_plots: dict[str, Path],
+    root: Path,
+) -> str:
+    results = analysis.results
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    bad = analysis.bad_files
+    covers = (
+        f"This report covers every valid run file in `{root}/runs`: {len(analysis.records)} "
+        f"runs in {len(results)} experiments"
+        + (f"; {analysis.missing} runs of the latest plans are missing" if analysis.missing else "")
+        + "."
+    )
+    if bad:
+        covers += f" **{len(bad)} run files are not valid runs and are left out** (listed below)."
     lines = [
         "# AdaBelief paper claims: evidence from this machine",
         "",
-        f"Generated {now} from `{root}` ({len(records)} runs; {missing} planned runs missing).",
+        f"Generated {now}. {covers}",
         "",
-        *_mode_lines(manifest),
+        *_mode_lines(results),
         "",
-    ]
-    if not ran_reference:
-        lines += ["**AdaBelief was not among the optimizers run, so no claim is assessed.**", ""]
-    lines += [
+        *_reference_note(analysis),
         "| claim | verdict | evidence |",
         "|---|---|---|",
-        f"| 1. {CLAIMS['convergence']} | **{v1}** | {s1} |",
-        f"| 2. {CLAIMS['generalization']} | **{v2}** | {s2} |",
-        f"| 3. {CLAIMS['gan']} | **{v3}** | {s3} |",
+    ]
+    for number, assessment in enumerate(assessments, 1):
+        lines.append(
+            f"| {number}. {assessment.statement} | **{assessment.verdict}** | "
+            f"{assessment.summary} |"
+        )
+    lines += [
         "",
-        f"Verdicts: *better*/*worse* = paired two-sided t-test over seeds at p < {ALPHA}; "
-        "*supported* = better somewhere and worse nowhere; *consistent* = no significant "
-        "difference anywhere (which is what 'like Adam' / 'like SGD' predicts, but also what too "
-        "few seeds produce); *mixed* = worse somewhere; *not supported* = worse everywhere.",
-        "",
-        *c1,
-        *c2,
-        *c3,
-        *_losses_section(results),
-        "## Results per experiment",
+        f"Verdicts: *better*/*worse* = paired two-sided t-test over seeds at p < {ALPHA} (the "
+        "sign test where every paired difference is the same); *supported* = better somewhere "
+        "and worse nowhere; *consistent* = no significant difference anywhere (which is what "
+        "'like Adam' / 'like SGD' predicts, but also what too few seeds produce); *mixed* = "
+        "worse somewhere; *not supported* = worse everywhere; *not tested* = no comparison "
+        "with two seeds or more.",
         "",
     ]
+    for number, assessment in enumerate(assessments, 1):
+        lines += _claim_section(number, assessment, results, others)
+    lines += _losses_section(results)
+    lines += _target_section(results, profiles, profile_plots, root)
+    lines += ["## Results per experiment", ""]
     for index, result in enumerate(results):
         lines += _experiment_section(result, plots.get(index, []), root)
+    if bad:
+        lines += ["## Run files left out", ""]
+        lines += [f"- `{b.path}`: {b.reason}" for b in bad]
+        lines.append("")
+    seeds = sorted({len(r.seeds) for r in results})
     lines += [
         "## How to read this",
         "",
-        f"- Seeds per comparison: {', '.join(map(str, seeds))}. With so few seeds only large, "
-        "consistent differences reach significance; *no significant difference* is not proof of "
-        "equality. Comparisons are not corrected for multiple testing.",
+        f"- Seeds per comparison: {', '.join(map(str, seeds)) or '-'}. With so few seeds only "
+        "large, consistent differences reach significance; *no significant difference* is not "
+        "proof of equality. Comparisons are not corrected for multiple testing.",
         "- Each seed fixes initialisation, data order and noise; all optimizers see the same "
         "data splits, so comparisons are paired by seed.",
+        "- Runs are comparable only with the same settings, data, torch thread count and "
+        "device: each such group is a separate experiment here (labelled when one experiment "
+        "appears several times).",
         "- Quick mode uses small models, bundled datasets and short schedules; it checks the "
         "direction of the claims on this machine, not the paper's numbers. The paper's numbers "
         "appear beside experiments that match the paper's setting (CIFAR-10, Penn Treebank).",
-        "- Diverged runs count in the 'diverged' column and are left out of means and tests.",
+        "- Diverged runs count in the 'diverged' column and are left out of means, tests and "
+        "times to target.",
         "",
         "## Environment",
         "",
-        *_environment(records),
+        *_environment(analysis.records),
         f"- report host: {platform.node() or 'unknown'}, {os.cpu_count()} CPUs",
         "",
     ]
-    path = store.write_text("report.md", "\n".join(lines))
-    verdicts = (
-        ClaimVerdict(CLAIMS["convergence"], v1, s1),
-        ClaimVerdict(CLAIMS["generalization"], v2, s2),
-        ClaimVerdict(CLAIMS["gan"], v3, s3),
-    )
-    return Report(path, verdicts, len(records), missing)
+    commands = [c for c in analysis.manifest.get("commands", []) if isinstance(c, dict)]
+    if commands:
+        lines += ["## Commands run in this folder", ""]
+        lines += [
+            f"- {c.get('started_at', '?')}: `{c.get('command', '?')}`" for c in commands[-20:]
+        ]
+        if len(commands) > 20:
+            lines.append(f"- ... and {len(commands) - 20} earlier commands")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,63 +1,78 @@
-"""Plan the runs of ``adabelief run``, execute the missing ones (in parallel) and report.
+"""Plan the runs of ``adabelief run``, execute the missing ones, and rebuild the report.
 
-Planning turns tasks, optimizers, seeds and mode into :class:`RunSpec` objects; every spec whose
-file is already in the run folder is skipped, so rerunning an interrupted command only does what
-is left.  Runs execute in a process pool (``jobs`` workers, each with ``threads`` torch threads,
-by default ``cpus // jobs``) or in this process when ``jobs == 1``; each worker writes its run's
-file atomically the moment the run ends.
+Planning turns tasks (built-in names or users' ``FILE.py:FUNCTION``), optimizers, seeds and mode
+into :class:`RunSpec` objects.  Every spec whose file is already valid in the run folder is
+skipped, so rerunning an interrupted command only does what is left.
+
+* **paper mode**: every optimizer's preset at every seed.
+* **fair mode** (:mod:`adabelief.experiments.search`): phase 1 runs every optimizer's ``trials``
+  quasi-random trials at the tuning seed; phase 2 reruns each optimizer's best trial (on
+  validation data) at the other seeds.
+
+Runs execute on an :mod:`executor <adabelief.experiments.executors>`: this process, local worker
+processes, or Ray.  The driver writes each finished run's file atomically as its result
+arrives.  Ctrl-C or SIGTERM cancels what is pending and keeps what finished.
 """
 
 from __future__ import annotations
 
-import os
-import platform
+import dataclasses
 import signal
 import sys
+import threading
 import time
-import traceback
-from collections.abc import Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
-import torch
 from tqdm import tqdm
 
-from adabelief.experiments.data import DataNotFoundError
-from adabelief.experiments.presets import get_preset, lr_grid
+from adabelief.experiments.analysis import Candidate, choose_trial, study_id
+from adabelief.experiments.data import DataCheck, DataNotFoundError
+from adabelief.experiments.executors import Executor, Job, JobResult, make_executor
+from adabelief.experiments.registry import DEFAULT_OPTIMIZERS
 from adabelief.experiments.report import Report, build_report
-from adabelief.experiments.spec import Experiment, RunContext, RunSpec
-from adabelief.experiments.store import RunStore
-from adabelief.experiments.tasks import TASKS, PlanOptions, get_task
-from adabelief.experiments.training import configure_torch
+from adabelief.experiments.search import TUNING_SEED, SearchSpace, search_space, unit_point
+from adabelief.experiments.spec import Experiment, RunSpec
+from adabelief.experiments.store import BadRunFile, RunStore
+from adabelief.experiments.tasks import TASKS, PlanOptions, Task
+from adabelief.experiments.usertask import TaskLoadError, is_task_reference, load_user_task
 
-__all__ = ["RunOptions", "RunSummary", "available_cpus", "execute", "plan", "run_experiments"]
-
-
-def available_cpus() -> int:
-    """CPUs this process may use."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
+__all__ = [
+    "PlannedExperiment",
+    "RunOptions",
+    "RunSummary",
+    "plan",
+    "plan_reruns",
+    "resolve_data",
+    "resolve_tasks",
+    "run_experiments",
+]
 
 
 @dataclass(frozen=True)
 class RunOptions:
-    """Everything ``adabelief run`` was asked to do."""
+    """Everything ``adabelief run`` was asked to do.
+
+    ``tasks`` holds built-in task names, ``"all"`` and user task references.  ``trials`` is the
+    number of fair-mode trials per optimizer (``None``: the default for the scale).
+    """
 
     tasks: tuple[str, ...]
     out: Path
     quick: bool = True
     seeds: int = 3
-    optimizers: tuple[str, ...] = ("adabelief", "sgd", "adam", "adamw", "radam")
+    optimizers: tuple[str, ...] = DEFAULT_OPTIMIZERS
     mode: str = "paper"
+    trials: int | None = None
     data_dir: Path | None = None
     device: str = "cpu"
+    executor: str = "local"
     jobs: int = 1
-    threads: int | None = None
+    threads: int = 1
     progress: bool = True
     tiny: bool = False
     make_plots: bool = True
@@ -65,220 +80,214 @@ class RunOptions:
 
 @dataclass
 class RunSummary:
-    """What :func:`execute` did."""
+    """What :func:`run_experiments` did."""
 
     planned: int = 0
     reused: int = 0
     ran: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     interrupted: bool = False
+    bad_files: list[BadRunFile] = field(default_factory=list)
+    report_kept: bool = False
 
 
-def resolve_data(tasks: Sequence[str], data_dir: Path | None) -> dict[str, Path | None]:
-    """Per task, the ``--data`` folder it will read (``None``: bundled data).
+@dataclass
+class PlannedExperiment:
+    """One experiment of the plan: its task, its runs and, in fair mode, the search spaces."""
 
-    A task named explicitly must find its files in ``data_dir``.  With ``all`` (every
-    data-reading task requested), at least one must; the others fall back to bundled data.
-    Raises :class:`DataNotFoundError` otherwise.
+    task: Task
+    experiment: Experiment
+    specs: list[RunSpec]
+    data: DataCheck | None = None
+    spaces: dict[str, SearchSpace] = field(default_factory=dict)
+
+
+def resolve_tasks(names: Sequence[str]) -> list[Task]:
+    """Built-in tasks by name (``all``: every one) and users' tasks by reference, in order.
+
+    Raises :class:`~adabelief.experiments.usertask.TaskLoadError` with a one-line message.
     """
-    result: dict[str, Path | None] = dict.fromkeys(tasks)
+    tasks: dict[str, Task] = {}
+    for raw in names:
+        name = raw.strip()
+        if name.lower() == "all":
+            for task in TASKS.values():
+                tasks.setdefault(task.name, task)
+        elif name.lower() in TASKS:
+            tasks.setdefault(name.lower(), TASKS[name.lower()])
+        elif is_task_reference(name):
+            task = load_user_task(name)
+            base, suffix = task.name, 1
+            while task.name in tasks or task.name in TASKS:
+                suffix += 1
+                task.name = f"{base}_{suffix}"  # type: ignore[misc]
+            tasks[task.name] = task
+        else:
+            raise TaskLoadError(
+                f"unknown task {raw!r}; choose from {', '.join(TASKS)}, all, "
+                "or a task of your own as FILE.py:FUNCTION or module:FUNCTION"
+            )
+    return list(tasks.values())
+
+
+def resolve_data(tasks: Sequence[Task], data_dir: Path | None) -> dict[str, DataCheck | None]:
+    """Per task, the validated ``--data`` it will read (``None``: bundled data).
+
+    A task named explicitly must find valid files in ``data_dir``.  With ``all`` (every built-in
+    task requested), at least one must; the others fall back to bundled data.  Every file is
+    checked here, before anything trains.  Raises :class:`DataNotFoundError` naming the problem.
+    """
+    result: dict[str, DataCheck | None] = {task.name: None for task in tasks}
     if data_dir is None:
         return result
     if not data_dir.is_dir():
         raise DataNotFoundError(f"--data {data_dir} is not a folder")
-    readers = [t for t in tasks if get_task(t).uses_data]
+    readers = [task for task in tasks if task.uses_data]
     if not readers:
         raise DataNotFoundError(
-            f"--data was given but none of the tasks {', '.join(tasks)} reads data "
-            "(classify reads CIFAR-10, lm reads Penn Treebank)"
+            f"--data was given but none of the tasks {', '.join(t.name for t in tasks)} reads "
+            "data (classify reads CIFAR-10, lm Penn Treebank, transformer WikiText-2)"
         )
-    lenient = set(tasks) == set(TASKS)  # 'all': a task without its files uses bundled data
-    errors = []
-    for name in readers:
+    lenient = set(TASKS) <= {task.name for task in tasks}
+    missing: list[str] = []
+    broken: list[str] = []
+    for task in readers:
         try:
-            get_task(name).check_data(data_dir)
-            result[name] = data_dir
+            result[task.name] = task.check_data(data_dir)
         except DataNotFoundError as exc:
-            errors.append(str(exc))
-    if errors and (not lenient or len(errors) == len(readers)):
-        raise DataNotFoundError("; ".join(errors))
+            (missing if str(exc).startswith("no ") else broken).append(str(exc))
+    if broken:  # a file that is there but unusable is always an error
+        raise DataNotFoundError("; ".join(broken))
+    if missing and (not lenient or len(missing) == len(readers)):
+        raise DataNotFoundError("; ".join(missing))
     return result
 
 
+def _spec(
+    experiment: Experiment,
+    optimizer: str,
+    hparams: dict[str, Any],
+    seed: int,
+    trial: int | None,
+    options: RunOptions,
+) -> RunSpec:
+    return RunSpec(
+        task=experiment.task,
+        experiment=experiment.name,
+        settings=experiment.settings,
+        optimizer=optimizer,
+        hparams=hparams,
+        seed=seed,
+        trial=trial,
+        threads=options.threads,
+        device=options.device,
+    )
+
+
+def _trials(options: RunOptions) -> int:
+    from adabelief.experiments.search import default_trials
+
+    return options.trials or default_trials(options.quick)
+
+
 def plan(
-    options: RunOptions, data: dict[str, Path | None]
-) -> list[tuple[Experiment, list[RunSpec]]]:
-    """Experiments of the requested tasks and the runs each needs."""
-    factors = lr_grid(options.quick) if options.mode == "fair" else (1.0,)
+    options: RunOptions, tasks: Sequence[Task], data: dict[str, DataCheck | None]
+) -> list[PlannedExperiment]:
+    """The experiments of the requested tasks and the runs each needs first.
+
+    Paper mode: every seed of every optimizer's preset.  Fair mode: every trial at the tuning
+    seed (the reruns of the winners follow from :func:`plan_reruns`).  An experiment on real
+    data carries the data's fingerprint in its settings.
+    """
     planned = []
-    for task_name in options.tasks:
-        task = get_task(task_name)
-        plan_options = PlanOptions(options.quick, options.mode, data.get(task_name), options.tiny)
+    for task in tasks:
+        check = data.get(task.name)
+        data_dir = options.data_dir if check is not None else None
+        plan_options = PlanOptions(options.quick, options.mode, data_dir, options.tiny)
         for experiment in task.experiments(plan_options):
-            preset = get_preset(experiment.preset)
-            specs = []
+            if check is not None:
+                settings = {**experiment.settings, "data_fingerprint": check.fingerprint}
+                experiment = dataclasses.replace(experiment, settings=settings)
+            item = PlannedExperiment(task, experiment, [], check)
             for optimizer in options.optimizers:
-                base = preset.hparams(optimizer)
-                for factor in factors:
-                    hparams = dict(base)
-                    if "lr" in hparams:
-                        hparams["lr"] = float(f"{hparams['lr'] * factor:.6g}")
-                    for seed in range(options.seeds):
-                        specs.append(
-                            RunSpec(
-                                task_name,
-                                experiment.name,
-                                experiment.settings,
-                                optimizer,
-                                hparams,
-                                factor,
-                                seed,
-                            )
+                preset = task.preset_hparams(experiment, optimizer)
+                if options.mode == "fair":
+                    space = search_space(optimizer, preset, options.quick)
+                    item.spaces[optimizer] = space
+                    for trial in range(_trials(options)):
+                        hparams = space.hparams(unit_point(trial))
+                        item.specs.append(
+                            _spec(experiment, optimizer, hparams, TUNING_SEED, trial, options)
                         )
-            planned.append((experiment, specs))
+                else:
+                    for seed in range(options.seeds):
+                        item.specs.append(_spec(experiment, optimizer, preset, seed, None, options))
+            planned.append(item)
     return planned
 
 
-def _environment(device: str) -> dict[str, Any]:
-    import adabelief
-
-    return {
-        "torch": torch.__version__,
-        "adabelief": getattr(adabelief, "__version__", "unknown"),
-        "python": platform.python_version(),
-        "platform": platform.platform(terse=True),
-        "cpus": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "device": device,
-    }
-
-
-def run_one(spec: RunSpec, context: RunContext, store_root: Path) -> dict[str, Any]:
-    """Execute one run and store its record (also the body of a pool worker's job)."""
-    task = get_task(spec.task)
-    started = time.perf_counter()
-    output = task.run(spec, context)
-    record = {
-        "key": spec.key(),
-        **spec.to_json(),
-        "metrics": output.metrics,
-        "curves": output.curves,
-        "artifacts": output.artifacts,
-        "diverged": output.diverged,
-        "wall_time_s": round(time.perf_counter() - started, 3),
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "environment": _environment(context.device),
-    }
-    RunStore(store_root).save(record)
-    return record
+def plan_reruns(item: PlannedExperiment, store: RunStore, options: RunOptions) -> list[RunSpec]:
+    """Fair mode, phase 2: each optimizer's best trial (validation) at every other seed."""
+    reruns = []
+    for optimizer in options.optimizers:
+        trials = []
+        for spec in item.specs:
+            if spec.optimizer != optimizer or spec.seed != TUNING_SEED:
+                continue
+            candidate = Candidate(optimizer, spec.trial, spec.hparams)
+            record = store.load(spec.key())
+            if record is not None:
+                candidate.records[TUNING_SEED] = record
+            trials.append(candidate)
+        if not trials:
+            continue
+        winner = choose_trial(trials, item.experiment.selection)
+        if not winner.records:
+            continue  # every trial failed: nothing to rerun
+        for seed in range(options.seeds):
+            if seed != TUNING_SEED:
+                reruns.append(
+                    _spec(item.experiment, optimizer, winner.hparams, seed, winner.trial, options)
+                )
+    return reruns
 
 
-def _worker_init(threads: int) -> None:
-    # Ctrl-C reaches the whole process group: workers ignore it and the parent stops them (an
-    # unfinished run is simply not stored) and reports the interruption once.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    configure_torch(threads)
-
-
-def _worker_job(
-    spec_json: dict[str, Any], context: RunContext, root: str
-) -> tuple[str, str | None]:
-    spec = RunSpec.from_json(spec_json)
-    try:
-        run_one(spec, context, Path(root))
-    except Exception:  # reported by the parent; the run stays missing and is retried next time
-        return spec.key(), traceback.format_exc(limit=4)
-    return spec.key(), None
-
-
-def execute(
-    specs: list[RunSpec],
-    options: RunOptions,
-    store: RunStore,
-    data: dict[str, Path | None] | None = None,
-) -> RunSummary:
-    """Run every spec whose result is not on disk yet (``data``: ``--data`` folder per task)."""
-    summary = RunSummary(planned=len(specs))
-    unique = {spec.key(): spec for spec in specs}
-    pending = [spec for key, spec in unique.items() if not store.has(key)]
-    summary.reused = len(unique) - len(pending)
-    if not pending:
-        return summary
-    threads = options.threads or max(1, available_cpus() // options.jobs)
-    bar = tqdm(
-        total=len(pending), desc="runs", unit="run", disable=not options.progress, file=sys.stderr
+def _job(item: PlannedExperiment, spec: RunSpec, options: RunOptions) -> Job:
+    space = item.spaces.get(spec.optimizer)
+    return Job(
+        spec=spec.to_json(),
+        definition=item.experiment.to_json(),
+        task=item.task.payload(),
+        data_dir=str(options.data_dir) if item.data is not None else None,
+        quick=options.quick,
+        search_space=space.to_json() if space is not None and spec.trial is not None else None,
+        progress=options.progress
+        and options.executor == "local"
+        and options.jobs == 1
+        and not options.quick,
     )
-    epoch_bars = options.progress and options.jobs == 1 and not options.quick
-    folders = data or {}
-
-    def context_for(spec: RunSpec) -> RunContext:
-        return RunContext(options.device, folders.get(spec.task), epoch_bars)
-
-    try:
-        if options.jobs == 1:
-            configure_torch(threads)
-            for spec in pending:
-                bar.set_postfix_str(f"{spec.task}/{spec.experiment} {spec.optimizer}")
-                try:
-                    run_one(spec, context_for(spec), store.root)
-                    summary.ran.append(spec.key())
-                except Exception:
-                    summary.failed[spec.key()] = traceback.format_exc(limit=4)
-                bar.update()
-        else:
-            pool = ProcessPoolExecutor(
-                options.jobs,
-                mp_context=get_context("spawn"),
-                initializer=_worker_init,
-                initargs=(threads,),
-            )
-            try:
-                futures: set[Future[tuple[str, str | None]]] = {
-                    pool.submit(_worker_job, spec.to_json(), context_for(spec), str(store.root))
-                    for spec in pending
-                }
-                while futures:
-                    done, futures = wait(futures, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        key, error = future.result()
-                        if error is None:
-                            summary.ran.append(key)
-                        else:
-                            summary.failed[key] = error
-                        bar.update()
-            except (BrokenProcessPool, KeyboardInterrupt):  # Ctrl-C reaches the workers too
-                summary.interrupted = True
-            finally:
-                if summary.interrupted:
-                    # Stop the runs still going; they are redone on the next invocation.
-                    for process in list(getattr(pool, "_processes", {}).values()):
-                        process.terminate()
-                pool.shutdown(wait=True, cancel_futures=True)
-    except KeyboardInterrupt:
-        summary.interrupted = True
-    finally:
-        bar.close()
-    return summary
 
 
-def manifest_entries(
-    planned: list[tuple[Experiment, list[RunSpec]]],
-    options: RunOptions,
-    data: dict[str, Path | None],
-    command: str,
+def _manifest_entries(
+    planned: list[PlannedExperiment], options: RunOptions, command: str
 ) -> dict[str, dict[str, Any]]:
-    """Manifest entries (one per task) describing the planned experiments and their run keys."""
+    """One manifest entry per task: how it was planned and the keys of its runs."""
     entries: dict[str, dict[str, Any]] = {}
-    for experiment, specs in planned:
+    for item in planned:
         entry = entries.setdefault(
-            experiment.task,
+            item.task.name,
             {
                 "mode": options.mode,
                 "quick": options.quick,
                 "seeds": list(range(options.seeds)),
+                "trials": _trials(options) if options.mode == "fair" else None,
                 "optimizers": list(options.optimizers),
-                "data": str(data.get(experiment.task)) if data.get(experiment.task) else None,
+                "data": None
+                if item.data is None
+                else {"description": item.data.description, "fingerprint": item.data.fingerprint},
                 "device": options.device,
+                "threads": options.threads,
+                "executor": options.executor,
                 "command": command,
                 "planned_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "experiments": [],
@@ -286,34 +295,134 @@ def manifest_entries(
         )
         entry["experiments"].append(
             {
-                "experiment": experiment.to_json(),
-                "runs": [
-                    {
-                        "key": s.key(),
-                        "optimizer": s.optimizer,
-                        "lr_factor": s.lr_factor,
-                        "seed": s.seed,
-                        "hparams": s.hparams,
-                    }
-                    for s in specs
-                ],
+                "name": item.experiment.name,
+                "study": study_id(item.specs[0]) if item.specs else None,
+                "runs": [spec.key() for spec in item.specs],
             }
         )
     return entries
 
 
-def run_experiments(options: RunOptions, command: str = "") -> tuple[RunSummary, Report | None]:
-    """Plan, execute what is missing, and rebuild the report; returns the summary and report path.
+class _Progress:
+    """One progress bar over every phase."""
 
-    Raises :class:`DataNotFoundError` for an unusable ``--data`` folder.
+    def __init__(self, enabled: bool) -> None:
+        self.bar = tqdm(total=0, desc="runs", unit="run", disable=not enabled, file=sys.stderr)
+
+    def add(self, n: int) -> None:
+        self.bar.total += n
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _execute(
+    items: list[tuple[PlannedExperiment, RunSpec]],
+    options: RunOptions,
+    store: RunStore,
+    executor: Executor,
+    summary: RunSummary,
+    progress: _Progress,
+) -> bool:
+    """Run the specs whose valid record is not on disk; returns whether it was interrupted."""
+    unique: dict[str, tuple[PlannedExperiment, RunSpec]] = {}
+    for item, spec in items:
+        unique.setdefault(spec.key(), (item, spec))
+    summary.planned += len(unique)
+    jobs = []
+    for key, (item, spec) in unique.items():
+        state = store.read(key)
+        if isinstance(state, dict):
+            summary.reused += 1
+            continue
+        if isinstance(state, BadRunFile):
+            summary.bad_files.append(state)
+        jobs.append(_job(item, spec, options))
+    if not jobs:
+        return False
+    progress.add(len(jobs))
+
+    def on_result(result: JobResult) -> None:
+        if result.record is not None:
+            try:
+                store.save(result.record)
+                summary.ran.append(result.key)
+            except OSError as exc:
+                summary.failed[result.key] = f"cannot write {store.run_path(result.key)}: {exc}"
+        else:
+            summary.failed[result.key] = result.error or "unknown error"
+        progress.bar.update()
+
+    return executor.run(jobs, on_result)
+
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """Treat SIGTERM like Ctrl-C while runs execute (so workers are stopped, results kept)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_experiments(options: RunOptions, command: str = "") -> tuple[RunSummary, Report | None]:
+    """Plan, execute what is missing, and rebuild the report; returns the summary and report.
+
+    Raises :class:`~adabelief.experiments.usertask.TaskLoadError` for a task that cannot be
+    loaded, :class:`DataNotFoundError` for unusable ``--data``,
+    :class:`~adabelief.experiments.store.OutputError` for an unusable ``--out`` and
+    :class:`~adabelief.experiments.executors.ExecutorError` when the executor cannot start,
+    all before anything trains.  The report is rebuilt from every run on disk, unless every
+    run of this command failed and a report exists already: a failing command never replaces a
+    good report.
     """
-    data = resolve_data(options.tasks, options.data_dir)
-    planned = plan(options, data)
+    tasks = resolve_tasks(options.tasks)
+    data = resolve_data(tasks, options.data_dir)
+    planned = plan(options, tasks, data)
     store = RunStore(options.out)
-    store.update_manifest(manifest_entries(planned, options, data, command))
-    specs = [spec for _, group in planned for spec in group]
-    summary = execute(specs, options, store, data)
-    report = None
-    if not summary.interrupted:
-        report = build_report(options.out, make_plots=options.make_plots)
-    return summary, report
+    store.prepare()
+    summary = RunSummary()
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    entries = _manifest_entries(planned, options, command)
+    store.update_manifest(
+        entries,
+        {"command": command, "started_at": started, "tasks": [t.name for t in tasks]},
+    )
+    progress = _Progress(options.progress)
+    try:
+        with (
+            make_executor(
+                options.executor, options.jobs, options.threads, options.device
+            ) as executor,
+            _sigterm_interrupts(),
+        ):
+            first = [(item, spec) for item in planned for spec in item.specs]
+            summary.interrupted = _execute(first, options, store, executor, summary, progress)
+            if options.mode == "fair" and not summary.interrupted:
+                second: list[tuple[PlannedExperiment, RunSpec]] = []
+                for item in planned:
+                    reruns = plan_reruns(item, store, options)
+                    item.specs.extend(reruns)
+                    second.extend((item, spec) for spec in reruns)
+                store.update_manifest(_manifest_entries(planned, options, command))
+                summary.interrupted = _execute(second, options, store, executor, summary, progress)
+    except KeyboardInterrupt:
+        summary.interrupted = True
+    finally:
+        progress.close()
+    if summary.interrupted:
+        return summary, None
+    report_path = store.root / "report.md"
+    if summary.failed and not summary.ran and report_path.exists():
+        summary.report_kept = True
+        return summary, None
+    return summary, build_report(options.out, make_plots=options.make_plots)

@@ -1,22 +1,26 @@
 """What an experiment and a single run are, independent of any task.
 
 An :class:`Experiment` is one comparison (e.g. "ResNet34 on CIFAR-10"): its settings, the metric
-reported on test data, the metric used to pick a learning rate on validation data in fair mode,
-and which of the paper's claims it informs.  A :class:`RunSpec` is one training run: an
-experiment, an optimizer with its hyperparameters, and a seed.  Its :meth:`RunSpec.key` (a hash of
-all of that) names the file the finished run is stored in, which is what makes runs resumable.
+reported on test data, the metric that picks a fair-mode trial on validation data, the curve
+whose time-to-target is measured, and which of the paper's claims it informs.  A
+:class:`RunSpec` is one training run: an experiment, an optimizer with its hyperparameters, a
+seed, the fair-mode trial it belongs to (``None`` for the preset), and the torch thread count
+and device, which change results too.  Its :meth:`RunSpec.key` (a hash of all of that) names
+the file the finished run is stored in, which is what makes runs resumable.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 __all__ = [
     "CLAIMS",
+    "CLAIM_RIVALS",
     "RUN_FORMAT_VERSION",
     "Experiment",
     "Metric",
@@ -24,10 +28,12 @@ __all__ = [
     "RunOutput",
     "RunSpec",
     "canonical_json",
+    "digest",
 ]
 
 #: Bump when a change to the training code makes stored runs incomparable with new ones.
-RUN_FORMAT_VERSION = 1
+#: 2: thread count, device and fair-mode trial are part of a run's identity.
+RUN_FORMAT_VERSION = 2
 
 #: The paper's three claims, keyed as experiments refer to them.
 CLAIMS: dict[str, str] = {
@@ -36,15 +42,28 @@ CLAIMS: dict[str, str] = {
     "gan": "AdaBelief trains GANs stably",
 }
 
+#: Per claim, the optimizers AdaBelief is compared with unless an experiment names others
+#: (the paper's baselines: Adam for speed and GANs, SGD for generalization).
+CLAIM_RIVALS: dict[str, tuple[str, ...]] = {
+    "convergence": ("adam",),
+    "generalization": ("sgd",),
+    "gan": ("adam",),
+}
+
 
 def canonical_json(value: Any) -> str:
     """Deterministic JSON text (sorted keys, no spaces) used for hashing."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
 
 
+def digest(value: Any, length: int = 16) -> str:
+    """First ``length`` hex digits of the SHA-256 of :func:`canonical_json` of ``value``."""
+    return hashlib.sha256(canonical_json(value).encode()).hexdigest()[:length]
+
+
 @dataclass(frozen=True)
 class Metric:
-    """A named scalar in a run's ``metrics`` and whether larger values are better."""
+    """A named scalar in a run's ``metrics`` (or a curve in its ``curves``) and its direction."""
 
     name: str
     label: str
@@ -60,18 +79,23 @@ class Metric:
         return cls(str(data["name"]), str(data["label"]), bool(data["higher_is_better"]))
 
 
+def _metric_or_none(data: Any) -> Metric | None:
+    return None if data is None else Metric.from_json(data)
+
+
 @dataclass(frozen=True)
 class Experiment:
     """One comparison of optimizers.
 
-    ``score`` is reported (test data); ``selection`` picks the learning rate in fair mode
-    (validation data); ``speed`` measures convergence speed (claim 1), when the experiment has
-    such a measure; ``extra`` are further metrics shown in tables.  ``claims`` names the keys
-    of :data:`CLAIMS` the experiment is evidence for.  ``paper`` holds the paper's reported
-    ``score`` per optimizer, when the experiment matches one in the paper.
-    ``curves`` lists ``(curve name, label)`` pairs to plot against ``x_label`` (the run's
-    ``curves["x"]``); ``plot`` names a task-specific figure (``"trajectories"``, ``"points"``,
-    ``"images"``) or is empty.
+    ``score`` is reported (test data); ``selection`` picks the trial in fair mode (validation
+    data); ``speed`` measures convergence speed (claim 1) when the experiment has such a
+    measure; ``extra`` are further metrics shown in tables.  ``target`` names the curve whose
+    time-to-target is measured (``curves[target.name]``, higher or lower is better).
+    ``claims`` names the keys of :data:`CLAIMS` the experiment is evidence for, and ``versus``
+    overrides :data:`CLAIM_RIVALS` per claim.  ``paper`` holds the paper's reported ``score``
+    per optimizer, when the experiment matches one in the paper.  ``curves`` lists
+    ``(curve name, label)`` pairs to plot against ``x_label`` (the run's ``curves["x"]``);
+    ``plot`` names a figure the task draws itself (see ``Task.plots``) or is empty.
     """
 
     task: str
@@ -87,10 +111,16 @@ class Experiment:
     curves: tuple[tuple[str, str], ...] = ()
     plot: str = ""
     x_label: str = "epoch"
+    target: Metric | None = None
+    versus: dict[str, tuple[str, ...]] = field(default_factory=dict)
     paper: dict[str, float] = field(default_factory=dict)
 
+    def rivals(self, claim: str) -> tuple[str, ...]:
+        """The optimizers AdaBelief is compared with for ``claim`` in this experiment."""
+        return self.versus.get(claim, CLAIM_RIVALS.get(claim, ()))
+
     def to_json(self) -> dict[str, Any]:
-        """Plain-dict form stored in the run folder's manifest."""
+        """Plain-dict form stored with every run."""
         return {
             "task": self.task,
             "name": self.name,
@@ -105,26 +135,30 @@ class Experiment:
             "curves": [list(c) for c in self.curves],
             "plot": self.plot,
             "x_label": self.x_label,
+            "target": None if self.target is None else self.target.to_json(),
+            "versus": {k: list(v) for k, v in self.versus.items()},
             "paper": self.paper,
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Experiment:
-        """Inverse of :meth:`to_json`."""
+        """Inverse of :meth:`to_json` (raises ``KeyError``/``TypeError``/``ValueError`` if bad)."""
         return cls(
-            task=data["task"],
-            name=data["name"],
-            title=data["title"],
-            preset=data["preset"],
+            task=str(data["task"]),
+            name=str(data["name"]),
+            title=str(data["title"]),
+            preset=str(data["preset"]),
             settings=dict(data["settings"]),
             score=Metric.from_json(data["score"]),
             selection=Metric.from_json(data["selection"]),
-            claims=tuple(data["claims"]),
-            speed=None if data.get("speed") is None else Metric.from_json(data["speed"]),
+            claims=tuple(str(c) for c in data["claims"]),
+            speed=_metric_or_none(data.get("speed")),
             extra=tuple(Metric.from_json(m) for m in data.get("extra", [])),
             curves=tuple((str(a), str(b)) for a, b in data.get("curves", [])),
             plot=str(data.get("plot", "")),
             x_label=str(data.get("x_label", "epoch")),
+            target=_metric_or_none(data.get("target")),
+            versus={str(k): tuple(map(str, v)) for k, v in data.get("versus", {}).items()},
             paper={str(k): float(v) for k, v in data.get("paper", {}).items()},
         )
 
@@ -138,34 +172,42 @@ class Experiment:
         return result
 
 
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
 @dataclass(frozen=True)
 class RunSpec:
-    """One training run: experiment settings, optimizer, hyperparameters and seed."""
+    """One training run: experiment settings, optimizer, hyperparameters, seed, threads, device.
+
+    ``trial`` is ``None`` for an optimizer's preset (paper mode) and the index of the
+    quasi-random trial in fair mode.  Every field is part of the run's identity: torch's
+    results depend on the intra-op thread count and on the device.
+    """
 
     task: str
     experiment: str
     settings: dict[str, Any]
     optimizer: str
     hparams: dict[str, Any]
-    lr_factor: float
     seed: int
+    trial: int | None = None
+    threads: int = 1
+    device: str = "cpu"
+
+    @property
+    def mode(self) -> str:
+        """``"paper"`` for a preset run, ``"fair"`` for a trial of the fair protocol."""
+        return "paper" if self.trial is None else "fair"
 
     def identity(self) -> dict[str, Any]:
         """Everything that determines the run's result (and nothing else)."""
-        return {
-            "format": RUN_FORMAT_VERSION,
-            "task": self.task,
-            "experiment": self.experiment,
-            "settings": self.settings,
-            "optimizer": self.optimizer,
-            "hparams": self.hparams,
-            "seed": self.seed,
-        }
+        return {"format": RUN_FORMAT_VERSION, **asdict(self)}
 
     def key(self) -> str:
-        """Stable name of the run: readable prefix plus a hash of :meth:`identity`."""
-        digest = hashlib.sha256(canonical_json(self.identity()).encode()).hexdigest()[:16]
-        return f"{self.task}-{self.experiment}-{self.optimizer}-s{self.seed}-{digest}"
+        """Stable, file-name-safe name: readable prefix plus a hash of :meth:`identity`."""
+        trial = "" if self.trial is None else f"t{self.trial}-"
+        prefix = f"{self.task}-{self.experiment}-{self.optimizer}-{trial}s{self.seed}"
+        return f"{_UNSAFE.sub('_', prefix)}-{digest(self.identity())}"
 
     def to_json(self) -> dict[str, Any]:
         """Plain-dict form."""
@@ -173,23 +215,25 @@ class RunSpec:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RunSpec:
-        """Inverse of :meth:`to_json`."""
+        """Inverse of :meth:`to_json` (raises ``KeyError``/``TypeError``/``ValueError`` if bad)."""
+        trial = data.get("trial")
         return cls(
-            task=data["task"],
-            experiment=data["experiment"],
+            task=str(data["task"]),
+            experiment=str(data["experiment"]),
             settings=dict(data["settings"]),
-            optimizer=data["optimizer"],
+            optimizer=str(data["optimizer"]),
             hparams=dict(data["hparams"]),
-            lr_factor=float(data["lr_factor"]),
             seed=int(data["seed"]),
+            trial=None if trial is None else int(trial),
+            threads=int(data.get("threads", 1)),
+            device=str(data.get("device", "cpu")),
         )
 
 
 @dataclass(frozen=True)
 class RunContext:
-    """Where and how a run executes (not part of its identity)."""
+    """Where a run reads its data and whether it shows epoch bars (not part of its identity)."""
 
-    device: str = "cpu"
     data_dir: Path | None = None
     progress: bool = False
 
@@ -199,8 +243,10 @@ class RunOutput:
     """What a task returns for one run.
 
     ``metrics`` maps metric names to values (``None`` when undefined, e.g. after divergence);
-    ``curves`` maps curve names to per-epoch/per-checkpoint values with ``curves["x"]`` the
-    positions; ``artifacts`` holds small things to plot (trajectories, samples).
+    ``curves`` maps curve names to per-evaluation values with ``curves["x"]`` the positions
+    (epochs, steps, iterations), ``curves["step"]`` the optimizer steps taken and
+    ``curves["time_s"]`` the seconds of training so far at each evaluation, where the task
+    records them; ``artifacts`` holds small things to plot (trajectories, samples).
     """
 
     metrics: dict[str, float | None]

@@ -4,6 +4,10 @@ A paired comparison of optimizer A against B uses the seeds both ran (same data,
 the mean difference of the metric, its standard error, a two-sided paired t-test (Student t
 distribution from scipy when available) and an exact two-sided sign test.  Differences are
 oriented so that a positive ``advantage`` always means A did better.
+
+The t statistic ``mean(d) / (std(d) / sqrt(n))`` is undefined when every paired difference is
+the same (``std(d) = 0``, e.g. a one-image test set): then only the sign test is used, which
+needs 6 seeds or more to reach p < 0.05.
 """
 
 from __future__ import annotations
@@ -58,9 +62,12 @@ def sign_test_p(wins: int, losses: int) -> float:
 
 
 def student_t_p(t: float, dof: int) -> float | None:
-    """Two-sided p-value of Student's t with ``dof`` degrees of freedom (``None`` without scipy)."""
-    if math.isinf(t):
-        return 0.0
+    """Two-sided p-value of Student's t with ``dof`` degrees of freedom.
+
+    ``None`` without scipy, or when ``t`` is not finite (the test is then undefined).
+    """
+    if not math.isfinite(t):
+        return None
     try:
         from scipy import stats as scipy_stats
     except ImportError:
@@ -74,7 +81,7 @@ class PairedComparison:
 
     ``mean_difference`` is mean(A - B) in the metric's units; ``advantage`` is the same number
     with its sign flipped for lower-is-better metrics.  ``p_value`` is the paired t-test when it
-    can be computed, else the sign test.
+    can be computed (scipy installed, differences not all identical), else the sign test.
     """
 
     n: int
@@ -122,12 +129,8 @@ def paired_comparison(
         return PairedComparison(0, math.nan, math.nan, math.nan, None, 0, 0, 0, 1.0)
     mean = statistics.fmean(diffs)
     se = statistics.stdev(diffs) / math.sqrt(n) if n > 1 else math.nan
-    t_p: float | None = None
-    if n > 1:
-        if se > 0:
-            t_p = student_t_p(mean / se, n - 1)
-        else:  # identical differences: exact equality or an infinitely significant shift
-            t_p = 1.0 if mean == 0 else 0.0
+    # Identical differences (se == 0) leave t undefined: the sign test alone decides then.
+    t_p = student_t_p(mean / se, n - 1) if n > 1 and se > 0 else None
     return PairedComparison(
         n=n,
         mean_difference=mean,

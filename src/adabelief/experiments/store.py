@@ -2,28 +2,61 @@
 
 Layout of ``--out DIR``::
 
-    DIR/manifest.json      what was asked for, per task (mode, experiments, the run keys)
-    DIR/runs/<key>.json    one finished run (written atomically when the run ends)
-    DIR/results.json       all runs of the manifest, rebuilt from runs/
-    DIR/summary.csv        mean/std per experiment, optimizer, learning rate and metric
+    DIR/manifest.json      the latest plan per task (its run keys) and every command run here
+    DIR/runs/<key>.json    one finished run, self-describing (spec, experiment, metrics, curves)
+    DIR/results.json       every valid run in runs/
+    DIR/summary.csv        mean/std per experiment, optimizer, trial and metric
     DIR/report.md          the claims and the evidence;  DIR/plots/*.png  the figures
 
-A run whose file exists is never redone, so an interrupted ``adabelief run`` resumes where it
-stopped.
+A run whose file exists and is valid is never redone, so an interrupted ``adabelief run``
+resumes where it stopped.  Files are written atomically (temporary file, fsync, rename) with
+the permissions the umask allows, and the manifest's read-modify-write holds an exclusive lock,
+so several processes may share one folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MANIFEST_VERSION", "RunStore", "atomic_write_text", "json_safe"]
+from adabelief.experiments.spec import Experiment, RunSpec
 
-MANIFEST_VERSION = 1
+__all__ = [
+    "MANIFEST_VERSION",
+    "BadRunFile",
+    "OutputError",
+    "RunStore",
+    "atomic_write_text",
+    "current_umask",
+    "json_safe",
+    "validate_record",
+]
+
+MANIFEST_VERSION = 2
+_UMASK_LOCK = threading.Lock()
+
+
+class OutputError(OSError):
+    """The output folder cannot be used (it is a file, or cannot be created or written)."""
+
+
+@dataclass(frozen=True)
+class BadRunFile:
+    """A file in ``runs/`` that is not a valid run record, and why."""
+
+    path: Path
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
 
 
 def json_safe(value: Any) -> Any:
@@ -37,11 +70,30 @@ def json_safe(value: Any) -> Any:
     return value
 
 
+def current_umask() -> int:
+    """The process umask (read from ``/proc`` where possible, so that nothing changes it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file next to ``path``, flush it to disk, then rename."""
+    """Write ``text`` to a temporary file next to ``path``, flush it to disk, then rename.
+
+    The file gets mode ``0o666 & ~umask``, as ``open()`` would give it (``mkstemp`` alone would
+    leave it at ``0o600``).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(handle, 0o666 & ~current_umask())
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
             stream.write(text)
             stream.flush()
@@ -52,6 +104,39 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def _is_number(value: Any) -> bool:
+    return value is None or (isinstance(value, int | float) and not isinstance(value, bool))
+
+
+def validate_record(data: Any, key: str) -> str | None:
+    """Why ``data`` is not a valid run record called ``key`` (``None`` if it is)."""
+    if not isinstance(data, dict):
+        return f"expected a JSON object, found {type(data).__name__}"
+    if data.get("key") != key:
+        return f"its key {data.get('key')!r} does not match the file name"
+    try:
+        RunSpec.from_json(data)
+    except (KeyError, TypeError, ValueError) as exc:
+        return f"not a run specification ({type(exc).__name__}: {exc})"
+    try:
+        Experiment.from_json(data["definition"])
+    except (KeyError, TypeError, ValueError) as exc:
+        return f"no valid experiment definition ({type(exc).__name__}: {exc})"
+    metrics = data.get("metrics")
+    if not isinstance(metrics, dict) or not all(_is_number(v) for v in metrics.values()):
+        return f'"metrics" must map names to numbers, found {json.dumps(metrics)[:60]}'
+    curves = data.get("curves", {})
+    if not isinstance(curves, dict) or not all(
+        isinstance(v, list) and all(_is_number(x) for x in v) for v in curves.values()
+    ):
+        return '"curves" must map names to lists of numbers'
+    if not isinstance(data.get("diverged", False), bool):
+        return '"diverged" must be true or false'
+    if not isinstance(data.get("artifacts", {}), dict):
+        return '"artifacts" must be an object'
+    return None
+
+
 class RunStore:
     """Reads and writes one run folder."""
 
@@ -60,22 +145,61 @@ class RunStore:
         self.runs_dir = self.root / "runs"
         self.manifest_path = self.root / "manifest.json"
 
+    def prepare(self) -> None:
+        """Create the folder and check that files can be written in it (raises OutputError)."""
+        if self.root.exists() and not self.root.is_dir():
+            raise OutputError(f"{self.root} is a file, not a folder")
+        try:
+            self.runs_dir.mkdir(parents=True, exist_ok=True)
+            for folder in (self.root, self.runs_dir):
+                with tempfile.TemporaryFile(dir=folder):
+                    pass
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            raise OutputError(f"cannot write to {self.root} ({reason})") from None
+
     def run_path(self, key: str) -> Path:
         """File of the run called ``key``."""
         return self.runs_dir / f"{key}.json"
 
-    def load(self, key: str) -> dict[str, Any] | None:
-        """The stored record of ``key``, or ``None`` if absent or unreadable."""
+    def read(self, key: str) -> dict[str, Any] | BadRunFile | None:
+        """The stored record of ``key``; ``None`` if absent, :class:`BadRunFile` if invalid."""
         path = self.run_path(key)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
             return None
-        return data if isinstance(data, dict) and data.get("key") == key else None
+        except (OSError, UnicodeDecodeError) as exc:
+            return BadRunFile(path, f"unreadable ({exc})")
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            return BadRunFile(path, f"not valid JSON, maybe truncated ({exc})")
+        problem = validate_record(data, key)
+        return data if problem is None else BadRunFile(path, problem)
+
+    def load(self, key: str) -> dict[str, Any] | None:
+        """The valid record of ``key``, or ``None`` (absent or invalid)."""
+        record = self.read(key)
+        return record if isinstance(record, dict) else None
 
     def has(self, key: str) -> bool:
-        """Whether ``key`` finished (its file exists and parses)."""
+        """Whether ``key`` finished (its file exists and is a valid record)."""
         return self.load(key) is not None
+
+    def scan(self) -> tuple[list[dict[str, Any]], list[BadRunFile]]:
+        """Every valid record in ``runs/`` (sorted by key) and every invalid file."""
+        records: list[dict[str, Any]] = []
+        bad: list[BadRunFile] = []
+        if not self.runs_dir.is_dir():
+            return records, bad
+        for path in sorted(self.runs_dir.glob("*.json")):
+            record = self.read(path.stem)
+            if isinstance(record, BadRunFile):
+                bad.append(record)
+            elif record is not None:
+                records.append(record)
+        return records, bad
 
     def save(self, record: dict[str, Any]) -> Path:
         """Store a finished run atomically; returns its path."""
@@ -83,22 +207,50 @@ class RunStore:
         atomic_write_text(path, json.dumps(json_safe(record), indent=1, sort_keys=True))
         return path
 
+    @contextlib.contextmanager
+    def lock(self, name: str) -> Iterator[None]:
+        """An exclusive advisory lock on ``DIR/.<name>.lock`` held for the ``with`` block."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / f".{name}.lock"
+        with path.open("a") as handle:
+            try:
+                import fcntl
+            except ImportError:  # no advisory locks on this platform
+                yield
+                return
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
     def read_manifest(self) -> dict[str, Any]:
-        """The manifest (an empty one if the folder has none)."""
+        """The manifest (an empty one if the folder has none or it is unreadable)."""
+        empty: dict[str, Any] = {"version": MANIFEST_VERSION, "tasks": {}, "commands": []}
         try:
             data = json.loads(self.manifest_path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            return {"version": MANIFEST_VERSION, "tasks": {}}
+            return empty
         if not isinstance(data, dict) or not isinstance(data.get("tasks"), dict):
-            return {"version": MANIFEST_VERSION, "tasks": {}}
+            return empty
+        if not isinstance(data.get("commands"), list):
+            data["commands"] = []
         return data
 
-    def update_manifest(self, tasks: dict[str, dict[str, Any]]) -> None:
-        """Replace the entries of the given tasks (other tasks' entries stay)."""
-        manifest = self.read_manifest()
-        manifest["version"] = MANIFEST_VERSION
-        manifest["tasks"].update(tasks)
-        atomic_write_text(self.manifest_path, json.dumps(json_safe(manifest), indent=1))
+    def update_manifest(
+        self, tasks: dict[str, dict[str, Any]], command: dict[str, Any] | None = None
+    ) -> None:
+        """Replace the entries of the given tasks and log ``command``, under the folder's lock.
+
+        Other tasks' entries stay, also when another process updates the manifest at once.
+        """
+        with self.lock("manifest"):
+            manifest = self.read_manifest()
+            manifest["version"] = MANIFEST_VERSION
+            manifest["tasks"].update(tasks)
+            if command is not None:
+                manifest["commands"].append(command)
+            atomic_write_text(self.manifest_path, json.dumps(json_safe(manifest), indent=1))
 
     def write_json(self, name: str, value: Any) -> Path:
         """Write ``value`` as JSON to ``DIR/name`` atomically."""

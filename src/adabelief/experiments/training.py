@@ -4,7 +4,10 @@
 * :func:`optimizer_step` - zero grads, backward, optional clipping, step (every task uses it).
 * :func:`minibatches` - generator-driven shuffled index batches.
 * :func:`fit` - the epoch loop of the supervised tasks (classification and language modelling):
-  step learning-rate schedule, per-epoch evaluation, best-validation tracking, divergence stop.
+  step learning-rate schedule, per-epoch evaluation, best-validation tracking, divergence stop;
+  every evaluation also records the optimizer steps and seconds so far (time-to-target).
+* :func:`inverse_sqrt_schedule` - linear warm-up then ``1/sqrt(step)`` decay (Transformers).
+* :class:`StepClock` - counts optimizer steps and training seconds.
 * :func:`train_classifier_epoch` / :func:`evaluate_classifier` - classification epoch and eval,
   used by the classification task and by the GAN task's feature network.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -27,9 +31,11 @@ from adabelief.experiments.spec import Metric
 
 __all__ = [
     "FitResult",
+    "StepClock",
     "configure_torch",
     "evaluate_classifier",
     "fit",
+    "inverse_sqrt_schedule",
     "is_finite",
     "minibatches",
     "optimizer_step",
@@ -84,6 +90,43 @@ def minibatches(
         yield order[start : start + batch_size]
 
 
+class StepClock:
+    """Counts ``optimizer.step()`` calls (a step post-hook) and the seconds since creation."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer) -> None:
+        self.steps = 0
+        self.started = time.perf_counter()
+        self._handles = [o.register_step_post_hook(self._count) for o in optimizers[:1]]
+
+    def _count(self, *_: object) -> None:
+        self.steps += 1
+
+    @property
+    def seconds(self) -> float:
+        """Seconds since the clock was created."""
+        return time.perf_counter() - self.started
+
+    def close(self) -> None:
+        """Remove the hook."""
+        for handle in self._handles:
+            handle.remove()
+
+
+def inverse_sqrt_schedule(
+    optimizer: torch.optim.Optimizer, warmup: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Learning rate ``lr * min(t / warmup, sqrt(warmup / t))`` at step ``t = 1, 2, ...``.
+
+    Linear warm-up to the preset ``lr`` over ``warmup`` steps, then decay as ``1 / sqrt(t)``
+    (Vaswani et al.; the paper's Transformer schedule).  Call ``step()`` after every
+    optimizer step.
+    """
+    w = max(1, int(warmup))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda index: min((index + 1) / w, math.sqrt(w / (index + 1)))
+    )
+
+
 @dataclass
 class FitResult:
     """Per-epoch curves, the epoch with the best selection metric, and whether training blew up."""
@@ -113,11 +156,13 @@ def fit(
     ``train_loss``); ``evaluate()`` returns held-out metrics.  Every metric becomes a per-epoch
     curve.  When ``select`` is given, the epoch with its best value is remembered (and
     ``on_best`` is called then, e.g. to keep a copy of the weights).  A non-finite training loss
-    stops training and marks the result as diverged.
+    stops training and marks the result as diverged.  The curves ``step`` and ``time_s`` hold
+    the optimizer steps and the seconds of training (evaluations included) at each epoch's end.
     """
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(milestones), gamma)
     result = FitResult()
     best_value: float | None = None
+    clock = StepClock(optimizer)
     bar = tqdm(range(epochs), desc=description, leave=False, disable=not progress, unit="epoch")
     for epoch in bar:
         trained = train_epoch(epoch)
@@ -127,6 +172,8 @@ def fit(
         scheduler.step()
         measured = {**trained, **evaluate()}
         result.curves.setdefault("epoch", []).append(float(epoch + 1))
+        result.curves.setdefault("step", []).append(float(clock.steps))
+        result.curves.setdefault("time_s", []).append(round(clock.seconds, 3))
         for name, value in measured.items():
             result.curves.setdefault(name, []).append(value if is_finite(value) else None)
         if select is not None and is_finite(measured[select.name]):
@@ -141,6 +188,7 @@ def fit(
                 if on_best is not None:
                     on_best()
         bar.set_postfix(loss=f"{trained['train_loss']:.3f}")
+    clock.close()
     return result
 
 

@@ -17,7 +17,13 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from adabelief.experiments.data import ArrayDataset, find_cifar_dir, load_cifar10, load_digits
+from adabelief.experiments.data import (
+    ArrayDataset,
+    DataCheck,
+    check_cifar10,
+    load_cifar10,
+    load_digits,
+)
 from adabelief.experiments.models import build_classifier
 from adabelief.experiments.presets import get_preset
 from adabelief.experiments.registry import create_optimizer
@@ -90,9 +96,9 @@ class ClassifyTask(Task):
         "CIFAR-10 python pickles (data_batch_1..5, test_batch), maybe in cifar-10-batches-py/"
     )
 
-    def check_data(self, data_dir: Path) -> str:
-        """Raise unless ``data_dir`` holds the CIFAR-10 pickles."""
-        return f"CIFAR-10 in {find_cifar_dir(data_dir)}"
+    def check_data(self, data_dir: Path) -> DataCheck:
+        """Find and validate the CIFAR-10 pickles in ``data_dir`` (every batch is read)."""
+        return check_cifar10(data_dir)
 
     def experiments(self, options: PlanOptions) -> list[Experiment]:
         """Digits CNN, or one experiment per CIFAR-10 model."""
@@ -133,6 +139,11 @@ class ClassifyTask(Task):
                         ("train_acc", "training accuracy (%)"),
                         ("test_acc", "test accuracy (%)"),
                     ),
+                    target=(
+                        Metric("val_acc", "validation accuracy (%)", True)
+                        if fair
+                        else Metric("test_acc", "test accuracy (%)", True)
+                    ),
                     paper=PAPER_CIFAR10_BEST_TEST_ACC.get(model, {})
                     if dataset == "cifar10"
                     else {},
@@ -151,7 +162,7 @@ class ClassifyTask(Task):
             settings.get("test_limit"),
         )
         generator = seed_everything(spec.seed)
-        device = context.device
+        device = spec.device
         model = build_classifier(settings["model"], data.num_classes).to(device)
         optimizer = create_optimizer(spec.optimizer, model.parameters(), **spec.hparams)
         has_validation = len(data.val_y) > 0

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -34,6 +37,9 @@ from adabelief.experiments.registry import create_optimizer
 from adabelief.experiments.spec import Experiment, Metric, RunContext, RunOutput, RunSpec
 from adabelief.experiments.tasks.base import PlanOptions, Task
 from adabelief.experiments.training import optimizer_step, seed_everything
+
+if TYPE_CHECKING:
+    from adabelief.experiments.analysis import ExperimentResult, OptimizerResult
 
 __all__ = ["MOG_CENTERS", "GanTask", "mog_quality", "sample_mog"]
 
@@ -109,7 +115,8 @@ def train_gan(
 ) -> tuple[dict[str, list[float | None]], bool]:
     """Alternate ``critic_steps`` discriminator steps and one generator step.
 
-    Returns the evaluation curves (``evaluations`` points, plus ``x``) and whether a loss became
+    Returns the evaluation curves (``evaluations`` points, plus ``x`` and ``step``, the
+    generator iterations, and ``time_s``, the seconds so far) and whether a loss became
     non-finite (training stops then).
     """
     settings = spec.settings
@@ -118,7 +125,8 @@ def train_gan(
     iterations, batch = int(settings["iterations"]), int(settings["batch_size"])
     noise_dim, loss_kind = int(settings["noise_dim"]), str(settings["loss"])
     every = max(1, iterations // int(settings["evaluations"]))
-    curves: dict[str, list[float | None]] = {"x": []}
+    curves: dict[str, list[float | None]] = {"x": [], "step": [], "time_s": []}
+    started = time.perf_counter()
     for iteration in range(1, iterations + 1):
         for _ in range(int(settings["critic_steps"])):
             real = sample_real(batch, generator)
@@ -140,6 +148,8 @@ def train_gan(
             if curves["x"] and curves["x"][-1] == float(iteration):
                 continue
             curves["x"].append(float(iteration))
+            curves["step"].append(float(iteration))
+            curves["time_s"].append(round(time.perf_counter() - started, 3))
             for name, value in evaluate().items():
                 curves.setdefault(name, []).append(value if math.isfinite(value) else None)
     return curves, False
@@ -168,12 +178,14 @@ class GanTask(Task):
                     ("modes", "modes covered"),
                 )
                 plot = "points"
+                target = Metric("hq_fraction", "high-quality fraction (validation noise)", True)
             else:
                 score = Metric("fid", "Frechet distance to test digits", False)
                 selection = Metric("val_fid", "Frechet distance to training digits", False)
                 extra = ()
                 curves = (("fid", "Frechet distance (validation)"),)
                 plot = "images"
+                target = Metric("fid", "Frechet distance (validation)", False)
             experiments.append(
                 Experiment(
                     task=self.name,
@@ -188,9 +200,19 @@ class GanTask(Task):
                     curves=curves,
                     plot=plot,
                     x_label="generator iteration",
+                    target=target,
                 )
             )
         return experiments
+
+    def plots(self, result: ExperimentResult, directory: Path) -> list[Path]:
+        """The first seed's samples: 2-D points against the modes, or a grid of digits."""
+        from adabelief.experiments.plots import plot_stem
+
+        stem = directory / f"{plot_stem(result)}-{result.experiment.plot}.png"
+        draw = {"points": plot_points, "images": plot_images}.get(result.experiment.plot)
+        path = draw(result, stem) if draw is not None else None
+        return [path] if path is not None else []
 
     def run(self, spec: RunSpec, context: RunContext) -> RunOutput:
         """Train the GAN and score its samples."""
@@ -267,3 +289,76 @@ class GanTask(Task):
                 [[round(float(v), 3) for v in row] for row in image] for image in samples
             ]
         return RunOutput(metrics=metrics, curves=curves, artifacts=artifacts, diverged=diverged)
+
+
+def _with_samples(result: ExperimentResult) -> list[tuple[OptimizerResult, dict[str, Any]]]:
+    """Each optimizer's first-seed record (not diverged) that holds generated samples."""
+    from adabelief.experiments.plots import first_record
+
+    rows = []
+    for row in result.optimizers:
+        record = first_record(row)
+        if record is not None and record.get("artifacts", {}).get("samples"):
+            rows.append((row, record))
+    return rows
+
+
+def plot_points(result: ExperimentResult, path: Path) -> Path | None:
+    """Generated 2-D samples (first seed, test noise) of each optimizer against the 8 modes."""
+    import numpy as np
+
+    from adabelief.experiments.plots import new_figure, optimizer_color, save_figure
+
+    rows = _with_samples(result)
+    if not rows:
+        return None
+    figure = new_figure(2.6 * len(rows), 3.0)
+    centers = MOG_CENTERS.numpy()
+    for index, (row, record) in enumerate(rows):
+        axes = figure.add_subplot(1, len(rows), index + 1)
+        samples = np.asarray(record["artifacts"]["samples"], dtype=np.float64)
+        axes.scatter(
+            samples[:, 0], samples[:, 1], s=2, color=optimizer_color(row.optimizer), alpha=0.5
+        )
+        axes.scatter(centers[:, 0], centers[:, 1], s=25, marker="x", color="black")
+        hq = record["metrics"].get("hq_fraction")
+        title = row.optimizer if hq is None else f"{row.optimizer}\nhigh-quality {hq:.0%}"
+        axes.set_title(title, fontsize=8)
+        axes.set_xlim(-3, 3)
+        axes.set_ylim(-3, 3)
+        axes.set_xticks([])
+        axes.set_yticks([])
+        axes.set_aspect("equal")
+    figure.suptitle(
+        f"{result.experiment.title}: samples of the first seed (x: the 8 modes; high-quality = "
+        f"within {3 * MOG_STD:g} of a mode)",
+        fontsize=8,
+    )
+    return save_figure(figure, path)
+
+
+def plot_images(result: ExperimentResult, path: Path) -> Path | None:
+    """Generated digits (first seed, 4x4 grid) of each optimizer."""
+    import numpy as np
+
+    from adabelief.experiments.plots import new_figure, save_figure
+
+    rows = _with_samples(result)
+    if not rows:
+        return None
+    figure = new_figure(2.4 * len(rows), 2.9)
+    for index, (row, record) in enumerate(rows):
+        images = np.asarray(record["artifacts"]["samples"], dtype=np.float64)[:16]
+        side = math.ceil(math.sqrt(len(images)))
+        grid = np.zeros((side * 9 - 1, side * 9 - 1))  # white separators
+        for k, image in enumerate(images):
+            r, c = divmod(k, side)
+            grid[r * 9 : r * 9 + 8, c * 9 : c * 9 + 8] = image
+        axes = figure.add_subplot(1, len(rows), index + 1)
+        axes.imshow(grid, cmap="gray_r", vmin=0, vmax=1)
+        fid = record["metrics"].get("fid")
+        title = row.optimizer if fid is None else f"{row.optimizer}\nFrechet distance {fid:.1f}"
+        axes.set_title(title, fontsize=8)
+        axes.axis("off")
+    figure.suptitle(f"{result.experiment.title}: samples of the first seed", fontsize=8)
+    return save_figure(figure, path)

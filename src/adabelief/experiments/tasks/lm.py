@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from adabelief.experiments.data import TextCorpus, find_ptb_dir, load_ptb, load_stdlib_text
+from adabelief.experiments.data import DataCheck, TextCorpus, check_ptb, load_ptb, load_stdlib_text
 from adabelief.experiments.models import LSTMLanguageModel, LSTMState
 from adabelief.experiments.presets import get_preset
 from adabelief.experiments.registry import create_optimizer
@@ -95,9 +95,9 @@ class LanguageModelTask(Task):
     uses_data = True
     data_help = "Penn Treebank ptb.train.txt, ptb.valid.txt, ptb.test.txt, maybe in ptb/ or penn/"
 
-    def check_data(self, data_dir: Path) -> str:
-        """Raise unless ``data_dir`` holds the PTB text files."""
-        return f"Penn Treebank in {find_ptb_dir(data_dir)}"
+    def check_data(self, data_dir: Path) -> DataCheck:
+        """Find and validate the PTB text files in ``data_dir``."""
+        return check_ptb(data_dir)
 
     def experiments(self, options: PlanOptions) -> list[Experiment]:
         """Quick: one 1-layer model; full: 1 and 2 layers (stdlib) or 1, 2, 3 layers (PTB)."""
@@ -136,6 +136,7 @@ class LanguageModelTask(Task):
                     extra=(Metric("final_train_ppl", "final training perplexity", False),),
                     claims=("convergence", "generalization"),
                     curves=(("train_loss", "training loss"), ("val_ppl", "validation perplexity")),
+                    target=Metric("val_ppl", "validation perplexity", False),
                     paper=PAPER_PTB_TEST_PPL.get(layers_n, {}) if corpus == "ptb" else {},
                 )
             )
@@ -151,7 +152,7 @@ class LanguageModelTask(Task):
             settings.get("train_limit"),
         )
         generator = seed_everything(spec.seed)
-        device = context.device
+        device = spec.device
         model = LSTMLanguageModel(
             len(corpus.vocab),
             int(settings["embedding_dim"]),

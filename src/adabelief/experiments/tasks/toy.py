@@ -3,6 +3,10 @@
 The paper illustrates AdaBelief on |x|+|y|, |x+y|+|x-y|/10 and (x+y)^2+(x-y)^2/10; Beale,
 Rosenbrock and McCormick are the usual harder 2-D benchmarks.  Each seed starts from the preset's
 start point shifted by a seed-dependent offset in [-0.1, 0.1]^2, so seeds differ a little.
+
+A run *diverges* when its point becomes non-finite or moves farther from the optimum than
+:data:`DIVERGENCE_FACTOR` times the diagonal of the function's plotting window; it stops there,
+and its metrics are undefined (a diverged run never enters a mean with a censored step count).
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,7 +25,13 @@ from adabelief.experiments.spec import Experiment, Metric, RunContext, RunOutput
 from adabelief.experiments.tasks.base import PlanOptions, Task
 from adabelief.experiments.training import optimizer_step, seed_everything
 
-__all__ = ["FUNCTIONS", "TestFunction", "ToyTask"]
+if TYPE_CHECKING:
+    from adabelief.experiments.analysis import ExperimentResult
+
+__all__ = ["DIVERGENCE_FACTOR", "FUNCTIONS", "TestFunction", "ToyTask"]
+
+#: A run that gets farther from the optimum than this many window diagonals has diverged.
+DIVERGENCE_FACTOR = 100.0
 
 Function2D = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -38,6 +50,12 @@ class TestFunction:
         """Function value at the optimum."""
         x, y = (torch.tensor(v, dtype=torch.float64) for v in self.optimum)
         return float(self.function(x, y))
+
+    @property
+    def divergence_distance(self) -> float:
+        """Distance from the optimum beyond which a run counts as diverged."""
+        x0, x1, y0, y1 = self.window
+        return DIVERGENCE_FACTOR * math.hypot(x1 - x0, y1 - y0)
 
 
 FUNCTIONS: dict[str, TestFunction] = {
@@ -122,6 +140,7 @@ class ToyTask(Task):
                     curves=(("distance", "distance to the optimum"),),
                     plot="trajectories",
                     x_label="step",
+                    target=Metric("distance", "distance to the optimum", False),
                 )
             )
         return result
@@ -146,7 +165,7 @@ class ToyTask(Task):
             optimizer_step(optimizer, loss)
             current = point.detach()
             distance = float((current - optimum).norm())
-            if not math.isfinite(distance):
+            if not math.isfinite(distance) or distance > function.divergence_distance:
                 diverged = True
                 break
             path.append(current.tolist())
@@ -154,13 +173,79 @@ class ToyTask(Task):
             if reached_at is None and distance <= tolerance:
                 reached_at = step
         keep = _subsample(len(path), _MAX_STORED_POINTS)
+        metrics: dict[str, float | None] = {
+            "steps": float(reached_at if reached_at is not None else steps),
+            "reached": 1.0 if reached_at is not None else 0.0,
+            "final_distance": distances[-1],
+        }
+        x: list[float | None] = [float(i) for i in keep]
         return RunOutput(
-            metrics={
-                "steps": float(reached_at if reached_at is not None else steps),
-                "reached": 1.0 if reached_at is not None else 0.0,
-                "final_distance": None if diverged else distances[-1],
-            },
-            curves={"x": [float(i) for i in keep], "distance": [distances[i] for i in keep]},
+            metrics=dict.fromkeys(metrics) if diverged else metrics,
+            curves={"x": x, "step": list(x), "distance": [distances[i] for i in keep]},
             artifacts={"path": [[round(v, 5) for v in path[i]] for i in keep]},
             diverged=diverged,
         )
+
+    def plots(self, result: ExperimentResult, directory: Path) -> list[Path]:
+        """The first seed's trajectories on the function's contour plot."""
+        from adabelief.experiments.plots import plot_stem
+
+        path = plot_trajectories(result, directory / f"{plot_stem(result)}-trajectories.png")
+        return [path] if path is not None else []
+
+
+def _start_point(result: ExperimentResult) -> tuple[float, float]:
+    """Start point of the first seed (from the first optimizer with a stored path)."""
+    for row in result.optimizers:
+        for seed in sorted(row.chosen.records):
+            path = row.chosen.records[seed].get("artifacts", {}).get("path")
+            if path:
+                return float(path[0][0]), float(path[0][1])
+    x, y = result.experiment.settings["start"]
+    return float(x), float(y)
+
+
+def plot_trajectories(result: ExperimentResult, path: Path) -> Path | None:
+    """Paths of the first seed of every optimizer on a contour plot of the toy function.
+
+    AdaBelief's path is wide and underneath, the others dashed on top; a diverged run's path is
+    not drawn (its first seed diverged: the legend says so).
+    """
+    import numpy as np
+
+    from adabelief.experiments.plots import line_style, new_figure, run_label, save_figure
+
+    function = FUNCTIONS[result.experiment.settings["function"]]
+    x0, x1, y0, y1 = function.window
+    xs, ys = np.linspace(x0, x1, 200), np.linspace(y0, y1, 200)
+    gx, gy = np.meshgrid(xs, ys)
+    with torch.no_grad():
+        z = function.function(torch.from_numpy(gx), torch.from_numpy(gy)).numpy()
+    figure = new_figure(6, 5)
+    axes = figure.add_subplot(1, 1, 1)
+    shifted = z - z.min() + 1e-3
+    levels = np.geomspace(shifted.min(), shifted.max(), 30)
+    axes.contour(gx, gy, shifted, levels=levels, cmap="Greys", linewidths=0.6)
+    rows = sorted(result.optimizers, key=lambda r: r.optimizer != "adabelief")
+    for row in rows:
+        if not row.chosen.records:
+            continue
+        record = row.chosen.records[min(row.chosen.records)]
+        style = line_style(row.optimizer)
+        if record.get("diverged") or not record.get("artifacts", {}).get("path"):
+            axes.plot([], [], label=f"{run_label(row)}: diverged", **style)
+            continue
+        points = np.asarray(record["artifacts"]["path"], dtype=np.float64)
+        axes.plot(points[:, 0], points[:, 1], label=run_label(row), **style)
+        axes.plot(
+            points[-1, 0], points[-1, 1], "o", color=style["color"], ms=4, zorder=style["zorder"]
+        )
+    axes.plot(*_start_point(result), "s", color="black", ms=5, label="start (first seed)")
+    axes.plot(*function.optimum, "*", color="gold", ms=14, mec="black", label="optimum")
+    axes.set_xlim(x0, x1)
+    axes.set_ylim(y0, y1)
+    axes.set_xlabel("x")
+    axes.set_ylabel("y")
+    axes.legend(fontsize=7, loc="best")
+    axes.set_title(f"{function.title}: trajectories of the first seed", fontsize=9)
+    return save_figure(figure, path)

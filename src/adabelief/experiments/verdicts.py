@@ -1,0 +1,281 @@
+"""Verdicts on the paper's three claims, computed from the analysed studies (no Markdown here).
+
+For each claim, every experiment that informs it contributes paired comparisons (over seeds) of
+AdaBelief against the claim's rivals in that experiment (:meth:`Experiment.rivals`: Adam for
+speed and GANs, SGD for generalization, Adam and AdamW for the Transformer), on the claim's
+metric.  Only comparisons over two seeds or more count: with one seed nothing is tested.
+
+* ``supported``: AdaBelief significantly better somewhere and significantly worse nowhere;
+* ``consistent (no significant difference)``: no significant difference anywhere;
+* ``mixed``: significantly worse somewhere, but not everywhere;
+* ``not supported``: significantly worse in every comparison;
+* ``not tested``: no comparison with two seeds or more.
+
+Claim 3 (GAN stability) also looks at the spread of the score across seeds: a supported or
+consistent verdict becomes ``mixed`` when AdaBelief's spread exceeds Adam's in most GAN
+experiments, or when it diverges more often than Adam.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from adabelief.experiments.analysis import REFERENCE, ExperimentResult
+from adabelief.experiments.spec import CLAIMS, Experiment, Metric
+from adabelief.experiments.stats import PairedComparison
+
+__all__ = [
+    "CLAIM_RULES",
+    "ClaimAssessment",
+    "ClaimRule",
+    "Evidence",
+    "Loss",
+    "Stability",
+    "assess_claims",
+    "claim_verdict",
+    "collect",
+    "losses",
+    "metric_named",
+    "tally",
+]
+
+
+@dataclass(frozen=True)
+class ClaimRule:
+    """Which metrics a claim is judged on (the first decides, the others are shown)."""
+
+    key: str
+    metrics: tuple[str, ...]
+    measured_by: str
+
+
+CLAIM_RULES: dict[str, ClaimRule] = {
+    "convergence": ClaimRule(
+        "convergence",
+        ("speed",),
+        "each experiment's speed metric: steps to reach the optimum (toy), the mean training "
+        "loss over the whole run, i.e. the area under the training-loss curve (classify, lm, "
+        "transformer), or a user task's score; lower is faster for the built-in ones",
+    ),
+    "generalization": ClaimRule(
+        "generalization",
+        ("score", "generalization_gap"),
+        "each experiment's held-out score: test accuracy (classify), test perplexity (lm, "
+        "transformer) or a user task's score, compared with SGD (with Adam and AdamW for the "
+        "Transformer, as in the paper's BLEU table); the final train - test accuracy gap is "
+        "shown in the matrix but does not enter the verdict",
+    ),
+    "gan": ClaimRule(
+        "gan",
+        ("score",),
+        "the final sample quality (test noise) of each GAN and its spread across seeds (sample "
+        "standard deviation; smaller = more stable), plus divergences. The verdict compares "
+        "with Adam, the paper's GAN baseline; it is downgraded to *mixed* when AdaBelief's "
+        "spread exceeds Adam's in most experiments or it diverges more often",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """AdaBelief against one other optimizer on one metric of one experiment."""
+
+    result: ExperimentResult
+    metric: Metric
+    other: str
+    comparison: PairedComparison
+
+
+@dataclass(frozen=True)
+class StabilityRow:
+    """Spread (std over seeds) of one GAN experiment's score per optimizer."""
+
+    result: ExperimentResult
+    stds: dict[str, float]
+    rank: int | None
+    ranked: int
+
+
+@dataclass(frozen=True)
+class Stability:
+    """Claim 3's stability check over the GAN experiments."""
+
+    rows: tuple[StabilityRow, ...]
+    smaller_than_adam: int
+    lowest: int
+    reference_diverged: int
+    adam_diverged: int
+
+    @property
+    def stable(self) -> bool:
+        """Spread at most Adam's in at least half the experiments, and no more divergences."""
+        return (
+            self.smaller_than_adam * 2 >= len(self.rows)
+            and self.reference_diverged <= self.adam_diverged
+        )
+
+
+@dataclass(frozen=True)
+class ClaimAssessment:
+    """One claim's verdict and the evidence behind it."""
+
+    claim: str
+    verdict: str
+    summary: str
+    rule: ClaimRule
+    evidence: tuple[Evidence, ...]
+    stability: Stability | None = None
+
+    @property
+    def statement(self) -> str:
+        """The claim as the paper makes it."""
+        return CLAIMS[self.claim]
+
+
+@dataclass(frozen=True)
+class Loss:
+    """A comparison where another optimizer's mean beat AdaBelief's."""
+
+    result: ExperimentResult
+    metric: Metric
+    other: str
+    comparison: PairedComparison
+
+    @property
+    def significant(self) -> bool:
+        """Whether the paired test calls AdaBelief worse."""
+        return self.comparison.verdict == "worse"
+
+
+def metric_named(experiment: Experiment, attribute_or_name: str) -> Metric | None:
+    """``experiment.score`` / ``.selection`` / ``.speed`` by attribute, or a metric by name."""
+    if attribute_or_name in ("score", "selection", "speed"):
+        value = getattr(experiment, attribute_or_name)
+        return value if isinstance(value, Metric) else None
+    return next((m for m in experiment.metrics if m.name == attribute_or_name), None)
+
+
+def claim_verdict(evidence: Iterable[Evidence]) -> str:
+    """Summarise paired comparisons into a verdict word (see the module notes)."""
+    evidence = list(evidence)
+    tested = [e.comparison.verdict for e in evidence if e.comparison.n >= 2]
+    if not tested:
+        if any(e.comparison.n == 1 for e in evidence):
+            return "not tested (one seed: nothing to test)"
+        return "not tested"
+    worse, better = tested.count("worse"), tested.count("better")
+    if worse == 0:
+        return "supported" if better else "consistent (no significant difference)"
+    if worse == len(tested):
+        return "not supported"
+    return "mixed"
+
+
+def tally(evidence: list[Evidence]) -> str:
+    """``"2 better, 1 no significant difference"`` over the comparisons."""
+    verdicts = [e.comparison.verdict for e in evidence]
+    parts = [
+        f"{verdicts.count(word)} {word}"
+        for word in ("better", "no significant difference", "worse", "too few seeds")
+        if verdicts.count(word)
+    ]
+    return ", ".join(parts) if parts else "no comparisons"
+
+
+def collect(results: list[ExperimentResult], claim: str, metric_of: str) -> list[Evidence]:
+    """AdaBelief against each experiment's rivals for ``claim`` on metric ``metric_of``."""
+    evidence = []
+    for result in results:
+        if claim not in result.experiment.claims:
+            continue
+        metric = metric_named(result.experiment, metric_of)
+        if metric is None:
+            continue
+        for other in result.experiment.rivals(claim):
+            comparison = result.compare(metric, other)
+            if comparison is not None and comparison.n > 0:
+                evidence.append(Evidence(result, metric, other, comparison))
+    return evidence
+
+
+def _rivals_text(evidence: list[Evidence]) -> str:
+    return ", ".join(dict.fromkeys(e.other for e in evidence))
+
+
+def _stability(results: list[ExperimentResult]) -> Stability | None:
+    gan = [r for r in results if "gan" in r.experiment.claims and r.get(REFERENCE)]
+    if not gan:
+        return None
+    rows = []
+    smaller, lowest, ref_div, adam_div = 0, 0, 0, 0
+    for result in gan:
+        metric = result.experiment.score
+        stds = {
+            o.optimizer: result.summary(o.optimizer, metric.name).std for o in result.optimizers
+        }
+        finite = sorted(v for v in stds.values() if math.isfinite(v))
+        ab_std = stds.get(REFERENCE, math.nan)
+        rank = finite.index(ab_std) + 1 if math.isfinite(ab_std) else None
+        lowest += rank == 1
+        adam_std = stds.get("adam", math.nan)
+        if math.isfinite(ab_std) and math.isfinite(adam_std):
+            smaller += ab_std <= adam_std
+        reference, adam = result.get(REFERENCE), result.get("adam")
+        ref_div += reference.chosen.diverged if reference else 0
+        adam_div += adam.chosen.diverged if adam else 0
+        rows.append(StabilityRow(result, stds, rank, len(finite)))
+    return Stability(tuple(rows), smaller, lowest, ref_div, adam_div)
+
+
+def _assess(results: list[ExperimentResult], claim: str) -> ClaimAssessment:
+    rule = CLAIM_RULES[claim]
+    evidence = collect(results, claim, rule.metrics[0])
+    verdict = claim_verdict(evidence)
+    if not evidence:
+        return ClaimAssessment(claim, verdict, "no paired runs", rule, ())
+    summary = f"vs {_rivals_text(evidence)}: {tally(evidence)} (of {len(evidence)})"
+    stability = _stability(results) if claim == "gan" else None
+    if stability is not None:
+        if verdict in ("supported", "consistent (no significant difference)"):
+            verdict = verdict if stability.stable else "mixed"
+        n = len(stability.rows)
+        summary = (
+            f"quality {summary}; spread <= Adam's in {stability.smaller_than_adam} of {n}; "
+            f"smallest spread in {stability.lowest} of {n}; divergences AdaBelief "
+            f"{stability.reference_diverged}, Adam {stability.adam_diverged}"
+        )
+    return ClaimAssessment(claim, verdict, summary, rule, tuple(evidence), stability)
+
+
+def assess_claims(results: list[ExperimentResult]) -> list[ClaimAssessment]:
+    """The verdict of each of the paper's claims, in the paper's order."""
+    return [_assess(results, claim) for claim in CLAIMS]
+
+
+def losses(results: list[ExperimentResult]) -> list[Loss]:
+    """Every comparison (score and speed, against every optimizer) where AdaBelief's mean lost,
+    significant ones first, then by p-value."""
+    found = []
+    for result in results:
+        if result.get(REFERENCE) is None:
+            continue
+        metrics = [m for m in (result.experiment.score, result.experiment.speed) if m is not None]
+        for metric in dict.fromkeys(metrics):
+            for row in result.optimizers:
+                comparison = result.compare(metric, row.optimizer)
+                if comparison is None or comparison.n == 0 or not comparison.advantage < 0:
+                    continue
+                found.append(Loss(result, metric, row.optimizer, comparison))
+    return sorted(found, key=lambda loss: (not loss.significant, loss.comparison.p_value))
+
+
+def comparisons_available(results: list[ExperimentResult]) -> bool:
+    """Whether any experiment has AdaBelief and another optimizer with a common seed."""
+    for result in results:
+        for row in result.optimizers:
+            comparison = result.compare(result.experiment.score, row.optimizer)
+            if comparison is not None and comparison.n > 0:
+                return True
+    return False
