@@ -31,7 +31,7 @@ from adabelief.experiments.verdicts import Evidence, claim_verdict
 from test_experiments_data import write_fake_cifar
 
 SYNTHETIC = Experiment(
-    task="toy",
+    task="synthetic",
     name="synthetic",
     title="synthetic",
     preset="toy/abs",
@@ -272,7 +272,7 @@ def test_report_selects_the_trial_on_validation_in_fair_mode(tmp_path: Path) -> 
     assert comparison is not None and comparison.verdict == "worse"
     text = build_report(tmp_path, make_plots=False).path.read_text()
     assert "fair mode" in text and "trial 1: lr 0.2 → 0.9 (winner)" in text
-    assert "toy/synthetic, score: adam" in text  # listed under "Where AdaBelief loses"
+    assert "synthetic/synthetic, score: adam" in text  # listed under "Where AdaBelief loses"
 
 
 def test_claim_verdict_rules() -> None:

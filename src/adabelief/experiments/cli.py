@@ -307,7 +307,7 @@ def _command_run(args: argparse.Namespace, argv: list[str]) -> int:
     except (TaskLoadError, DataNotFoundError, ExecutorError) as exc:
         raise UsageError(f"adabelief run: {exc}") from None
     except OutputError as exc:
-        raise UsageError(f"adabelief run: --out {options.out}: {exc}") from None
+        raise UsageError(f"adabelief run: --out {exc}") from None
     for bad in summary.bad_files:
         print(f"warning: {bad}; it was run again", file=sys.stderr)
     print(

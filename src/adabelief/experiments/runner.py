@@ -304,17 +304,28 @@ def _manifest_entries(
 
 
 class _Progress:
-    """One progress bar over every phase."""
+    """One progress bar over every phase, shown once there is something to run."""
 
     def __init__(self, enabled: bool) -> None:
-        self.bar = tqdm(total=0, desc="runs", unit="run", disable=not enabled, file=sys.stderr)
+        self.enabled = enabled
+        self.bar: tqdm[Any] | None = None
 
     def add(self, n: int) -> None:
-        self.bar.total += n
-        self.bar.refresh()
+        if self.bar is None:
+            self.bar = tqdm(
+                total=n, desc="runs", unit="run", disable=not self.enabled, file=sys.stderr
+            )
+        else:
+            self.bar.total += n
+            self.bar.refresh()
+
+    def update(self) -> None:
+        if self.bar is not None:
+            self.bar.update()
 
     def close(self) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _execute(
@@ -352,7 +363,7 @@ def _execute(
                 summary.failed[result.key] = f"cannot write {store.run_path(result.key)}: {exc}"
         else:
             summary.failed[result.key] = result.error or "unknown error"
-        progress.bar.update()
+        progress.update()
 
     return executor.run(jobs, on_result)
 

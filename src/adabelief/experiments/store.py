@@ -156,7 +156,7 @@ class RunStore:
                     pass
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
-            raise OutputError(f"cannot write to {self.root} ({reason})") from None
+            raise OutputError(f"{self.root} cannot be written ({reason})") from None
 
     def run_path(self, key: str) -> Path:
         """File of the run called ``key``."""

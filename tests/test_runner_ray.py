@@ -1,0 +1,214 @@
+"""``--executor ray`` against a Ray head this test starts on 127.0.0.1 (bounded, always stopped).
+
+The head runs in its own process session; the finalizer ends that session's processes by their
+ids, so nothing else on the machine is touched.  The runs are compared with the local executor's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from adabelief.experiments.runner import run_experiments
+from test_experiments_runner import options_for
+
+ray = pytest.importorskip("ray")
+
+_START_TIMEOUT_S = 60
+_TASK = """
+from adabelief.experiments import user_task
+
+@user_task(score="final", higher_is_better=False)
+def quadratic(make_optimizer, seed, quick):
+    import torch
+    w = torch.nn.Parameter(torch.full((3,), float(seed + 1)))
+    optimizer = make_optimizer([w])
+    losses = []
+    for _ in range(25):
+        loss = (w ** 2).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return {"final": losses[-1], "loss": losses}
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _session_processes(session: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == session and fields[0] != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def _end_session(session: int) -> None:
+    for how in (signal.SIGTERM, signal.SIGKILL):
+        for pid in _session_processes(session):
+            try:
+                os.kill(pid, how)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _session_processes(session):
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def ray_address() -> Iterator[str]:
+    """A 2-CPU Ray head on the loopback, in its own session; stopped afterwards."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the fixture finds the head's processes in /proc")
+    ray_cli = shutil.which("ray", path=os.path.dirname(sys.executable)) or shutil.which("ray")
+    if ray_cli is None:
+        pytest.skip("the ray command is not installed")
+    port = _free_port()
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths are limited
+    head = subprocess.Popen(
+        [
+            ray_cli,
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--num-cpus",
+            "2",
+            "--num-gpus",
+            "0",
+            "--include-dashboard",
+            "false",
+            "--disable-usage-stats",
+            "--temp-dir",
+            temp,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
+    )
+    address = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        while True:
+            assert head.poll() is None, head.stderr.read().decode()[-2000:]  # type: ignore[union-attr]
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "the Ray head did not start in time"
+                time.sleep(0.5)
+        time.sleep(2)  # the raylet registers after the GCS port opens
+        yield address
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        _end_session(head.pid)
+        head.wait(10)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_globals() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+
+
+def test_ray_runs_match_local_runs(
+    ray_address: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    task = tmp_path / "quadratic.py"
+    task.write_text(_TASK)
+    tasks = ("toy", f"{task}:quadratic")
+    common = {"seeds": 1, "optimizers": ("adabelief", "sgd")}
+    local, _ = run_experiments(options_for(tmp_path / "local", tasks=tasks, **common))
+    monkeypatch.setenv("RAY_ADDRESS", ray_address)
+    remote, report = run_experiments(
+        options_for(tmp_path / "ray", tasks=tasks, executor="ray", **common)
+    )
+    assert not remote.failed and len(remote.ran) == len(local.ran) == 14
+    assert not ray.is_initialized()  # the executor disconnected
+    for path in (tmp_path / "local" / "runs").glob("*.json"):
+        mine = json.loads(path.read_text())
+        theirs = json.loads((tmp_path / "ray" / "runs" / path.name).read_text())
+        assert theirs["executor"] == "ray" and mine["executor"] == "local"
+        assert theirs["host"] == socket.gethostname()
+        assert theirs["metrics"] == mine["metrics"]
+        assert theirs["curves"].get("distance") == mine["curves"].get("distance")
+    assert report is not None and "ray on" in report.path.read_text()
+    again, _ = run_experiments(options_for(tmp_path / "ray", tasks=tasks, executor="ray", **common))
+    assert again.ran == [] and again.reused == 14  # resume works the same
+
+
+_SLOW_TASK = """
+import time
+from adabelief.experiments import user_task
+
+@user_task(score="score")
+def slow(make_optimizer, seed, quick):
+    if seed > 0:
+        time.sleep(120)
+    return {"score": float(seed)}
+"""
+
+
+def test_ctrl_c_cancels_pending_ray_tasks_and_keeps_finished_runs(
+    ray_address: str, tmp_path: Path
+) -> None:
+    task = tmp_path / "slow.py"
+    task.write_text(_SLOW_TASK)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "adabelief.experiments.cli", "run", f"{task}:slow"]
+    command += ["--seeds", "3", "--optimizers", "adam", "--executor", "ray", "--no-progress"]
+    command += ["--out", str(out)]
+    driver = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "RAY_ADDRESS": ray_address},
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and not list((out / "runs").glob("*.json")):
+            assert driver.poll() is None, driver.communicate()
+            time.sleep(0.3)
+        time.sleep(0.5)
+        driver.send_signal(signal.SIGINT)
+        _, err = driver.communicate(timeout=60)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 130, err
+    assert "interrupted: finished runs are saved" in err and "Traceback" not in err
+    assert len(list((out / "runs").glob("*.json"))) == 1
