@@ -1,8 +1,10 @@
 """Low-memory storage of the moments: ``state_precision="fp32" | "bf16" | "int8"``.
 
 The kernels always compute in float32 (or the parameter's float64); only the storage between
-steps changes. Each step decodes the stored moments into float32 work tensors, runs the normal
-update on them and encodes them back.
+steps changes. This module is the reference for the formats: the fused CPU kernel
+(``kernels/adabelief_cpu.cpp``) and the compiled path decode, update and encode inside their single
+pass with the same operations; the single-tensor and foreach paths decode the moments into
+float32 work tensors, run their update and encode them back with :func:`encode_`.
 
 * ``"bf16"``: ``exp_avg`` and ``exp_avg_var`` are bfloat16 (4 bytes per parameter instead of 8).
   The write-back rounds stochastically, so updates smaller than half a bfloat16 ulp are kept in

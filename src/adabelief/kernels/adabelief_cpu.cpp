@@ -124,7 +124,8 @@ inline uint16_t bf16_stochastic(float v, uint32_t step_key) {
 
 // Uniform in [0, 1) from the hash (compressed_state.uniform_dither).
 inline float uniform_dither(float v, uint32_t step_key) {
-  return float(value_hash(v, step_key) & 0xffffffu) * (1.0f / 16777216.0f);
+  // Through int32 (the 24-bit value fits): AVX2 has no vector unsigned-to-float conversion.
+  return float(int32_t(value_hash(v, step_key) & 0xffffffu)) * (1.0f / 16777216.0f);
 }
 
 // ---- moment storage: what the update loop reads and writes per element -----------------------
@@ -242,7 +243,7 @@ inline void encode_signed(const float* values, int64_t n, uint32_t step_key, int
     float code = dithered_floor(values[j] * inv, step_key);
     code = code < -127.0f ? -127.0f : code;
     code = code > 127.0f ? 127.0f : code;
-    codes[j] = int8_t(code == code ? code : 0.0f);
+    codes[j] = int8_t(int32_t(code == code ? code : 0.0f));  // through int32: vectorises
   }
 }
 
@@ -261,8 +262,9 @@ inline void encode_root(const float* values, int64_t n, uint32_t step_key, uint8
     float code = dithered_floor(scaled, step_key);
     code = code < 0.0f ? 0.0f : code;
     code = code > 255.0f ? 255.0f : code;
-    code = scaled > 0.0f && code < 1.0f ? 1.0f : code;  // a positive belief never becomes 0
-    codes[j] = uint8_t(code == code ? code : 0.0f);
+    const float lowest = scaled > 0.0f ? 1.0f : 0.0f;  // a positive belief never becomes 0
+    code = code < lowest ? lowest : code;
+    codes[j] = uint8_t(int32_t(code == code ? code : 0.0f));
   }
 }
 

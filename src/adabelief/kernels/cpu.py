@@ -98,7 +98,15 @@ _FLAG_SETS: tuple[tuple[str, ...], ...] = (
     ("-march=native",),
     (),
 )
-_COMMON_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-ffp-contract=off")
+_COMMON_FLAGS = (
+    "-O3",
+    "-std=c++17",
+    "-shared",
+    "-fPIC",
+    "-fno-math-errno",
+    "-fno-trapping-math",  # lets floor() and selects vectorise; results are unchanged
+    "-ffp-contract=off",
+)
 #: Tensor types the kernel takes as they are.
 PLAIN_TYPES = frozenset({Tensor, torch.nn.Parameter})
 _SOURCE_NAME = "adabelief_cpu.cpp"

@@ -1,0 +1,250 @@
+"""Compressed moments inside the single-pass paths, against the decode -> update -> encode path.
+
+The reference (:func:`reference_run`) is the path compressed state took before the kernels read
+it directly: decode the stored moments into float32, run the fp32 fused CPU kernel on the work
+copies, encode them back with :mod:`adabelief.compressed_state`. The fused CPU kernel decodes,
+updates and encodes in registers with the same operations (the same dither hash, the same
+``1/x * top`` scale, correctly rounded square roots), so its results are **bit-identical** to
+the reference for every option, parameter dtype and format. The compiled path (``torch.compile``,
+CUDA's) is generated code whose float32 arithmetic may round differently, so it **agrees within
+float32 rounding** on the parameters and within one quantization step on the moments.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+
+from adabelief import AdaBelief
+from adabelief import compressed_state as cs
+from adabelief.kernels import cpu, dispatch
+
+KERNEL = cpu.kernel()
+needs_kernel = pytest.mark.skipif(
+    KERNEL is None, reason=f"the fused CPU kernel cannot be built here: {cpu.kernel_error()}"
+)
+SHAPES = [(4096,), (70, 90), (3, 5)]  # int8 needs >= 4096 elements; a partial last block
+
+
+def make_params(dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter((torch.randn(s, generator=gen) * 0.1).to(dtype)) for s in SHAPES]
+
+
+def grads_for(params, step):
+    gen = torch.Generator().manual_seed(1000 + step)
+    scale = (1.0, 0.01, 30.0)[step % 3]
+    return [(torch.randn(p.shape, generator=gen) * scale).to(p.dtype) for p in params]
+
+
+def reference_run(dtype, precision, steps, grad_scale=None, **options):
+    """decode -> fp32 fused kernel -> encode, one parameter at a time."""
+    params = make_params(dtype)
+    opt = AdaBelief(params, fused=True, **options)  # only for its validated param group
+    group = opt.param_groups[0]
+    states = []
+    for p in params:
+        fmt = cs.storage_format(p, precision)
+        state = {"step": torch.zeros((), dtype=torch.float32)}
+        for key in ("exp_avg", "exp_avg_var") + (("max_exp_avg_var",) if group["amsgrad"] else ()):
+            state.update(cs.new_moment(p, key, fmt))
+        states.append(state)
+    for k in range(steps):
+        for p, g, state in zip(params, grads_for(params, k), states, strict=True):
+            if grad_scale is not None:
+                g = g * grad_scale
+            work = cs.decode_moments(state)
+            dispatch.adabelief(
+                [p],
+                [g],
+                [work["exp_avg"]],
+                [work["exp_avg_var"]],
+                [work["max_exp_avg_var"]] if group["amsgrad"] else [],
+                [state["step"]],
+                group=group,
+                grad_scale=None if grad_scale is None else torch.tensor(grad_scale),
+            )
+            cs.encode_moments_(state, work, int(state["step"].item()))
+    return params, states
+
+
+def optimizer_run(dtype, precision, steps, path, grad_scale=None, **options):
+    params = make_params(dtype)
+    opt = AdaBelief(params, state_precision=precision, **path, **options)
+    for k in range(steps):
+        for p, g in zip(params, grads_for(params, k), strict=True):
+            p.grad = g if grad_scale is None else g * grad_scale
+        if grad_scale is not None:
+            opt.grad_scale, opt.found_inf = torch.tensor(grad_scale), torch.tensor(0.0)
+        opt.step()
+    return params, [opt.state[p] for p in params]
+
+
+COMBOS = [
+    dict(weight_decay=wd, weight_decouple=dec, rectify=r, amsgrad=a, maximize=m)
+    for wd, dec, r, a, m in itertools.product((0.0, 0.1), (True, False), *[(False, True)] * 3)
+    if not (wd == 0.0 and not dec)
+]
+
+
+def combo_id(combo):
+    parts = [k for k in ("rectify", "amsgrad", "maximize") if combo[k]]
+    if combo["weight_decay"]:
+        parts.append("decoupled" if combo["weight_decouple"] else "l2")
+    return "+".join(parts) or "plain"
+
+
+def assert_bit_identical(run_a, run_b):
+    for i, (p, q) in enumerate(zip(run_a[0], run_b[0], strict=True)):
+        assert torch.equal(p.detach(), q.detach()), f"param {i}"
+        state_a, state_b = run_a[1][i], run_b[1][i]
+        assert sorted(state_a) == sorted(state_b), f"param {i}: keys"
+        for key in state_a:
+            assert state_a[key].dtype == state_b[key].dtype, (i, key)
+            assert torch.equal(state_a[key], state_b[key]), f"param {i}: {key}"
+
+
+@needs_kernel
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+@pytest.mark.parametrize("combo", COMBOS, ids=combo_id)
+def test_fused_cpu_kernel_is_bit_identical_to_decode_update_encode(precision, combo):
+    options = dict(combo, lr=0.01, eps=1e-12)
+    expected = reference_run(torch.float32, precision, 12, **options)
+    actual = optimizer_run(torch.float32, precision, 12, {}, **options)  # the default: fused
+    assert_bit_identical(actual, expected)
+    formats = {cs.format_of(state) for state in actual[1]}
+    # int8 leaves tensors under 4096 elements in fp32; bf16 compresses them all.
+    assert formats == ({"int8", "fp32"} if precision == "int8" else {"bf16"})
+
+
+@needs_kernel
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_parameters_are_bit_identical(precision, dtype):
+    options = dict(lr=0.01, weight_decay=0.1, amsgrad=True)
+    expected = reference_run(dtype, precision, 10, **options)
+    actual = optimizer_run(dtype, precision, 10, {"fused": True}, **options)
+    assert_bit_identical(actual, expected)
+
+
+@needs_kernel
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_grad_scale_and_tensor_lr_are_bit_identical(precision):
+    options = dict(lr=torch.tensor(0.02), amsgrad=True)
+    expected = reference_run(torch.float32, precision, 8, grad_scale=1024.0, **options)
+    actual = optimizer_run(
+        torch.float32, precision, 8, {"fused": True}, grad_scale=1024.0, **copy.deepcopy(options)
+    )
+    assert_bit_identical(actual, expected)
+
+
+@needs_kernel
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_found_inf_leaves_compressed_state_untouched(precision):
+    params = make_params(torch.float32)
+    opt = AdaBelief(params, state_precision=precision, fused=True)
+    for p, g in zip(params, grads_for(params, 0), strict=True):
+        p.grad = g
+    opt.step()
+    before = copy.deepcopy(opt.state_dict())
+    opt.grad_scale, opt.found_inf = torch.tensor(1.0), torch.tensor(1.0)
+    opt.step()
+    after = opt.state_dict()
+    for index, entry in before["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(after["state"][index][key], value), key
+
+
+@needs_kernel
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_multithreaded_kernel_is_bit_identical(precision):
+    """Many 32768-element chunks over two threads: int8 blocks never straddle chunks."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        params = [torch.nn.Parameter(torch.randn(300_001) * 0.1)]
+        single = [torch.nn.Parameter(params[0].detach().clone())]
+        fused = AdaBelief(params, state_precision=precision, fused=True)
+        reference = AdaBelief(single, state_precision=precision, fused=True)
+        for k in range(4):
+            g = torch.randn(300_001, generator=torch.Generator().manual_seed(k))
+            params[0].grad, single[0].grad = g, g.clone()
+            fused.step()
+            torch.set_num_threads(1)
+            reference.step()
+            torch.set_num_threads(2)
+        assert_bit_identical(
+            (params, [fused.state[params[0]]]), (single, [reference.state[single[0]]])
+        )
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_kernel
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_single_and_foreach_paths_match_the_kernel_within_rounding(precision):
+    """The unfused paths decode around torch's kernels, whose float32 sqrt is not always
+    correctly rounded: the parameters agree to float32 rounding, not bit for bit."""
+    options = dict(lr=0.01, amsgrad=True, weight_decay=0.1)
+    fused = optimizer_run(torch.float32, precision, 8, {"fused": True}, **options)
+    for path in ({"foreach": False, "fused": False}, {"foreach": True, "fused": False}):
+        other = optimizer_run(torch.float32, precision, 8, path, **options)
+        for p, q in zip(fused[0], other[0], strict=True):
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+
+
+@needs_kernel
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_compiled_path_agrees_within_float32_rounding(precision):
+    """fused=True, capturable=True: the compiled tensor-math path (CUDA's) on CPU, one generated
+    kernel per group that decodes, updates and encodes. Its float32 arithmetic is not the fma
+    form of the kernel, so one step from the same state agrees within float32 rounding; a code
+    differs (by one level) only where that rounding moved the value across a dither threshold.
+    Its first step from zero state gives bit-identical moments (the parameters within an ulp)."""
+    from torch._dynamo.utils import counters
+
+    options = dict(lr=0.01, amsgrad=True, weight_decay=0.1)
+    params = make_params(torch.float32)
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    kernel = AdaBelief(params, state_precision=precision, fused=True, **options)
+    compiled = AdaBelief(twins, state_precision=precision, fused=True, capturable=True, **options)
+    torch._dynamo.reset()
+    counters.clear()
+    for k in range(5):
+        for p, q, g in zip(params, twins, grads_for(params, k), strict=True):
+            p.grad, q.grad = g, g.clone()
+        kernel.step()
+        if k == 0:
+            compiled.step()
+            for p, q in zip(params, twins, strict=True):
+                torch.testing.assert_close(q.detach(), p.detach(), rtol=1e-6, atol=1e-8)
+                for key, value in kernel.state[p].items():
+                    assert torch.equal(compiled.state[q][key], value), key
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    # One more step of each from the kernel's state.
+    compiled.load_state_dict(copy.deepcopy(kernel.state_dict()))
+    with torch.no_grad():
+        for p, q in zip(params, twins, strict=True):
+            q.copy_(p)
+    for p, q, g in zip(params, twins, grads_for(params, 5), strict=True):
+        p.grad, q.grad = g, g.clone()
+    kernel.step()
+    compiled.step()
+    for i, (p, q) in enumerate(zip(params, twins, strict=True)):
+        torch.testing.assert_close(q.detach(), p.detach(), rtol=1e-5, atol=1e-7, msg=f"param {i}")
+        for key, stored in kernel.state[p].items():
+            other = compiled.state[q][key]
+            if key.endswith("_scale") or stored.dtype == torch.float32:
+                torch.testing.assert_close(other, stored, rtol=1e-5, atol=1e-30, msg=key)
+                continue
+            if stored.dtype == torch.bfloat16:  # one bfloat16 ulp at most
+                gap = (other.float() - stored.float()).abs() / stored.float().abs().clamp_min(1e-30)
+                assert float(gap.max()) <= 2.0**-7, key
+            else:  # int8 / uint8 codes: one level at most
+                assert int((other.int() - stored.int()).abs().max()) <= 1, key
+            assert float((other != stored).float().mean()) < 0.05, key
+    torch._dynamo.reset()
