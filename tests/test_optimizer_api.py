@@ -404,12 +404,16 @@ def test_defaults_hold_every_constructor_option():
         capturable=True,
         differentiable=True,
         state_precision="bf16",
+        step_in_backward=True,
     )
     assert sorted(names) == sorted(non_default), "a new option needs a test value here"
-    opt = AdaBelief([torch.zeros(1, requires_grad=True)], **non_default)
-    for name in names:
-        assert opt.defaults[name] == non_default[name], name
-        assert opt.param_groups[0][name] == non_default[name], name
+    # differentiable=True and step_in_backward=True exclude each other: one optimizer each.
+    for excluded in ("step_in_backward", "differentiable"):
+        options = {k: v for k, v in non_default.items() if k != excluded}
+        opt = AdaBelief([torch.zeros(1, requires_grad=True)], **options)
+        for name in options:
+            assert opt.defaults[name] == options[name], name
+            assert opt.param_groups[0][name] == options[name], name
     defaults = AdaBelief([torch.zeros(1, requires_grad=True)]).defaults
     for name in names:
         assert defaults[name] == signature.parameters[name].default, name

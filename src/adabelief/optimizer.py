@@ -3,12 +3,15 @@
 Each step hands every group's tensors to :func:`adabelief.kernels.dispatch.run`, which picks
 the path (fused CPU, compiled, tensor math, foreach, single-tensor) and calls it once. The
 per-step scalars are :mod:`adabelief.scalars`; loading other layouts is
-:mod:`adabelief.checkpoint`; the storage of the moments is :mod:`adabelief.compressed_state`.
+:mod:`adabelief.checkpoint`; the storage of the moments is :mod:`adabelief.compressed_state`;
+the step inside backward (``step_in_backward=True``) is :mod:`adabelief.backward_step`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager
 from typing import Any, cast
 
 import torch
@@ -22,6 +25,7 @@ from torch.optim.optimizer import (
 
 from adabelief import _validation as validation
 from adabelief import compressed_state
+from adabelief.backward_step import BackwardStep, check_group
 from adabelief.checkpoint import migrate_state_dict, restore_moment_dtypes
 from adabelief.kernels import GroupTensors, MomentScales, cpu, dispatch
 from adabelief.kernels.dispatch import adabelief
@@ -41,6 +45,7 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "capturable": False,
     "differentiable": False,
     "state_precision": "fp32",
+    "step_in_backward": False,
 }
 
 
@@ -93,6 +98,14 @@ class AdaBelief(Optimizer):
             per parameter), ``"bf16"`` (4 bytes, stochastic rounding) or ``"int8"`` (about 2
             bytes, block-wise quantized, tensors of 4096 elements or more); the math is float32
             in every case. See :mod:`adabelief.compressed_state`.
+        step_in_backward: update each parameter inside ``loss.backward()`` as soon as its
+            gradient is accumulated, and set its ``.grad`` to None at once, so the gradients of
+            the model are never all held (saves up to 4 bytes per float32 parameter). The same
+            kernel as an ordinary step, with the group's current options. ``step()`` and
+            ``zero_grad()`` then do nothing for these parameters; mark the backward passes that
+            only accumulate with :meth:`accumulating`. Not with anything that needs every
+            gradient before any step (global gradient-norm clipping, GradScaler, DDP); see
+            :mod:`adabelief.backward_step` and docs/step-in-backward.md.
 
     State per parameter: ``step`` (0-dim tensor), ``exp_avg``, ``exp_avg_var`` and, with AMSGrad,
     ``max_exp_avg_var``; the moments are float32 for float16 and bfloat16 parameters (with
@@ -118,6 +131,7 @@ class AdaBelief(Optimizer):
         capturable: bool = False,
         differentiable: bool = False,
         state_precision: str = "fp32",
+        step_in_backward: bool = False,
     ) -> None:
         validation.check_nonnegative("lr", lr)
         compressed_state.check_state_precision(state_precision)
@@ -147,17 +161,27 @@ class AdaBelief(Optimizer):
             capturable=capturable,
             differentiable=differentiable,
             state_precision=state_precision,
+            step_in_backward=step_in_backward,
         )
+        self._backward = self._new_backward_step()
         super().__init__(params, defaults)
         if fused:
             # GradScaler hands the fused kernel the scaled gradients with grad_scale/found_inf.
             self._step_supports_amp_scaling = True
+
+    def _new_backward_step(self) -> BackwardStep:
+        backward = BackwardStep(self)
+        weakref.finalize(self, backward.remove)  # no hook outlives its optimizer
+        return backward
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
             for key, value in OPTION_DEFAULTS.items():
                 group.setdefault(key, value)
+        if "_backward" not in self.__dict__:  # unpickled or deep-copied: hook its own params
+            self._backward = self._new_backward_step()
+        self._backward.sync()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         for name in ("lr", "eps", "weight_decay"):
@@ -167,6 +191,7 @@ class AdaBelief(Optimizer):
             param_group["betas"] = validation.check_betas(param_group["betas"])
         if "state_precision" in param_group:
             compressed_state.check_state_precision(param_group["state_precision"])
+        check_group({**self.defaults, **param_group})
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         # As torch's fused optimizers: RuntimeError for what no fused path implements.
@@ -176,16 +201,26 @@ class AdaBelief(Optimizer):
             if group["differentiable"]:
                 raise RuntimeError("`fused` does not support `differentiable`")
             _check_fused_devices(group["params"])
+        if group["step_in_backward"]:
+            self._backward.sync()
+            # So that GradScaler hands step() grad_scale/found_inf, which it refuses.
+            self._step_supports_amp_scaling = True
 
-    def _init_group(self, group: dict[str, Any], tensors: GroupTensors) -> bool:
-        """Append the group's parameters that have a gradient, with their state (created on
-        first use, converted when ``state_precision`` changed), to the lists of ``tensors``;
-        return whether any moment is int8 (then ``tensors.scales`` holds the block scales).
+    def _init_group(
+        self,
+        group: dict[str, Any],
+        tensors: GroupTensors,
+        params: Iterable[Tensor] | None = None,
+    ) -> bool:
+        """Append the group's parameters that have a gradient (``params``, default all of the
+        group's), with their state (created on first use, converted when ``state_precision``
+        changed), to the lists of ``tensors``; return whether any moment is int8 (then
+        ``tensors.scales`` holds the block scales).
 
         torch's convention (``torch.compile`` runs this method eagerly, not traced)."""
         on_device_step = group["capturable"] or bool(group["fused"])
         scales = cast(list[MomentScales], tensors.scales)
-        for p in group["params"]:
+        for p in group["params"] if params is None else params:
             if p.grad is None:
                 continue
             if p.grad.is_sparse:
@@ -226,28 +261,92 @@ class AdaBelief(Optimizer):
             )
         return any(scale is not None for entry in scales for scale in entry)
 
+    def _step_params(
+        self,
+        group: dict[str, Any],
+        params: Iterable[Tensor] | None = None,
+        grad_scale: Tensor | None = None,
+        found_inf: Tensor | None = None,
+    ) -> None:
+        """Step ``params`` of ``group`` (default all; those without a gradient are skipped)."""
+        tensors = GroupTensors([], [], [], [], [], [], [])
+        if not self._init_group(group, tensors, params):
+            tensors = tensors._replace(scales=())
+        dispatch.run(tensors, group, grad_scale=grad_scale, found_inf=found_inf)
+
     @_use_grad_for_differentiable
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """Perform one optimization step; ``closure`` re-evaluates the model and returns the
-        loss."""
+        loss.
+
+        Groups with ``step_in_backward=True`` were stepped inside backward (the closure's, if
+        given: it runs first, as always), so here only parameters that had no hook during that
+        backward are stepped: they did not require grad when the hooks were registered, or were
+        added to the group or switched to it since; they are hooked from now on.
+
+        Raises:
+            StepInBackwardError: with ``step_in_backward``, under GradScaler, when a hooked
+                parameter holds a gradient (accumulated under :meth:`accumulating` and not
+                applied, or written after its in-backward step, as DDP does), and for a closure
+                inside :meth:`accumulating`.
+        """
         loss = None
         if closure is not None:
+            self._backward.check_closure()
             with torch.enable_grad():
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        in_backward = any(group["step_in_backward"] for group in self.param_groups)
+        if in_backward or self._backward.active:  # an ordinary optimizer skips this
+            newly_hooked = self._backward.sync()
+            if in_backward:
+                self._backward.check_step(grad_scale, found_inf, newly_hooked)
         for group in self.param_groups:
-            tensors = GroupTensors([], [], [], [], [], [], [])
-            if not self._init_group(group, tensors):
-                tensors = tensors._replace(scales=())
-            dispatch.run(tensors, group, grad_scale=grad_scale, found_inf=found_inf)
+            if not group["step_in_backward"]:
+                self._step_params(group, grad_scale=grad_scale, found_inf=found_inf)
+                continue
+            unhooked = [p for p in group["params"] if p.grad is not None]
+            if unhooked:  # check_step left only the parameters without a hook in backward
+                self._step_params(group, unhooked)
+                for p in unhooked:
+                    p.grad = None
         return loss
+
+    def accumulating(self, enabled: bool = True) -> AbstractContextManager[None]:
+        """A context in which backward passes only accumulate gradients, for groups with
+        ``step_in_backward=True``: their hooks leave ``.grad`` in place, and the next backward
+        outside it steps with the accumulated sum (then releases it). ``enabled=False`` makes it
+        a no-op, for ``with optimizer.accumulating(micro < n - 1):``. Groups with the ordinary
+        step are not affected (their backward always accumulates).
+
+        Example (``n`` micro-batches per step)::
+
+            for micro, (x, y) in enumerate(micro_batches):
+                with optimizer.accumulating(micro < n - 1):
+                    (loss_fn(model(x), y) / n).backward()  # the last one steps
+        """
+        return self._backward.accumulating(enabled)
+
+    def remove_backward_hooks(self) -> None:
+        """Remove the hooks of ``step_in_backward=True`` and set that option to False in every
+        group: backward then only accumulates, and ``step()`` steps every group the ordinary
+        way. (The hooks are also removed when the optimizer is garbage collected.)"""
+        for group in self.param_groups:
+            group["step_in_backward"] = False
+        self._backward.remove()
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Load a state_dict of this optimizer or of ``adabelief-pytorch`` (see
         :func:`adabelief.checkpoint.migrate_state_dict`), keeping the moments of 16-bit
-        parameters in float32."""
+        parameters in float32.
+
+        ``step_in_backward`` is how this optimizer is wired to its parameters, not training
+        state: each group keeps its own, so a checkpoint of an ordinary AdaBelief loads into an
+        in-backward one and back."""
         migrated = migrate_state_dict(state_dict, self.param_groups)
+        for saved, current in zip(migrated["param_groups"], self.param_groups, strict=True):
+            saved["step_in_backward"] = current["step_in_backward"]
         super().load_state_dict(migrated)
         restore_moment_dtypes(
             self.state, migrated["state"], migrated["param_groups"], self.param_groups
