@@ -432,3 +432,39 @@ def test_plots_label_axes_and_keep_other_lines_visible(
     assert all("hq" not in a.get_title() for a in points.axes)
     assert any("high-quality" in a.get_title() for a in points.axes)
     assert "first seed" in points.get_suptitle()
+
+
+def test_a_report_without_adabelief_runs_claims_nothing(tmp_path: Path) -> None:
+    """All of AdaBelief's runs failed: the report must not call it 'at least as good'."""
+    store = RunStore(tmp_path)
+    store.update_manifest({"synthetic": {"optimizers": ["adabelief", "adam"], "experiments": []}})
+    for seed in range(2):
+        store.save(synthetic_record("adam", seed, {"score": 1.0, "val": 1.0, "speed": 1.0}))
+    text = build_report(tmp_path, make_plots=False).path.read_text()
+    assert "AdaBelief was requested but none of its runs finished" in text
+    assert "at least as good" not in text and "nothing was compared" in text
+
+
+_DYING_TASK = """
+import os
+import signal
+from adabelief.experiments import user_task
+
+@user_task(score="score")
+def dies(make_optimizer, seed, quick):
+    if seed == 1:
+        os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's out-of-memory killer would
+    return {"score": 1.0}
+"""
+
+
+def test_a_worker_that_dies_fails_its_run_not_the_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    task = tmp_path / "dies.py"
+    task.write_text(_DYING_TASK)
+    argv = ["run", f"{task}:dies", "--seeds", "2", "--optimizers", "adam", "--jobs", "2"]
+    argv += ["--out", str(tmp_path / "out"), "--no-progress", "--no-plots"]
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert "a worker process died" in captured.err and "interrupted" not in captured.err

@@ -109,8 +109,19 @@ class Candidate:
 
 
 def choose_trial(trials: list[Candidate], metric: Metric) -> Candidate:
-    """The fair-mode winner: best ``metric`` at the tuning seed (ties: the lower trial index)."""
-    return min(trials, key=lambda c: (*c.selection_rank(metric, [TUNING_SEED]), c.trial or 0))
+    """The fair-mode winner: best ``metric`` at the tuning seed.
+
+    Ties (e.g. every trial diverged) go to a trial that has a run on disk, then to the lower
+    trial index.
+    """
+    return min(
+        trials,
+        key=lambda c: (
+            *c.selection_rank(metric, [TUNING_SEED]),
+            0 if TUNING_SEED in c.records else 1,
+            c.trial or 0,
+        ),
+    )
 
 
 @dataclass

@@ -17,7 +17,7 @@ and optimizers are paired on the same data.
 
 Real datasets are validated before any training (:func:`check_cifar10`, :func:`check_ptb`,
 :func:`check_wikitext`): every file is read completely, and a corrupt, truncated, binary or
-too small file raises :class:`DataNotFoundError` naming it.  The check returns a
+too small file raises :class:`DataInvalidError` naming it.  The check returns a
 :class:`DataCheck` whose ``fingerprint`` (SHA-256 of the files' names and bytes) becomes part of
 every run's identity, so changed files are never served stale runs.
 """
@@ -45,6 +45,7 @@ __all__ = [
     "WIKITEXT_FILES",
     "ArrayDataset",
     "DataCheck",
+    "DataInvalidError",
     "DataNotFoundError",
     "TextCorpus",
     "check_cifar10",
@@ -96,6 +97,10 @@ SPLIT_SEED = 20201020
 
 class DataNotFoundError(ValueError):
     """A ``--data`` folder does not hold the files a task needs, or one of them is unusable."""
+
+
+class DataInvalidError(DataNotFoundError):
+    """A data file is there but unusable (corrupt, truncated, binary, too small)."""
 
 
 @dataclass(frozen=True)
@@ -215,7 +220,7 @@ def read_cifar_batch(
 
     ``label_key`` / ``classes`` select the labels (CIFAR-10: ``b"labels"``, 10 classes).  A file
     that does not unpickle (corrupt, truncated), lacks the keys, has another shape, or has labels
-    outside ``[0, classes)`` raises :class:`DataNotFoundError` naming it.
+    outside ``[0, classes)`` raises :class:`DataInvalidError` naming it.
     """
     what = f"{path} is not a {dataset} python batch"
     try:
@@ -223,22 +228,22 @@ def read_cifar_batch(
             # The official CIFAR files are pickles; only point --data at files you trust.
             batch = pickle.load(handle, encoding="bytes")
     except OSError as exc:
-        raise DataNotFoundError(f"cannot read {path} ({exc.strerror or exc})") from None
+        raise DataInvalidError(f"cannot read {path} ({exc.strerror or exc})") from None
     except Exception as exc:
-        raise DataNotFoundError(f"{what} (it does not unpickle: {type(exc).__name__})") from None
+        raise DataInvalidError(f"{what} (it does not unpickle: {type(exc).__name__})") from None
     if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
-        raise DataNotFoundError(f"{what} (no {b'data'!r} and {label_key!r} entries)")
+        raise DataInvalidError(f"{what} (no {b'data'!r} and {label_key!r} entries)")
     try:
         data = np.asarray(batch[b"data"])
         labels = np.asarray(batch[label_key])
     except (TypeError, ValueError) as exc:
-        raise DataNotFoundError(f"{what} ({exc})") from None
+        raise DataInvalidError(f"{what} ({exc})") from None
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise DataNotFoundError(f"{what} (data of shape {data.shape} and type {data.dtype})")
+        raise DataInvalidError(f"{what} (data of shape {data.shape} and type {data.dtype})")
     if labels.ndim != 1 or len(labels) != len(data) or len(data) == 0:
-        raise DataNotFoundError(f"{what} ({len(data)} images, labels of shape {labels.shape})")
+        raise DataInvalidError(f"{what} ({len(data)} images, labels of shape {labels.shape})")
     if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= classes:
-        raise DataNotFoundError(f"{what} (labels outside 0..{classes - 1})")
+        raise DataInvalidError(f"{what} (labels outside 0..{classes - 1})")
     return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
 
 
@@ -321,23 +326,23 @@ def read_text_file(path: Path, min_tokens: int) -> str:
     """A UTF-8 text file with at least ``min_tokens`` whitespace-separated words, or raise.
 
     Binary files (NUL bytes), invalid UTF-8 and files with too few words raise
-    :class:`DataNotFoundError` naming the file.
+    :class:`DataInvalidError` naming the file.
     """
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise DataNotFoundError(f"cannot read {path} ({exc.strerror or exc})") from None
+        raise DataInvalidError(f"cannot read {path} ({exc.strerror or exc})") from None
     if b"\0" in raw:
-        raise DataNotFoundError(f"{path} is a binary file, not text")
+        raise DataInvalidError(f"{path} is a binary file, not text")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise DataNotFoundError(
+        raise DataInvalidError(
             f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason})"
         ) from None
     words = len(text.split())
     if words < min_tokens:
-        raise DataNotFoundError(f"{path} holds {words} words; at least {min_tokens} are needed")
+        raise DataInvalidError(f"{path} holds {words} words; at least {min_tokens} are needed")
     return text
 
 

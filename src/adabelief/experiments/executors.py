@@ -28,7 +28,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -238,9 +238,13 @@ class LocalExecutor(Executor):
         return self._pool
 
     def run(self, jobs: list[Job], on_result: OnResult) -> bool:
-        """Execute ``jobs`` in the pool; on Ctrl-C the workers are stopped."""
+        """Execute ``jobs`` in the pool; on Ctrl-C the workers are stopped.
+
+        A worker that dies (killed, out of memory) fails the runs that were still pending in
+        the pool; the next call starts a fresh pool.
+        """
         pool = self._start()
-        futures: dict[Future[JobResult], Job] = {}
+        broken = False
         try:
             futures = {pool.submit(_pool_job, job): job for job in jobs}
             pending = set(futures)
@@ -250,13 +254,17 @@ class LocalExecutor(Executor):
                     try:
                         result = future.result()
                     except BrokenProcessPool:
-                        raise
+                        broken = True
+                        message = "a worker process died (killed, or out of memory?)"
+                        result = JobResult(futures[future].key, None, message)
                     except Exception as exc:  # e.g. a result that cannot be unpickled
                         result = JobResult(futures[future].key, None, f"worker failed: {exc!r}")
                     on_result(result)
-        except (KeyboardInterrupt, BrokenProcessPool):
+        except KeyboardInterrupt:
             self._terminate()
             return True
+        if broken:
+            self._terminate()
         return False
 
     def _terminate(self) -> None:

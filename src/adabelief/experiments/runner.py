@@ -31,7 +31,7 @@ from typing import Any
 from tqdm import tqdm
 
 from adabelief.experiments.analysis import Candidate, choose_trial, study_id
-from adabelief.experiments.data import DataCheck, DataNotFoundError
+from adabelief.experiments.data import DataCheck, DataInvalidError, DataNotFoundError
 from adabelief.experiments.executors import Executor, Job, JobResult, make_executor
 from adabelief.experiments.registry import DEFAULT_OPTIMIZERS
 from adabelief.experiments.report import Report, build_report
@@ -154,8 +154,10 @@ def resolve_data(tasks: Sequence[Task], data_dir: Path | None) -> dict[str, Data
     for task in readers:
         try:
             result[task.name] = task.check_data(data_dir)
+        except DataInvalidError as exc:
+            broken.append(str(exc))
         except DataNotFoundError as exc:
-            (missing if str(exc).startswith("no ") else broken).append(str(exc))
+            missing.append(str(exc))
     if broken:  # a file that is there but unusable is always an error
         raise DataNotFoundError("; ".join(broken))
     if missing and (not lenient or len(missing) == len(readers)):
