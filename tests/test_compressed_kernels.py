@@ -248,3 +248,27 @@ def test_compiled_path_agrees_within_float32_rounding(precision):
                 assert int((other.int() - stored.int()).abs().max()) <= 1, key
             assert float((other != stored).float().mean()) < 0.05, key
     torch._dynamo.reset()
+
+
+@needs_kernel
+@pytest.mark.parametrize("scale", [1024.0, 3.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grad_scale_power_of_two_or_not(scale, dtype):
+    """The kernel multiplies by 1/grad_scale, exact for GradScaler's powers of two; another
+    scale takes the tensor path, which divides: both match dividing the gradients first."""
+    params = make_params(dtype)
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = AdaBelief(params, fused=True, amsgrad=True)
+    reference = AdaBelief(twins, fused=True, amsgrad=True)
+    for k in range(4):
+        for p, q, g in zip(params, twins, grads_for(params, k), strict=True):
+            p.grad = (g.float() * scale).to(dtype)
+            q.grad = (p.grad.float() / scale).to(dtype)
+        opt.grad_scale, opt.found_inf = torch.tensor(scale), torch.tensor(0.0)
+        opt.step()
+        reference.step()
+    for p, q in zip(params, twins, strict=True):
+        if scale == 1024.0 or dtype == torch.float32:
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-7)
+        else:  # the reference rounded g/3 to bfloat16 first; the step divided in float32
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=2e-2, atol=1e-3)

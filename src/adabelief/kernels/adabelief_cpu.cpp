@@ -148,7 +148,9 @@ template <typename P> struct Math { using T = float; };
 template <> struct Math<double> { using T = double; };
 
 struct Options {
-  double beta1, beta2, eps, decay, weight_decay, grad_scale, sign;
+  // gradient_factor: +-1/grad_scale (- to maximize), a power of two, so g * factor is exactly
+  // (+-g) / grad_scale (the caller divides beforehand when the scale is not a power of two).
+  double beta1, beta2, eps, decay, weight_decay, gradient_factor;
 };
 
 // The per-element update, written once for every storage format.
@@ -159,12 +161,11 @@ void update_range(P* __restrict p, const P* __restrict g, M m, M s, M s_max, int
   const T beta1 = T(o.beta1), one_minus_beta1 = T(1.0 - o.beta1);
   const T beta2 = T(o.beta2), one_minus_beta2 = T(1.0 - o.beta2);
   const T eps = T(o.eps), decay = T(o.decay), weight_decay = T(o.weight_decay);
-  const T scale = T(o.grad_scale), sign = T(o.sign);
+  const T gradient_factor = T(o.gradient_factor);
   const T neg_step = T(-step_size), bc2 = T(sqrt_bc2);
   for (int64_t i = begin; i < end; ++i) {
     T grad = load(g, i);
-    grad = grad / scale;  // exactly grad when there is no grad scale (scale 1)
-    grad = grad * sign;
+    grad = grad * gradient_factor;
     T param = load(p, i);
     if (L2) {
       grad = std::fma(param, weight_decay, grad);
@@ -410,15 +411,15 @@ void adabelief_increment_steps(int64_t n, void* const* steps, int step_is_double
 //     s_max_scale (the scales for the int8 format only; s_max and its scale with AMSGrad only);
 //   numel[i]: elements (complex tensors count their real and imaginary parts);
 //   step_size[i], sqrt_bc2[i], kind[i]: the step scalars; step_key[i]: the dither's step key;
-//   options: beta1, beta2, eps, decay factor, L2 coefficient, grad scale (1: none), sign.
+//   options: beta1, beta2, eps, decay factor, L2 coefficient, gradient factor (+-1/grad scale,
+//     a power of two).
 // Returns 0, or 1 for a dtype/format pair that has no kernel.
 int adabelief_update(int dtype, int format, int64_t n, void* const* pointers, const int64_t* numel,
                      const double* step_size, const double* sqrt_bc2, const int8_t* kind,
                      const uint32_t* step_key, const double* options, int l2, int amsgrad,
                      int num_threads) {
   if (pick(dtype, format, false, false, kAdaptive) == nullptr) return 1;
-  const Options o{options[0], options[1], options[2], options[3],
-                  options[4], options[5], options[6]};
+  const Options o{options[0], options[1], options[2], options[3], options[4], options[5]};
   std::vector<Operands> tensors(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) {
     auto at = [&](int k) { return pointers[k * n + i]; };

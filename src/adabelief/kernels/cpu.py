@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -45,6 +46,7 @@ __all__ = [
     "build_command",
     "cache_dir",
     "cpu_step",
+    "exact_inverse",
     "kernel",
     "kernel_error",
     "source",
@@ -319,10 +321,15 @@ def cpu_step(
 ) -> None:
     """Step plain CPU tensors with the kernel: step counts +1 (one call), scalars per distinct
     step count, then one kernel call per (parameter dtype, state format). One host read each of
-    ``found_inf``, ``grad_scale`` and a tensor ``lr`` (free on the CPU). With ``found_inf``
-    nonzero nothing changes, step counts included."""
+    ``found_inf``, ``grad_scale`` (a power of two: see :func:`exact_inverse`) and a tensor ``lr``
+    (free on the CPU). With ``found_inf`` nonzero nothing changes, step counts included."""
     if found_inf is not None and float(found_inf) != 0.0:
         return  # GradScaler found inf/NaN: skip the step
+    inverse_scale = 1.0
+    if grad_scale is not None:
+        inverse_scale = exact_inverse(float(grad_scale))
+        if inverse_scale == 0.0:
+            raise ValueError(f"grad_scale {float(grad_scale)} is not a power of two")
     for p in tensors.params:
         if p.dtype not in CPU_DTYPES:
             raise TypeError(f"fused AdaBelief: unsupported parameter dtype {p.dtype}")
@@ -352,8 +359,7 @@ def cpu_step(
             hp.eps,
             float(hp._replace(lr=lr).decay_factor()) if decoupled else 1.0,
             hp.weight_decay,
-            float(grad_scale) if grad_scale is not None else 1.0,
-            -1.0 if hp.maximize else 1.0,
+            -inverse_scale if hp.maximize else inverse_scale,
         ],
     )
     threads = torch.get_num_threads()
@@ -394,6 +400,15 @@ def cpu_step(
             raise RuntimeError(f"fused AdaBelief kernel failed with status {status}")
         for original, copy in write_back:
             original.copy_(copy)
+
+
+def exact_inverse(scale: float) -> float:
+    """``1/scale`` when it is exact (``scale`` a positive power of two, as GradScaler's always
+    is), so that the kernel can multiply where the reference divides; else 0.0."""
+    mantissa, _ = math.frexp(scale)
+    if scale > 0 and mantissa == 0.5 and math.isfinite(1.0 / scale) and 1.0 / scale != 0.0:
+        return 1.0 / scale
+    return 0.0
 
 
 def _increment_steps(lib: _Kernel, state_steps: list[Tensor]) -> list[float]:

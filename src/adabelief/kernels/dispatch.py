@@ -162,6 +162,8 @@ def _run_one_device(
         if local is None:  # another tensor subclass: its own dispatch, on the tensor step
             path, local = "tensor", tensors
         tensors = local
+    if path == "cpu" and grad_scale is not None and not cpu.exact_inverse(float(grad_scale)):
+        path = "tensor"  # the kernel multiplies by 1/grad_scale, exact for powers of two only
     if path == "cpu":
         lib = cpu.kernel()
         if lib is not None:
