@@ -139,7 +139,7 @@ def test_presets_lists_every_task(capsys: pytest.CaptureFixture[str]) -> None:
         "user/defaults",
     ):
         assert name in out
-    assert "fair mode: 5 trials per optimizer with --quick" in out
+    assert "fair mode: 4 trials per optimizer with --quick" in out
     assert "beta1 in [0.5, 0.95]" in out and "momentum in [0, 0.99]" in out
     assert main(["presets", "lm"]) == 0
     only_lm = capsys.readouterr().out
@@ -195,3 +195,14 @@ def test_the_console_script_is_the_runner_cli() -> None:
 
     (script,) = entry_points(group="console_scripts", name="adabelief")
     assert script.value == "adabelief.experiments.cli:main"
+
+
+def test_ray_executor_without_ray_installed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    argv = ["run", "toy", "--quick", "--tiny", "--executor", "ray", "--out", str(tmp_path)]
+    assert main(argv) == 2
+    assert "pip install 'adabelief[ray]'" in _error_line(capsys)
+    assert not list((tmp_path / "runs").glob("*.json"))
+    assert not (tmp_path / "manifest.json").exists()

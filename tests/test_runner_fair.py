@@ -63,7 +63,7 @@ def test_every_optimizer_searches_its_documented_space() -> None:
         search_space("adam", {"lr": 0.01, "weight_decay": 0.0}, True).hparams(u)["weight_decay"]
         == 0.0
     )
-    assert default_trials(True) == 5 and default_trials(False) == 20
+    assert default_trials(True) == 4 and default_trials(False) == 20
 
 
 def _curve_record(

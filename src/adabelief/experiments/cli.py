@@ -167,7 +167,7 @@ def _build_parser() -> _Parser:
         type=_positive_int,
         default=None,
         metavar="N",
-        help="fair mode: trials per optimizer (default: 5 with --quick, 20 otherwise)",
+        help="fair mode: trials per optimizer (default: 4 with --quick, 20 otherwise)",
     )
     run.add_argument(
         "--data",
@@ -186,8 +186,9 @@ def _build_parser() -> _Parser:
         "--device",
         choices=("cpu", "cuda"),
         default="cpu",
-        help="where classify, lm, transformer and user tasks train (default: cpu); toy and gan "
-        "are tiny and stay on the CPU",
+        help="where classify, lm and transformer train (default: cpu); toy and gan are tiny "
+        "and stay on the CPU; your own task picks its device itself (with --executor ray, "
+        "cuda gives each run a GPU)",
     )
     run.add_argument(
         "--executor",

@@ -179,7 +179,7 @@ def _lm_char(layers: int) -> Preset:
             "clip": 0.25,
             "max_chars": None,
         },
-        quick={"hidden_dim": 128, "epochs": 5, "milestones": [3, 4], "max_chars": 120_000},
+        quick={"hidden_dim": 128, "epochs": 4, "milestones": [2, 3], "max_chars": 60_000},
         optimizers=_lm_optimizers(layers, 1.0),
     )
 
@@ -235,7 +235,7 @@ PRESETS: dict[str, Preset] = {
                 "batch_size": 64,
                 "augment": False,
             },
-            quick={"epochs": 20, "milestones": [15]},
+            quick={"epochs": 12, "milestones": [9]},
             optimizers=_CIFAR_OPTIMIZERS,
         ),
         Preset(
@@ -295,10 +295,10 @@ PRESETS: dict[str, Preset] = {
                 "ff_dim": 128,
                 "context": 64,
                 "batch_size": 16,
-                "steps": 300,
-                "warmup": 30,
-                "evaluations": 5,
-                "eval_tokens": 4_000,
+                "steps": 200,
+                "warmup": 20,
+                "evaluations": 4,
+                "eval_tokens": 3_000,
             },
             optimizers=_TRANSFORMER_OPTIMIZERS,
         ),
@@ -367,7 +367,7 @@ PRESETS: dict[str, Preset] = {
                 "noise_dim": 16,
                 "evaluations": 10,
             },
-            quick={"iterations": 700, "evaluations": 5},
+            quick={"iterations": 400, "evaluations": 4},
             optimizers=_gan_optimizers(1e-3, 1e-2),
         ),
         Preset(
@@ -387,7 +387,7 @@ PRESETS: dict[str, Preset] = {
                 "noise_dim": 16,
                 "evaluations": 10,
             },
-            quick={"iterations": 2000, "evaluations": 5},
+            quick={"iterations": 1200, "evaluations": 4},
             optimizers=_gan_optimizers(1e-3, 1e-2),
         ),
         Preset(
@@ -407,7 +407,7 @@ PRESETS: dict[str, Preset] = {
                 "noise_dim": 32,
                 "evaluations": 10,
             },
-            quick={"iterations": 600, "evaluations": 4},
+            quick={"iterations": 400, "evaluations": 4},
             optimizers=_gan_optimizers(2e-4, 1e-2),
         ),
     )

@@ -405,11 +405,6 @@ def run_experiments(options: RunOptions, command: str = "") -> tuple[RunSummary,
     store.prepare()
     summary = RunSummary()
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    entries = _manifest_entries(planned, options, command)
-    store.update_manifest(
-        entries,
-        {"command": command, "started_at": started, "tasks": [t.name for t in tasks]},
-    )
     progress = _Progress(options.progress)
     try:
         with (
@@ -418,6 +413,11 @@ def run_experiments(options: RunOptions, command: str = "") -> tuple[RunSummary,
             ) as executor,
             _sigterm_interrupts(),
         ):
+            # Recorded once the executor is up: a command that cannot start leaves no trace.
+            store.update_manifest(
+                _manifest_entries(planned, options, command),
+                {"command": command, "started_at": started, "tasks": [t.name for t in tasks]},
+            )
             first = [(item, spec) for item in planned for spec in item.specs]
             summary.interrupted = _execute(first, options, store, executor, summary, progress)
             if options.mode == "fair" and not summary.interrupted:

@@ -55,7 +55,7 @@ _DIMENSIONS = 4
 
 def default_trials(quick: bool) -> int:
     """Trials per optimizer when ``--trials`` is not given."""
-    return 5 if quick else 20
+    return 4 if quick else 20
 
 
 @functools.lru_cache(maxsize=8)
