@@ -5,6 +5,8 @@
   character-level corpus (it ships with every Python installation).
 * CIFAR-10: the "python version" pickles (``data_batch_1`` .. ``data_batch_5``, ``test_batch``),
   in ``DIR`` or ``DIR/cifar-10-batches-py``.
+* CIFAR-100: the "python version" pickles ``train``, ``test`` and ``meta`` in ``DIR`` or
+  ``DIR/cifar-100-python``; the 100 fine labels.
 * Penn Treebank: ``ptb.train.txt``, ``ptb.valid.txt``, ``ptb.test.txt`` in ``DIR`` (or
   ``DIR/ptb``, ``DIR/penn``), one sentence per line as in Mikolov's release.
 * Python documentation text: the help topics of ``pydoc_data.topics`` (the text of Python's
@@ -15,8 +17,8 @@
 Data splits are fixed (they do not depend on the run's seed) so that runs with different seeds
 and optimizers are paired on the same data.
 
-Real datasets are validated before any training (:func:`check_cifar10`, :func:`check_ptb`,
-:func:`check_wikitext`): every file is read completely, and a corrupt, truncated, binary or
+Real datasets are validated before any training (:func:`check_cifar10`,
+:func:`check_cifar100`, :func:`check_ptb`, :func:`check_wikitext`): every file is read completely, and a corrupt, truncated, binary or
 too small file raises :class:`DataInvalidError` naming it.  The check returns a
 :class:`DataCheck` whose ``fingerprint`` (SHA-256 of the files' names and bytes) becomes part of
 every run's identity, so changed files are never served stale runs.
@@ -37,6 +39,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "CIFAR100_FILES",
     "CIFAR_FILES",
     "MIN_EVAL_TOKENS",
     "MIN_TRAIN_TOKENS",
@@ -48,25 +51,34 @@ __all__ = [
     "DataInvalidError",
     "DataNotFoundError",
     "TextCorpus",
+    "check_cifar",
     "check_cifar10",
+    "check_cifar100",
     "check_ptb",
     "check_wikitext",
+    "cifar_datasets_in",
+    "find_cifar100_dir",
     "find_cifar_dir",
     "find_ptb_dir",
     "find_wikitext_dir",
     "fingerprint_files",
     "fixed_split",
+    "load_cifar",
     "load_cifar10",
+    "load_cifar100",
     "load_digits",
     "load_ptb",
     "load_python_docs",
     "load_stdlib_text",
     "load_wikitext",
+    "read_cifar100_meta",
     "read_cifar_batch",
     "read_text_file",
 ]
 
 CIFAR_FILES: tuple[str, ...] = (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch")
+CIFAR100_FILES: tuple[str, ...] = ("train", "test", "meta")
+CIFAR100_CLASSES = 100
 PTB_FILES: tuple[str, ...] = ("ptb.train.txt", "ptb.valid.txt", "ptb.test.txt")
 WIKITEXT_FILES: tuple[str, ...] = ("wiki.train.tokens", "wiki.valid.tokens", "wiki.test.tokens")
 #: Smallest word-level text files accepted: a training file with fewer tokens cannot fill the
@@ -256,8 +268,142 @@ def check_cifar10(data_dir: Path) -> DataCheck:
     return DataCheck(f"CIFAR-10 in {folder}", files, fingerprint_files(files))
 
 
+def find_cifar100_dir(data_dir: Path) -> Path:
+    """The folder under ``data_dir`` holding the CIFAR-100 python pickles (raises if none).
+
+    A ``cifar-100-python/`` folder, or a ``meta`` file, with some of ``train``, ``test``,
+    ``meta`` missing is an incomplete copy: :class:`DataInvalidError` naming what is missing.
+    """
+    subfolder = data_dir / "cifar-100-python"
+    for candidate in (data_dir, subfolder):
+        if all((candidate / name).is_file() for name in CIFAR100_FILES):
+            return candidate
+    for candidate in (subfolder, data_dir):
+        if candidate.is_dir() and (candidate == subfolder or (candidate / "meta").is_file()):
+            absent = [name for name in CIFAR100_FILES if not (candidate / name).is_file()]
+            raise DataInvalidError(
+                f"incomplete CIFAR-100 in {candidate}: {', '.join(absent)} missing"
+            )
+    raise DataNotFoundError(
+        f"no CIFAR-100 python pickles in {data_dir} (expected {', '.join(CIFAR100_FILES)} "
+        "there or in its cifar-100-python/ folder)"
+    )
+
+
+def read_cifar100_meta(path: Path) -> tuple[str, ...]:
+    """The 100 fine label names of CIFAR-100's ``meta`` pickle, validated.
+
+    A file that does not unpickle or lacks 100 ``fine_label_names`` raises
+    :class:`DataInvalidError` naming it.
+    """
+    what = f"{path} is not CIFAR-100's meta file"
+    try:
+        with path.open("rb") as handle:
+            meta = pickle.load(handle, encoding="bytes")
+    except OSError as exc:
+        raise DataInvalidError(f"cannot read {path} ({exc.strerror or exc})") from None
+    except Exception as exc:
+        raise DataInvalidError(f"{what} (it does not unpickle: {type(exc).__name__})") from None
+    names = meta.get(b"fine_label_names") if isinstance(meta, dict) else None
+    if not isinstance(names, (list, tuple)) or len(names) != CIFAR100_CLASSES:
+        found = "none" if names is None else f"{len(names) if hasattr(names, '__len__') else '?'}"
+        raise DataInvalidError(f"{what} ({found} fine_label_names, expected {CIFAR100_CLASSES})")
+    return tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
+
+
+def _read_cifar100(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    return read_cifar_batch(path, b"fine_labels", CIFAR100_CLASSES, "CIFAR-100")
+
+
+def check_cifar100(data_dir: Path) -> DataCheck:
+    """Find and validate the CIFAR-100 pickles in ``data_dir`` (every file is read)."""
+    folder = find_cifar100_dir(data_dir)
+    files = tuple(folder / name for name in CIFAR100_FILES)
+    _read_cifar100(files[0])
+    _read_cifar100(files[1])
+    read_cifar100_meta(files[2])
+    return DataCheck(f"CIFAR-100 in {folder}", files, fingerprint_files(files))
+
+
+_CIFAR_CHECKS = {"cifar10": check_cifar10, "cifar100": check_cifar100}
+
+
+def cifar_datasets_in(data_dir: Path) -> list[str]:
+    """Which of ``"cifar10"``, ``"cifar100"`` have all their files in ``data_dir`` (no reading)."""
+    found = []
+    for name, find in (("cifar10", find_cifar_dir), ("cifar100", find_cifar100_dir)):
+        try:
+            find(data_dir)
+        except DataNotFoundError:
+            continue
+        found.append(name)
+    return found
+
+
+def check_cifar(data_dir: Path) -> DataCheck:
+    """Validate every CIFAR dataset (CIFAR-10, CIFAR-100) in ``data_dir``; one must be there.
+
+    The fingerprint covers the files of all datasets found.  A dataset whose files are there but
+    unusable raises :class:`DataInvalidError` even when the other one is fine.
+    """
+    checks: list[DataCheck] = []
+    missing: list[str] = []
+    for check in _CIFAR_CHECKS.values():
+        try:
+            checks.append(check(data_dir))
+        except DataInvalidError:
+            raise
+        except DataNotFoundError as exc:
+            missing.append(str(exc))
+    if not checks:
+        raise DataNotFoundError("; ".join(missing))
+    files = tuple(path for check in checks for path in check.files)
+    return DataCheck(
+        " and ".join(check.description for check in checks), files, fingerprint_files(files)
+    )
+
+
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
+#: Per-channel mean and standard deviation of the CIFAR-100 training images.
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+
+
+def _cifar_dataset(
+    train: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray],
+    normalisation: tuple[tuple[float, ...], tuple[float, ...]],
+    num_classes: int,
+    name: str,
+    validation_fraction: float,
+    train_limit: int | None,
+    test_limit: int | None,
+) -> ArrayDataset:
+    """``(pixels / 255 - mean) / std`` tensors with a fixed validation split and limits."""
+    train_data, train_labels = train
+    test_data, test_labels = test
+    if train_limit is not None:
+        train_data, train_labels = train_data[:train_limit], train_labels[:train_limit]
+    if test_limit is not None:
+        test_data, test_labels = test_data[:test_limit], test_labels[:test_limit]
+    val_idx, train_idx = fixed_split(len(train_labels), (validation_fraction, 1.0))
+    mean = torch.tensor(normalisation[0]).view(1, 3, 1, 1)
+    std = torch.tensor(normalisation[1]).view(1, 3, 1, 1)
+
+    def to_tensor(data: np.ndarray) -> torch.Tensor:
+        return (torch.from_numpy(data.astype(np.float32) / 255.0) - mean) / std
+
+    return ArrayDataset(
+        to_tensor(train_data[train_idx]),
+        torch.from_numpy(train_labels[train_idx]),
+        to_tensor(train_data[val_idx]),
+        torch.from_numpy(train_labels[val_idx]),
+        to_tensor(test_data),
+        torch.from_numpy(test_labels),
+        num_classes,
+        name,
+    )
 
 
 def load_cifar10(
@@ -273,30 +419,55 @@ def load_cifar10(
     """
     folder = find_cifar_dir(data_dir)
     parts = [read_cifar_batch(folder / name) for name in CIFAR_FILES[:5]]
-    train_data = np.concatenate([p[0] for p in parts])
-    train_labels = np.concatenate([p[1] for p in parts])
-    test_data, test_labels = read_cifar_batch(folder / "test_batch")
-    if train_limit is not None:
-        train_data, train_labels = train_data[:train_limit], train_labels[:train_limit]
-    if test_limit is not None:
-        test_data, test_labels = test_data[:test_limit], test_labels[:test_limit]
-    val_idx, train_idx = fixed_split(len(train_labels), (validation_fraction, 1.0))
-    mean = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
-
-    def to_tensor(data: np.ndarray) -> torch.Tensor:
-        return (torch.from_numpy(data.astype(np.float32) / 255.0) - mean) / std
-
-    return ArrayDataset(
-        to_tensor(train_data[train_idx]),
-        torch.from_numpy(train_labels[train_idx]),
-        to_tensor(train_data[val_idx]),
-        torch.from_numpy(train_labels[val_idx]),
-        to_tensor(test_data),
-        torch.from_numpy(test_labels),
+    train = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+    test = read_cifar_batch(folder / "test_batch")
+    return _cifar_dataset(
+        train,
+        test,
+        (CIFAR_MEAN, CIFAR_STD),
         10,
         "cifar10",
+        validation_fraction,
+        train_limit,
+        test_limit,
     )
+
+
+def load_cifar100(
+    data_dir: Path,
+    validation_fraction: float = 0.0,
+    train_limit: int | None = None,
+    test_limit: int | None = None,
+) -> ArrayDataset:
+    """CIFAR-100 (fine labels, 100 classes) as normalised float tensors ``(N, 3, 32, 32)``.
+
+    Arguments as for :func:`load_cifar10`.
+    """
+    folder = find_cifar100_dir(data_dir)
+    return _cifar_dataset(
+        _read_cifar100(folder / "train"),
+        _read_cifar100(folder / "test"),
+        (CIFAR100_MEAN, CIFAR100_STD),
+        CIFAR100_CLASSES,
+        "cifar100",
+        validation_fraction,
+        train_limit,
+        test_limit,
+    )
+
+
+def load_cifar(
+    dataset: str,
+    data_dir: Path,
+    validation_fraction: float = 0.0,
+    train_limit: int | None = None,
+    test_limit: int | None = None,
+) -> ArrayDataset:
+    """``load_cifar10`` or ``load_cifar100`` by name (``"cifar10"`` / ``"cifar100"``)."""
+    loaders = {"cifar10": load_cifar10, "cifar100": load_cifar100}
+    if dataset not in loaders:
+        raise ValueError(f"unknown CIFAR dataset {dataset!r}; known: {', '.join(loaders)}")
+    return loaders[dataset](data_dir, validation_fraction, train_limit, test_limit)
 
 
 def _find_text_dir(

@@ -28,6 +28,7 @@ __all__ = [
     "PaperValue",
     "compare_with_paper",
     "paper_experiment",
+    "reported_values",
 ]
 
 
@@ -196,6 +197,15 @@ def paper_experiment(key: str) -> PaperExperiment:
     if key not in PAPER_RESULTS:
         raise KeyError(f"no paper results for {key!r}; known: {', '.join(PAPER_RESULTS)}")
     return PAPER_RESULTS[key]
+
+
+def reported_values(key: str) -> dict[str, float]:
+    """``{optimizer: value}`` of the numbers the paper reports for ``key`` (bounds left out)."""
+    return {
+        name: value.value
+        for name, value in paper_experiment(key).values.items()
+        if value.bound == "exact"
+    }
 
 
 class Measured(NamedTuple):

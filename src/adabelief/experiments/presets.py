@@ -117,6 +117,34 @@ def _gan_optimizers(lr: float, sgd_lr: float) -> dict[str, dict[str, Any]]:
     }
 
 
+def _cifar(dataset: str, title: str) -> Preset:
+    """The paper's CIFAR setting (the same for CIFAR-10 and CIFAR-100)."""
+    return Preset(
+        name=f"classify/{dataset}",
+        task="classify",
+        description=f"VGG11 / ResNet34 / DenseNet121 on {title} (needs --data)",
+        source="paper: 200 epochs, lr x0.1 at 150, batch 128, wd 5e-4 (AdamW 1e-2), crop+flip",
+        settings={
+            "dataset": dataset,
+            "models": ["vgg11", "resnet34", "densenet121"],
+            "epochs": 200,
+            "milestones": [150],
+            "batch_size": 128,
+            "augment": True,
+            "train_limit": None,
+            "test_limit": None,
+        },
+        quick={
+            "models": ["vgg11"],
+            "epochs": 2,
+            "milestones": [1],
+            "train_limit": 2048,
+            "test_limit": 1000,
+        },
+        optimizers=_CIFAR_OPTIMIZERS,
+    )
+
+
 _LM_PTB_SOURCE = (
     "paper: 200 epochs, lr /10 at 100 and 145, clip 0.25, wd 1.2e-6, AdaBelief lr 1e-3 eps 1e-16 "
     "(1 layer) or lr 1e-2 eps 1e-12 (2-3 layers); Adam-family lr as AdaBelief's and SGD lr 30 "
@@ -238,30 +266,8 @@ PRESETS: dict[str, Preset] = {
             quick={"epochs": 12, "milestones": [9]},
             optimizers=_CIFAR_OPTIMIZERS,
         ),
-        Preset(
-            name="classify/cifar10",
-            task="classify",
-            description="VGG11 / ResNet34 / DenseNet121 on CIFAR-10 (needs --data)",
-            source="paper: 200 epochs, lr x0.1 at 150, batch 128, wd 5e-4 (AdamW 1e-2), crop+flip",
-            settings={
-                "dataset": "cifar10",
-                "models": ["vgg11", "resnet34", "densenet121"],
-                "epochs": 200,
-                "milestones": [150],
-                "batch_size": 128,
-                "augment": True,
-                "train_limit": None,
-                "test_limit": None,
-            },
-            quick={
-                "models": ["vgg11"],
-                "epochs": 2,
-                "milestones": [1],
-                "train_limit": 2048,
-                "test_limit": 1000,
-            },
-            optimizers=_CIFAR_OPTIMIZERS,
-        ),
+        _cifar("cifar10", "CIFAR-10"),
+        _cifar("cifar100", "CIFAR-100 (100 fine labels)"),
         _lm_char(1),
         _lm_char(2),
         _lm_ptb(1),

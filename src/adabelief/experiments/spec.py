@@ -93,7 +93,9 @@ class Experiment:
     time-to-target is measured (``curves[target.name]``, higher or lower is better).
     ``claims`` names the keys of :data:`CLAIMS` the experiment is evidence for, and ``versus``
     overrides :data:`CLAIM_RIVALS` per claim.  ``paper`` holds the paper's reported ``score``
-    per optimizer, when the experiment matches one in the paper.  ``curves`` lists
+    per optimizer, when the experiment matches one in the paper, and ``paper_key`` names that
+    setting in :data:`~adabelief.experiments.paper_results.PAPER_RESULTS` (the report's
+    side-by-side table; empty when no paper setting matches).  ``curves`` lists
     ``(curve name, label)`` pairs to plot against ``x_label`` (the run's ``curves["x"]``);
     ``plot`` names a figure the task draws itself (see ``Task.plots``) or is empty.
     """
@@ -114,6 +116,7 @@ class Experiment:
     target: Metric | None = None
     versus: dict[str, tuple[str, ...]] = field(default_factory=dict)
     paper: dict[str, float] = field(default_factory=dict)
+    paper_key: str = ""
 
     def rivals(self, claim: str) -> tuple[str, ...]:
         """The optimizers AdaBelief is compared with for ``claim`` in this experiment."""
@@ -138,6 +141,7 @@ class Experiment:
             "target": None if self.target is None else self.target.to_json(),
             "versus": {k: list(v) for k, v in self.versus.items()},
             "paper": self.paper,
+            "paper_key": self.paper_key,
         }
 
     @classmethod
@@ -160,6 +164,7 @@ class Experiment:
             target=_metric_or_none(data.get("target")),
             versus={str(k): tuple(map(str, v)) for k, v in data.get("versus", {}).items()},
             paper={str(k): float(v) for k, v in data.get("paper", {}).items()},
+            paper_key=str(data.get("paper_key", "")),
         )
 
     @property

@@ -1,7 +1,8 @@
 """Image classification: training speed and generalization (claims 1 and 2).
 
 Without ``--data``: a small CNN on scikit-learn's bundled 8x8 digits.  With ``--data`` holding the
-CIFAR-10 python pickles: the paper's VGG11 / ResNet34 / DenseNet121 with its schedule.
+CIFAR-10 and/or CIFAR-100 python pickles: the paper's VGG11 / ResNet34 / DenseNet121 with its
+schedule, on each dataset found (CIFAR-100 with its 100 fine labels).
 
 Paper mode trains on the whole training set and reports the best test accuracy over epochs (the
 paper's protocol).  Fair mode holds out 10% of the training data, picks the learning rate and the
@@ -20,11 +21,13 @@ from torch.nn import functional as F
 from adabelief.experiments.data import (
     ArrayDataset,
     DataCheck,
-    check_cifar10,
-    load_cifar10,
+    check_cifar,
+    cifar_datasets_in,
+    load_cifar,
     load_digits,
 )
 from adabelief.experiments.models import build_classifier
+from adabelief.experiments.paper_results import PAPER_RESULTS, reported_values
 from adabelief.experiments.presets import get_preset
 from adabelief.experiments.registry import create_optimizer
 from adabelief.experiments.spec import Experiment, Metric, RunContext, RunOutput, RunSpec
@@ -36,20 +39,8 @@ from adabelief.experiments.training import (
     train_classifier_epoch,
 )
 
-__all__ = ["PAPER_CIFAR10_BEST_TEST_ACC", "ClassifyTask", "random_crop_flip"]
+__all__ = ["ClassifyTask", "random_crop_flip"]
 
-#: Best CIFAR-10 test accuracy (%) reported in the paper, per model and optimizer.
-PAPER_CIFAR10_BEST_TEST_ACC: dict[str, dict[str, float]] = {
-    "vgg11": {"adabelief": 91.41, "sgd": 90.11, "adam": 88.40, "adamw": 89.39, "radam": 89.30},
-    "resnet34": {"adabelief": 95.44, "sgd": 94.64, "adam": 93.02, "adamw": 94.59, "radam": 94.33},
-    "densenet121": {
-        "adabelief": 95.51,
-        "sgd": 94.50,
-        "adam": 93.35,
-        "adamw": 94.55,
-        "radam": 94.81,
-    },
-}
 VALIDATION_FRACTION = 0.1
 _TINY = {"epochs": 2, "milestones": [1], "train_limit": 256, "test_limit": 128, "models": ["vgg11"]}
 
@@ -82,27 +73,41 @@ def _load(
     if dataset == "digits":
         return load_digits(validation_fraction=validation)
     if data_dir is None:
-        raise ValueError("the CIFAR-10 experiments need --data")
-    return load_cifar10(data_dir, validation, train_limit, test_limit)
+        raise ValueError(f"the {dataset} experiments need --data")
+    return load_cifar(dataset, data_dir, validation, train_limit, test_limit)
 
 
 class ClassifyTask(Task):
     """Image classification: train/test accuracy curves and the generalization gap."""
 
     name = "classify"
-    summary = "image classification: digits CNN (bundled) or CIFAR-10 VGG11/ResNet34/DenseNet121"
+    summary = (
+        "image classification: digits CNN (bundled) or CIFAR-10/CIFAR-100 "
+        "VGG11/ResNet34/DenseNet121"
+    )
     uses_data = True
     data_help = (
-        "CIFAR-10 python pickles (data_batch_1..5, test_batch), maybe in cifar-10-batches-py/"
+        "CIFAR-10 python pickles (data_batch_1..5, test_batch), maybe in cifar-10-batches-py/, "
+        "and/or CIFAR-100 python pickles (train, test, meta), maybe in cifar-100-python/"
     )
 
     def check_data(self, data_dir: Path) -> DataCheck:
-        """Find and validate the CIFAR-10 pickles in ``data_dir`` (every batch is read)."""
-        return check_cifar10(data_dir)
+        """Find and validate the CIFAR-10 and CIFAR-100 pickles in ``data_dir`` (every file is
+        read; at least one of the two datasets must be there)."""
+        return check_cifar(data_dir)
 
     def experiments(self, options: PlanOptions) -> list[Experiment]:
-        """Digits CNN, or one experiment per CIFAR-10 model."""
-        preset = get_preset("classify/cifar10" if options.data_dir else "classify/digits-cnn")
+        """Digits CNN, or one experiment per model on each CIFAR dataset in ``--data``."""
+        if options.data_dir is None:
+            return self._experiments("classify/digits-cnn", options)
+        return [
+            experiment
+            for dataset in cifar_datasets_in(options.data_dir)
+            for experiment in self._experiments(f"classify/{dataset}", options)
+        ]
+
+    def _experiments(self, preset_name: str, options: PlanOptions) -> list[Experiment]:
+        preset = get_preset(preset_name)
         base = preset.settings_for(options.quick)
         if options.tiny:
             base.update(_TINY if options.data_dir else {"epochs": 2, "milestones": [1]})
@@ -118,6 +123,9 @@ class ClassifyTask(Task):
         for model in base.pop("models"):
             settings = {**base, "model": model}
             dataset = settings["dataset"]
+            paper_key = f"{dataset}/{model}"
+            if paper_key not in PAPER_RESULTS:
+                paper_key = ""
             experiments.append(
                 Experiment(
                     task=self.name,
@@ -144,9 +152,8 @@ class ClassifyTask(Task):
                         if fair
                         else Metric("test_acc", "test accuracy (%)", True)
                     ),
-                    paper=PAPER_CIFAR10_BEST_TEST_ACC.get(model, {})
-                    if dataset == "cifar10"
-                    else {},
+                    paper=reported_values(paper_key) if paper_key else {},
+                    paper_key=paper_key,
                 )
             )
         return experiments
