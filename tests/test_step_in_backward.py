@@ -163,6 +163,29 @@ def test_gradients_are_never_all_held_together():
     assert max(held_counts(False)) == 4
 
 
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_state_is_created_with_the_optimizer_before_any_backward(precision):
+    """Created in the first backward, the state would sit between freed gradients, which glibc's
+    malloc keeps resident; so an in-backward group's state exists from construction, as the
+    ordinary step would create it (step 0, zero moments in the group's format)."""
+    model = make_model()
+    model[2].bias.requires_grad_(False)  # no hook, so no state until it has a gradient
+    optimizer = AdaBelief(
+        model.parameters(), state_precision=precision, amsgrad=True, step_in_backward=True
+    )
+    hooked = [model[0].weight, model[0].bias, model[2].weight]
+    assert {id(p) for p in optimizer.state} == {id(p) for p in hooked}
+    reference = AdaBelief(model.parameters(), state_precision=precision, amsgrad=True)
+    for p in hooked:
+        reference._param_state(reference.param_groups[0], p)
+        state, expected = optimizer.state[p], reference.state[p]
+        assert int(state["step"]) == 0 and sorted(state) == sorted(expected)
+        for key in state:
+            assert state[key].dtype == expected[key].dtype and torch.equal(
+                state[key], expected[key]
+            )
+
+
 # ---- parameter groups, schedulers, closures --------------------------------------------------
 
 

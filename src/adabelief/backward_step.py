@@ -49,6 +49,8 @@ class _Owner(Protocol):
 
     def _step_params(self, group: dict[str, Any], params: list[Tensor]) -> None: ...
 
+    def _param_state(self, group: dict[str, Any], p: Tensor) -> dict[str, Any]: ...
+
 
 def check_group(group: dict[str, Any]) -> None:
     """``ValueError`` unless ``group["step_in_backward"]`` is a bool, and not combined with
@@ -143,7 +145,11 @@ class BackwardStep:
         """Hook every parameter that requires grad in a group with ``step_in_backward=True``
         and has no hook yet; remove the hooks of parameters no longer in such a group. Hooks
         already registered stay (their order among the parameter's other hooks is kept).
-        Returns the parameters hooked by this call."""
+
+        A newly hooked parameter's optimizer state is created here, before any backward: created
+        in the first backward instead, it would be allocated between gradients that are freed at
+        once, and glibc's malloc keeps such holes resident, which hides the saving in resident
+        memory (see benchmarks/step_in_backward.py). Returns the parameters hooked by this call."""
         owner = self._owner()
         if owner is None:
             return []
@@ -162,6 +168,7 @@ class BackwardStep:
             if key not in self._hooks:
                 hook = functools.partial(_on_grad, self._self_ref, index)
                 self._hooks[key] = (p.register_post_accumulate_grad_hook(hook), index)
+                owner._param_state(owner.param_groups[index], p)
                 added.append(p)
         return added
 

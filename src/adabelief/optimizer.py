@@ -218,7 +218,6 @@ class AdaBelief(Optimizer):
         ``tensors.scales`` holds the block scales).
 
         torch's convention (``torch.compile`` runs this method eagerly, not traced)."""
-        on_device_step = group["capturable"] or bool(group["fused"])
         scales = cast(list[MomentScales], tensors.scales)
         for p in group["params"] if params is None else params:
             if p.grad is None:
@@ -228,19 +227,7 @@ class AdaBelief(Optimizer):
                     f"AdaBelief does not support sparse gradients (parameter of shape "
                     f"{tuple(p.shape)}); use torch.optim.SparseAdam for sparse embeddings"
                 )
-            state = self.state[p]
-            fmt = compressed_state.storage_format(p, group["state_precision"])
-            if len(state) == 0:
-                step_dtype = _step_dtype(on_device_step)
-                step_device = p.device if on_device_step else torch.device("cpu")
-                state["step"] = torch.zeros((), dtype=step_dtype, device=step_device)
-                state.update(compressed_state.new_moment(p, "exp_avg", fmt))
-                state.update(compressed_state.new_moment(p, "exp_avg_var", fmt))
-            elif compressed_state.format_of(state) != fmt:
-                # state_precision changed (by the user, or by loading a checkpoint): convert.
-                compressed_state.replace_moments_(state, dict(state), p, fmt)
-            if group["amsgrad"] and "max_exp_avg_var" not in state:
-                state.update(compressed_state.new_moment(p, "max_exp_avg_var", fmt))
+            state = self._param_state(group, p)
             if group["differentiable"] and state["step"].requires_grad:
                 raise ValueError(
                     "`requires_grad` is not supported for `step` in differentiable mode"
@@ -260,6 +247,25 @@ class AdaBelief(Optimizer):
                 )
             )
         return any(scale is not None for entry in scales for scale in entry)
+
+    def _param_state(self, group: dict[str, Any], p: Tensor) -> dict[str, Any]:
+        """``p``'s state, created on first use (step 0, zero moments in the group's
+        ``state_precision``), converted when ``state_precision`` changed, with the AMSGrad
+        maximum when ``amsgrad``."""
+        state = self.state[p]
+        fmt = compressed_state.storage_format(p, group["state_precision"])
+        if len(state) == 0:
+            on_device_step = group["capturable"] or bool(group["fused"])
+            step_device = p.device if on_device_step else torch.device("cpu")
+            state["step"] = torch.zeros((), dtype=_step_dtype(on_device_step), device=step_device)
+            state.update(compressed_state.new_moment(p, "exp_avg", fmt))
+            state.update(compressed_state.new_moment(p, "exp_avg_var", fmt))
+        elif compressed_state.format_of(state) != fmt:
+            # state_precision changed (by the user, or by loading a checkpoint): convert.
+            compressed_state.replace_moments_(state, dict(state), p, fmt)
+        if group["amsgrad"] and "max_exp_avg_var" not in state:
+            state.update(compressed_state.new_moment(p, "max_exp_avg_var", fmt))
+        return state
 
     def _step_params(
         self,
