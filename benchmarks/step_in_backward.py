@@ -14,10 +14,11 @@ alternate, in reverse order every other round. On CUDA, torch's allocator peak o
 malloc, which decides what the resident memory shows:
 
 * ``default``: glibc raises its mmap threshold dynamically once it has freed a large mapping, so
-  later 16 MiB tensors come from its heap. In the in-backward loop the gradients, freed one by
-  one between live tensors (the optimizer state, created during the first backward), stay in the
-  heap as free but resident pages (``mallinfo2`` reports about 170 MiB free there): the resident
-  memory hardly falls although the live tensors do;
+  later 16 MiB tensors come from its heap, where freed gradients can stay as free but resident
+  pages: the resident memory falls by less than the live tensors do, by an amount that varies
+  from process to process. (When the optimizer state was created during the first backward,
+  between gradients freed at once, ``mallinfo2`` reported about 170 MiB free but resident there
+  and the saving all but vanished; AdaBelief now creates it with the optimizer.)
 * ``mmap``: ``MALLOC_MMAP_THRESHOLD_=131072`` fixes the threshold at 128 KiB, so each large
   tensor is its own mapping, returned to the system when freed: resident memory follows the live
   tensors.
