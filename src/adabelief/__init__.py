@@ -5,8 +5,16 @@ and the optax transform live in ``adabelief.keras`` and ``adabelief.optax`` and 
 on request; the experiment runner (``adabelief`` command) lives in ``adabelief.experiments``.
 """
 
+from adabelief.backward_step import StepInBackwardError
 from adabelief.optimizer import AdaBelief, adabelief
 from adabelief.scalars import StepScalars, step_scalars
 
-__all__ = ["AdaBelief", "StepScalars", "__version__", "adabelief", "step_scalars"]
+__all__ = [
+    "AdaBelief",
+    "StepInBackwardError",
+    "StepScalars",
+    "__version__",
+    "adabelief",
+    "step_scalars",
+]
 __version__ = "0.1.0"
