@@ -65,6 +65,7 @@ __all__ = [
     "fixed_split",
     "load_cifar",
     "load_cifar10",
+    "load_cifar10_pixels",
     "load_cifar100",
     "load_digits",
     "load_ptb",
@@ -430,6 +431,20 @@ def load_cifar10(
         validation_fraction,
         train_limit,
         test_limit,
+    )
+
+
+def load_cifar10_pixels(data_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """CIFAR-10's raw ``uint8`` pixels ``(N, 3, 32, 32)`` and labels: ``(train, train labels,
+    test, test labels)``, training batches in order (what GANs and FID read)."""
+    folder = find_cifar_dir(data_dir)
+    parts = [read_cifar_batch(folder / name) for name in CIFAR_FILES[:5]]
+    test, test_labels = read_cifar_batch(folder / "test_batch")
+    return (
+        np.concatenate([p[0] for p in parts]),
+        np.concatenate([p[1] for p in parts]),
+        test,
+        test_labels,
     )
 
 

@@ -77,6 +77,7 @@ class Job:
     quick: bool = True
     search_space: dict[str, Any] | None = None
     progress: bool = False
+    cache_dir: str | None = None
 
     @property
     def key(self) -> str:
@@ -134,7 +135,11 @@ def execute_job(job: Job, executor: str) -> JobResult:
         configure_torch(spec.threads)
         task = resolve_task(job.task)
         started = time.perf_counter()
-        context = RunContext(Path(job.data_dir) if job.data_dir else None, job.progress)
+        context = RunContext(
+            Path(job.data_dir) if job.data_dir else None,
+            job.progress,
+            Path(job.cache_dir) if job.cache_dir else None,
+        )
         output = task.run(spec, context)
         record = {
             "key": key,

@@ -57,6 +57,7 @@ __all__ = [
     "ImageFrechetScorer",
     "InceptionFID",
     "InceptionFeatureExtractor",
+    "check_fid_dependencies",
     "cifar10_scorer",
     "feature_network",
     "find_inception_weights",
@@ -289,6 +290,11 @@ def _import_fid_metric() -> Any:
             "torchvision build that matches this torch, or uninstall torchvision"
         ) from exc
     return FrechetInceptionDistance
+
+
+def check_fid_dependencies() -> None:
+    """Raise :class:`FIDError` saying what to install unless FID's library (torchmetrics) imports."""
+    _import_fid_metric()
 
 
 class InceptionFID:

@@ -225,10 +225,12 @@ def gradient_penalty(
 ) -> torch.Tensor:
     """``E[(||grad_x D(x^)||_2 - 1)^2]`` at ``x^ = a real + (1 - a) fake``, ``a ~ U[0, 1]`` per sample.
 
-    ``a`` is drawn from the CPU ``generator`` (reproducible on any device); the graph is kept so the
-    penalty can be back-propagated into the critic's weights.
+    Works for any sample shape (images, 2-D points).  ``a`` is drawn from the CPU ``generator``
+    (reproducible on any device); the graph is kept so the penalty can be back-propagated into
+    the critic's weights.
     """
-    mix = torch.rand((len(real), 1, 1, 1), generator=generator).to(real.device, real.dtype)
+    shape = (len(real),) + (1,) * (real.dim() - 1)
+    mix = torch.rand(shape, generator=generator).to(real.device, real.dtype)
     between = (mix * real + (1 - mix) * fake).requires_grad_(True)
     (grad,) = torch.autograd.grad(critic(between).sum(), between, create_graph=True)
     return ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()

@@ -10,8 +10,10 @@ has no setting (bundled datasets, quick budgets).
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from adabelief.experiments.gan_models import GanKind, GanSettings
 
 __all__ = ["PRESETS", "USER_PRESET", "Preset", "get_preset", "presets_for_task"]
 
@@ -142,6 +144,49 @@ def _cifar(dataset: str, title: str) -> Preset:
             "test_limit": 1000,
         },
         optimizers=_CIFAR_OPTIMIZERS,
+    )
+
+
+#: How the CIFAR-10 GANs are scored, paper scale: FID's standard 50,000 generated images for the
+#: final score, 5,000 for the curve points, the fallback classifier trained for 10 epochs on the
+#: whole training set.
+_GAN_SCORING = {
+    "fid_samples": 50_000,
+    "eval_samples": 5_000,
+    "evaluations": 10,
+    "classifier_epochs": 10,
+    "reference_subset": None,
+}
+_GAN_SCORING_QUICK = {
+    "fid_samples": 500,
+    "eval_samples": 200,
+    "evaluations": 2,
+    "classifier_epochs": 1,
+    "reference_subset": 1000,
+}
+_GAN_TITLES = {
+    "wgan": "WGAN (weight clipping) with DCGAN networks on CIFAR-10",
+    "wgan-gp": "WGAN-GP with DCGAN networks on CIFAR-10",
+    "sngan": "SN-GAN (Miyato et al.'s standard CNN) on CIFAR-10",
+}
+
+
+def _cifar_gan(kind: GanKind) -> Preset:
+    """The paper's CIFAR-10 GAN ``kind``: :meth:`GanSettings.paper` (quick: :meth:`GanSettings.quick`)."""
+    paper, quick = asdict(GanSettings.paper(kind)), asdict(GanSettings.quick(kind))
+    return Preset(
+        name=f"gan/cifar10-{kind}",
+        task="gan",
+        description=f"{_GAN_TITLES[kind]} (needs --data)",
+        source="paper: lr 2e-4, betas (0.5, 0.999), 5 critic steps, AdaBelief eps 1e-12, 5 runs, "
+        "FID against the CIFAR-10 training set; generator steps, 32x32 networks, SGD lr: see "
+        "GanSettings.paper",
+        settings={"data": "cifar10", **paper, **_GAN_SCORING},
+        quick={
+            **{name: value for name, value in quick.items() if paper[name] != value},
+            **_GAN_SCORING_QUICK,
+        },
+        optimizers=_gan_optimizers(2e-4, 1e-2),
     )
 
 
@@ -416,6 +461,9 @@ PRESETS: dict[str, Preset] = {
             quick={"iterations": 400, "evaluations": 4},
             optimizers=_gan_optimizers(2e-4, 1e-2),
         ),
+        _cifar_gan("wgan"),
+        _cifar_gan("wgan-gp"),
+        _cifar_gan("sngan"),
     )
 }
 

@@ -146,7 +146,8 @@ def resolve_data(tasks: Sequence[Task], data_dir: Path | None) -> dict[str, Data
     if not readers:
         raise DataNotFoundError(
             f"--data was given but none of the tasks {', '.join(t.name for t in tasks)} reads "
-            "data (classify reads CIFAR-10, lm Penn Treebank, transformer WikiText-2)"
+            "data (classify reads CIFAR-10 and CIFAR-100, gan CIFAR-10, lm Penn Treebank, "
+            "transformer WikiText-2)"
         )
     lenient = set(TASKS) <= {task.name for task in tasks}
     missing: list[str] = []
@@ -267,6 +268,7 @@ def _job(item: PlannedExperiment, spec: RunSpec, options: RunOptions) -> Job:
         and options.executor == "local"
         and options.jobs == 1
         and not options.quick,
+        cache_dir=str(options.out / "cache"),
     )
 
 

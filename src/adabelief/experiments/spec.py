@@ -95,7 +95,9 @@ class Experiment:
     overrides :data:`CLAIM_RIVALS` per claim.  ``paper`` holds the paper's reported ``score``
     per optimizer, when the experiment matches one in the paper, and ``paper_key`` names that
     setting in :data:`~adabelief.experiments.paper_results.PAPER_RESULTS` (the report's
-    side-by-side table; empty when no paper setting matches).  ``curves`` lists
+    side-by-side table; empty when no paper setting matches); ``paper_comparable`` is false when
+    the measured score is another quantity than the paper's (e.g. perplexity beside BLEU), so
+    the table shows both without a difference.  ``curves`` lists
     ``(curve name, label)`` pairs to plot against ``x_label`` (the run's ``curves["x"]``);
     ``plot`` names a figure the task draws itself (see ``Task.plots``) or is empty.
     """
@@ -117,6 +119,7 @@ class Experiment:
     versus: dict[str, tuple[str, ...]] = field(default_factory=dict)
     paper: dict[str, float] = field(default_factory=dict)
     paper_key: str = ""
+    paper_comparable: bool = True
 
     def rivals(self, claim: str) -> tuple[str, ...]:
         """The optimizers AdaBelief is compared with for ``claim`` in this experiment."""
@@ -142,6 +145,7 @@ class Experiment:
             "versus": {k: list(v) for k, v in self.versus.items()},
             "paper": self.paper,
             "paper_key": self.paper_key,
+            "paper_comparable": self.paper_comparable,
         }
 
     @classmethod
@@ -165,6 +169,7 @@ class Experiment:
             versus={str(k): tuple(map(str, v)) for k, v in data.get("versus", {}).items()},
             paper={str(k): float(v) for k, v in data.get("paper", {}).items()},
             paper_key=str(data.get("paper_key", "")),
+            paper_comparable=bool(data.get("paper_comparable", True)),
         )
 
     @property
@@ -237,10 +242,13 @@ class RunSpec:
 
 @dataclass(frozen=True)
 class RunContext:
-    """Where a run reads its data and whether it shows epoch bars (not part of its identity)."""
+    """Where a run reads its data, whether it shows epoch bars, and a folder for caches that
+    outlive one run (e.g. FID's reference statistics; ``None``: no cache).  Not part of its
+    identity."""
 
     data_dir: Path | None = None
     progress: bool = False
+    cache_dir: Path | None = None
 
 
 @dataclass

@@ -6,6 +6,12 @@
 * ``dcgan-digits``: a small DCGAN on the 8x8 digits, scored by a Frechet distance on the features
   of a digits classifier the task trains itself (see :mod:`adabelief.experiments.fid`).
 
+With ``--data`` holding CIFAR-10, the paper's GANs instead (:mod:`adabelief.experiments.gan_models`):
+``cifar10-wgan``, ``cifar10-wgan-gp`` (DCGAN networks) and ``cifar10-sngan``, scored by FID when
+``inception-2015-12-05.pt`` is in the data folder or torch's hub cache, else by the labelled
+Frechet distance on a CIFAR-10 VGG11's features (:func:`adabelief.experiments.fid.cifar10_scorer`).
+Which of the two scored a run is part of its settings (``score_kind``) and stored with it.
+
 Both generator and discriminator use the optimizer under test.  Evaluation noise is fixed (the
 same for every run), validation and test use different noise (and, for digits, different real
 images); the spread of the scores across seeds is the stability measure.
@@ -13,10 +19,11 @@ images); the spread of the scores across seeds is the stability measure.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,14 +31,34 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from adabelief.experiments.data import load_digits
-from adabelief.experiments.fid import feature_network
+from adabelief.experiments import gan_models
+from adabelief.experiments.data import (
+    DataCheck,
+    DataInvalidError,
+    check_cifar10,
+    fingerprint_files,
+    load_cifar10_pixels,
+    load_digits,
+)
+from adabelief.experiments.fid import (
+    CLASSIFIER_FD_KIND,
+    FID_KIND,
+    INCEPTION_WEIGHTS_FILE,
+    FIDError,
+    ImageFrechetScorer,
+    check_fid_dependencies,
+    cifar10_scorer,
+    feature_network,
+    find_inception_weights,
+    from_uint8_images,
+)
 from adabelief.experiments.models import (
     DCGANDiscriminator,
     DCGANGenerator,
     MLPCritic,
     MLPGenerator,
 )
+from adabelief.experiments.paper_results import reported_values
 from adabelief.experiments.presets import presets_for_task
 from adabelief.experiments.registry import create_optimizer
 from adabelief.experiments.spec import Experiment, Metric, RunContext, RunOutput, RunSpec
@@ -54,6 +81,28 @@ MOG_CENTERS = torch.stack(
 VAL_NOISE_SEED, TEST_NOISE_SEED = 1, 2
 MOG_EVAL_SAMPLES, DIGITS_EVAL_SAMPLES = 2000, 1000
 _TINY = {"iterations": 6, "evaluations": 2}
+#: Test-sized CIFAR-10 GANs (hidden ``--tiny``): two generator steps of narrow networks, two
+#: critic steps each.
+_TINY_CIFAR = {
+    "iterations": 2,
+    "critic_steps": 2,
+    "batch_size": 8,
+    "width": 8,
+    "train_subset": 16,
+    "fid_samples": 16,
+    "eval_samples": 8,
+    "evaluations": 1,
+    "classifier_epochs": 1,
+    "reference_subset": 16,
+}
+#: The metric each CIFAR-10 scorer's values are stored under, and its label.
+SCORE_METRICS: dict[str, tuple[str, str]] = {
+    FID_KIND: ("fid", "FID"),
+    CLASSIFIER_FD_KIND: (
+        "classifier_fd",
+        "Frechet distance on a CIFAR-10 VGG11's features (not FID)",
+    ),
+}
 
 
 def sample_mog(n: int, generator: torch.Generator) -> torch.Tensor:
@@ -90,18 +139,13 @@ def _discriminator_loss(
     generator: torch.Generator,
 ) -> torch.Tensor:
     if loss == "wgan-gp":
-        shape = (len(real),) + (1,) * (real.dim() - 1)
-        mix = torch.rand(shape, generator=generator)
-        between = (mix * real + (1 - mix) * fake).requires_grad_(True)
-        (grad,) = torch.autograd.grad(critic(between).sum(), between, create_graph=True)
-        penalty = ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
-        return critic(fake).mean() - critic(real).mean() + gp_weight * penalty
+        return gan_models.critic_loss("wgan-gp", critic, real, fake, generator, gp_weight)
     return F.softplus(-critic(real)).mean() + F.softplus(critic(fake)).mean()
 
 
 def _generator_loss(loss: str, critic: nn.Module, fake: torch.Tensor) -> torch.Tensor:
     if loss == "wgan-gp":
-        return -critic(fake).mean()
+        return gan_models.generator_loss(critic, fake)
     return F.softplus(-critic(fake)).mean()
 
 
@@ -155,20 +199,60 @@ def train_gan(
     return curves, False
 
 
+def _score_kind(data_dir: Path) -> str:
+    """FID when the Inception file is found for ``data_dir``, else the classifier fallback."""
+    return FID_KIND if find_inception_weights(data_dir) is not None else CLASSIFIER_FD_KIND
+
+
 class GanTask(Task):
-    """WGAN-GP and standard GAN on 2-D Gaussians, DCGAN on digits."""
+    """WGAN-GP and standard GAN on 2-D Gaussians, DCGAN on digits; with ``--data``, the paper's
+    CIFAR-10 WGAN, WGAN-GP and SN-GAN."""
 
     name = "gan"
-    summary = "GAN stability: WGAN-GP and GAN on 8 Gaussians, DCGAN on digits (Frechet distance)"
+    summary = (
+        "GAN stability: WGAN-GP and GAN on 8 Gaussians, DCGAN on digits (Frechet distance); "
+        "with --data the paper's CIFAR-10 WGAN, WGAN-GP, SN-GAN (FID)"
+    )
+    uses_data = True
+    data_help = (
+        "CIFAR-10 python pickles (data_batch_1..5, test_batch), maybe in cifar-10-batches-py/; "
+        f"for FID also {INCEPTION_WEIGHTS_FILE} there or in torch's hub cache checkpoints/"
+    )
+
+    def check_data(self, data_dir: Path) -> DataCheck:
+        """Validate the CIFAR-10 pickles; the Inception file, when found, joins the fingerprint
+        (and FID's library must import, else :class:`DataInvalidError` says what to install)."""
+        check = check_cifar10(data_dir)
+        weights = find_inception_weights(data_dir)
+        if weights is None:
+            return DataCheck(
+                f"{check.description}; no {INCEPTION_WEIGHTS_FILE}, so GANs are scored by the "
+                "classifier Frechet distance, not FID",
+                check.files,
+                check.fingerprint,
+            )
+        try:
+            check_fid_dependencies()
+        except FIDError as exc:
+            raise DataInvalidError(f"found {weights}, but {exc}") from None
+        files = (*check.files, weights)
+        return DataCheck(
+            f"{check.description}; FID with {weights}", files, fingerprint_files(files)
+        )
 
     def experiments(self, options: PlanOptions) -> list[Experiment]:
-        """One experiment per GAN preset."""
+        """One experiment per GAN preset: the CIFAR-10 ones with ``--data``, else the others."""
         experiments = []
         for preset in presets_for_task(self.name):
             settings = preset.settings_for(options.quick)
+            if (settings["data"] == "cifar10") != (options.data_dir is not None):
+                continue
             if options.tiny:
-                settings.update(_TINY)
+                settings.update(_TINY_CIFAR if options.data_dir is not None else _TINY)
             name = preset.name.split("/", 1)[1]
+            if options.data_dir is not None:
+                experiments.append(self._cifar_experiment(name, preset, settings, options.data_dir))
+                continue
             if settings["data"] == "mog":
                 score = Metric("hq_fraction", "high-quality sample fraction", True)
                 selection = Metric("val_hq_fraction", "validation high-quality fraction", True)
@@ -205,6 +289,50 @@ class GanTask(Task):
             )
         return experiments
 
+    def _cifar_experiment(
+        self, name: str, preset: Any, settings: dict[str, Any], data_dir: Path
+    ) -> Experiment:
+        kind = _score_kind(data_dir)
+        settings["score_kind"] = kind
+        metric, label = SCORE_METRICS[kind]
+        paper_key = f"cifar10-gan/{settings['kind']}"
+        comparable = kind == FID_KIND
+        return Experiment(
+            task=self.name,
+            name=name,
+            title=preset.description.removesuffix(" (needs --data)"),
+            preset=preset.name,
+            settings=settings,
+            score=Metric(metric, f"{label}, test noise", False),
+            selection=Metric(f"val_{metric}", f"{label}, validation noise", False),
+            claims=("gan",),
+            curves=((metric, f"{label} (validation noise)"),),
+            x_label="generator iteration",
+            target=Metric(metric, f"{label} (validation noise)", False),
+            paper=reported_values(paper_key) if comparable else {},
+            paper_key=paper_key,
+            paper_comparable=comparable,
+        )
+
+    def report_lines(self, result: ExperimentResult) -> list[str]:
+        """For the CIFAR-10 GANs: what scored the runs (FID, or the classifier fallback)."""
+        if result.experiment.settings.get("data") != "cifar10":
+            return []
+        labels = {
+            str(record.get("artifacts", {}).get("score_label"))
+            for row in result.optimizers
+            for record in row.chosen.records.values()
+            if record.get("artifacts", {}).get("score_label")
+        }
+        if result.experiment.settings.get("score_kind") == FID_KIND:
+            lines = ["Scores are FID: " + "; ".join(sorted(labels)) + "."]
+        else:
+            lines = [
+                f"**Scores are the classifier fallback, not FID** ({INCEPTION_WEIGHTS_FILE} was "
+                "not found): " + ("; ".join(sorted(labels)) or "no run recorded its scorer") + "."
+            ]
+        return [*lines, ""]
+
     def plots(self, result: ExperimentResult, directory: Path) -> list[Path]:
         """The first seed's samples: 2-D points against the modes, or a grid of digits."""
         from adabelief.experiments.plots import plot_stem
@@ -218,7 +346,73 @@ class GanTask(Task):
         """Train the GAN and score its samples."""
         if spec.settings["data"] == "mog":
             return self._run_mog(spec)
+        if spec.settings["data"] == "cifar10":
+            return self._run_cifar(spec, context)
         return self._run_digits(spec)
+
+    def _run_cifar(self, spec: RunSpec, context: RunContext) -> RunOutput:
+        settings = spec.settings
+        if context.data_dir is None:
+            raise ValueError("the CIFAR-10 GAN experiments need --data")
+        names = {field.name for field in dataclasses.fields(gan_models.GanSettings)}
+        gan_settings = gan_models.GanSettings(**{k: v for k, v in settings.items() if k in names})
+        images, scorer = _cifar_gan_inputs(
+            context.data_dir,
+            spec.device,
+            settings["reference_subset"],
+            int(settings["classifier_epochs"]),
+            context.cache_dir,
+        )
+        kind = str(settings["score_kind"])
+        if scorer.kind != kind:
+            raise FIDError(
+                f"this experiment was planned with scorer {kind!r}, but {scorer.kind!r} is what "
+                f"is available now ({INCEPTION_WEIGHTS_FILE} appeared or went away); run again"
+            )
+        metric = SCORE_METRICS[kind][0]
+        noise_dim = gan_settings.noise_dim
+        val_noise = _fixed_noise(int(settings["eval_samples"]), noise_dim, VAL_NOISE_SEED)
+        test_noise = _fixed_noise(int(settings["fid_samples"]), noise_dim, TEST_NOISE_SEED)
+        started = time.perf_counter()
+        times: list[float] = []
+
+        def score(gen: nn.Module, noise: torch.Tensor) -> float:
+            samples = gan_models.sample_images(gen, noise)
+            if not bool(torch.isfinite(samples).all()):
+                return math.nan
+            return scorer.score(samples).value
+
+        def evaluate(gen: nn.Module) -> dict[str, float]:
+            times.append(round(time.perf_counter() - started, 3))
+            return {metric: score(gen, val_noise)}
+
+        result = gan_models.train_gan(
+            gan_settings,
+            images,
+            lambda params: _make_optimizer(spec, params),
+            seed=spec.seed,
+            device=spec.device,
+            evaluate=evaluate,
+            eval_every=max(1, gan_settings.iterations // int(settings["evaluations"])),
+        )
+        steps = list(result.curves.get("eval_step", []))
+        values = [v if math.isfinite(v) else None for v in result.curves.get(metric, [])]
+        curves: dict[str, list[float | None]] = {
+            "x": list(steps),
+            "step": list(steps),
+            "time_s": list(times[: len(steps)]),
+            metric: list(values),
+        }
+        metrics: dict[str, float | None] = {metric: None, f"val_{metric}": None}
+        artifacts: dict[str, Any] = {"score_kind": scorer.kind, "score_label": scorer.label}
+        if not result.diverged:
+            test_value = score(result.generator, test_noise)
+            metrics[metric] = test_value if math.isfinite(test_value) else None
+            metrics[f"val_{metric}"] = values[-1] if values else None
+        artifacts["generator_steps"] = result.steps_done
+        return RunOutput(
+            metrics=metrics, curves=curves, artifacts=artifacts, diverged=result.diverged
+        )
 
     def _run_mog(self, spec: RunSpec) -> RunOutput:
         settings = spec.settings
@@ -289,6 +483,41 @@ class GanTask(Task):
                 [[round(float(v), 3) for v in row] for row in image] for image in samples
             ]
         return RunOutput(metrics=metrics, curves=curves, artifacts=artifacts, diverged=diverged)
+
+
+def _make_optimizer(spec: RunSpec, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    return create_optimizer(spec.optimizer, params, **spec.hparams)
+
+
+@functools.lru_cache(maxsize=1)
+def _cifar_gan_inputs(
+    data_dir: Path,
+    device: str,
+    reference_subset: int | None,
+    classifier_epochs: int,
+    cache_dir: Path | None,
+) -> tuple[torch.Tensor, ImageFrechetScorer]:
+    """CIFAR-10 training images in ``[-1, 1]`` and the scorer (cached per process: every run of
+    a worker reuses them).  The first ``reference_subset`` training images (all with ``None``)
+    are the reference; the fallback classifier trains on them and is tested on as many test
+    images.  FID's reference statistics are cached in ``cache_dir``."""
+    train, train_labels, test, test_labels = load_cifar10_pixels(data_dir)
+    images = from_uint8_images(torch.from_numpy(train))
+    count = len(images) if reference_subset is None else int(reference_subset)
+    cache = None
+    if cache_dir is not None:
+        cache = cache_dir / f"fid-reference-cifar10-{count}.npz"
+    scorer = cifar10_scorer(
+        images[:count],
+        torch.from_numpy(train_labels[:count]),
+        data_dir=data_dir,
+        device=device,
+        reference_cache=cache,
+        test_images=from_uint8_images(torch.from_numpy(test[:count])),
+        test_labels=torch.from_numpy(test_labels[:count]),
+        classifier_epochs=classifier_epochs,
+    )
+    return images, scorer
 
 
 def _with_samples(result: ExperimentResult) -> list[tuple[OptimizerResult, dict[str, Any]]]:

@@ -1,0 +1,132 @@
+"""``gan --data``: the paper's CIFAR-10 GANs through the runner on fake CIFAR-10 pickles."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from adabelief.experiments import fid, gan_models
+from adabelief.experiments.cli import main
+from adabelief.experiments.data import check_cifar10
+from adabelief.experiments.fid import INCEPTION_WEIGHTS_FILE, FIDError
+from adabelief.experiments.models import MLPCritic
+from adabelief.experiments.tasks import TASKS, PlanOptions
+from adabelief.experiments.tasks.gan import _discriminator_loss
+from test_experiments_data import write_fake_cifar
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_globals() -> Iterator[None]:
+    """The runner sets torch's thread count and deterministic mode; undo it for other tests."""
+    threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+
+
+@pytest.fixture
+def data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Fake CIFAR-10 (8 images per batch) and an empty torch hub cache."""
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    folder = tmp_path / "data"
+    write_fake_cifar(folder, per_batch=8)
+    return folder
+
+
+def test_without_data_the_bundled_gans_stay() -> None:
+    names = [e.name for e in TASKS["gan"].experiments(PlanOptions(quick=True))]
+    assert names == ["wgan-gp-mog", "gan-mog", "dcgan-digits"]
+
+
+def test_paper_settings_and_the_metric_named_by_the_scorer(data: Path) -> None:
+    task = TASKS["gan"]
+    full = {e.name: e for e in task.experiments(PlanOptions(quick=False, data_dir=data))}
+    assert list(full) == ["cifar10-wgan", "cifar10-wgan-gp", "cifar10-sngan"]
+    for name, experiment in full.items():
+        settings = experiment.settings
+        assert settings["critic_steps"] == 5 and settings["batch_size"] == 64
+        assert settings["score_kind"] == "classifier_fd" and settings["fid_samples"] == 50_000
+        assert experiment.score.name == "classifier_fd" and "not FID" in experiment.score.label
+        assert not experiment.paper_comparable and experiment.paper == {}
+        hparams = task.preset_hparams(experiment, "adabelief")
+        assert hparams["lr"] == 2e-4 and list(hparams["betas"]) == [0.5, 0.999]
+        assert hparams["eps"] == 1e-12
+        assert task.preset_hparams(experiment, "adam")["lr"] == 2e-4
+        assert experiment.paper_key == f"cifar10-gan/{name.removeprefix('cifar10-')}"
+    assert full["cifar10-wgan"].settings["clip_value"] == 0.01
+    assert full["cifar10-wgan-gp"].settings["gp_weight"] == 10.0
+    (data / INCEPTION_WEIGHTS_FILE).write_bytes(b"a weights file")
+    with_weights = task.experiments(PlanOptions(quick=True, data_dir=data))
+    wgan = with_weights[0]
+    assert wgan.settings["score_kind"] == "fid" and wgan.score.name == "fid"
+    assert wgan.score.label.startswith("FID") and wgan.paper_comparable
+    assert wgan.paper["adabelief"] == 81.0 and wgan.paper["adam"] == 98.0
+    assert wgan.settings["iterations"] < full["cifar10-wgan"].settings["iterations"]
+
+
+def test_weights_without_the_fid_library_is_one_clear_error(
+    data: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    weights = data / INCEPTION_WEIGHTS_FILE
+    weights.write_bytes(b"a weights file")
+
+    def missing() -> None:
+        raise FIDError("FID needs the torchmetrics package: pip install 'adabelief[fid]'")
+
+    monkeypatch.setattr(fid, "_import_fid_metric", missing)
+    assert main(["run", "gan", "--data", str(data), "--out", str(data.parent / "o")]) == 2
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert "Traceback" not in captured.err and len(lines) == 1
+    assert str(weights) in lines[0] and "adabelief[fid]" in lines[0]
+
+
+def test_the_weights_file_is_in_the_data_fingerprint(data: Path) -> None:
+    before = TASKS["gan"].check_data(data)
+    assert before.fingerprint == check_cifar10(data).fingerprint
+    assert "not FID" in before.description
+
+
+def test_gradient_penalty_is_the_one_loss_for_points_and_images() -> None:
+    critic = MLPCritic(8, depth=2)
+    real, fake = torch.randn(16, 2), torch.randn(16, 2)
+    mix = torch.rand((16, 1), generator=torch.Generator().manual_seed(3))
+    between = (mix * real + (1 - mix) * fake).requires_grad_(True)
+    (grad,) = torch.autograd.grad(critic(between).sum(), between)
+    expected = (
+        critic(fake).mean() - critic(real).mean() + 0.1 * ((grad.norm(dim=1) - 1) ** 2).mean()
+    )
+    loss = _discriminator_loss("wgan-gp", critic, real, fake, 0.1, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(loss, expected)
+    images = torch.rand(4, 3, 32, 32) * 2 - 1
+    penalty = gan_models.gradient_penalty(
+        gan_models.DCGANCritic32(8, batch_norm=False), images, -images, torch.Generator()
+    )
+    assert penalty.shape == () and torch.isfinite(penalty)
+
+
+def test_gan_data_runs_the_three_paper_gans_end_to_end(data: Path) -> None:
+    out = data.parent / "run"
+    argv = ["run", "gan", "--data", str(data), "--quick", "--tiny", "--seeds", "1"]
+    argv += ["--optimizers", "adabelief", "--out", str(out)]
+    argv += ["--jobs", "1", "--threads", "1", "--no-progress", "--no-plots"]
+    assert main(argv) == 0
+    records = {r["experiment"]: r for r in json.loads((out / "results.json").read_text())}
+    assert sorted(records) == ["cifar10-sngan", "cifar10-wgan", "cifar10-wgan-gp"]
+    fingerprint = check_cifar10(data).fingerprint
+    for record in records.values():
+        assert record["settings"]["data_fingerprint"] == fingerprint
+        assert record["settings"]["score_kind"] == "classifier_fd"
+        assert record["artifacts"]["score_kind"] == "classifier_fd"
+        assert "not FID" in record["artifacts"]["score_label"]
+        assert "fid" not in record["metrics"]
+        assert record["metrics"]["classifier_fd"] >= 0
+        assert record["artifacts"]["generator_steps"] == record["settings"]["iterations"]
+    report = (out / "report.md").read_text()
+    assert "Scores are the classifier fallback, not FID" in report
