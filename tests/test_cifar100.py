@@ -138,3 +138,6 @@ def test_classify_data_runs_cifar100_end_to_end(tmp_path: Path) -> None:
     assert record["settings"]["dataset"] == "cifar100"
     assert record["settings"]["data_fingerprint"] == check_cifar(tmp_path / "data").fingerprint
     assert record["metrics"]["best_test_acc"] is not None
+    report = (out / "report.md").read_text()
+    assert "**Beside the paper** (VGG11 on CIFAR-100)" in report
+    assert "the paper's CIFAR-100 numbers are not transcribed here" in report

@@ -130,3 +130,9 @@ def test_gan_data_runs_the_three_paper_gans_end_to_end(data: Path) -> None:
         assert record["artifacts"]["generator_steps"] == record["settings"]["iterations"]
     report = (out / "report.md").read_text()
     assert "Scores are the classifier fallback, not FID" in report
+    section = report.split("### gan/cifar10-wgan:", 1)[1].split("### ", 1)[0]
+    assert "**Beside the paper** (WGAN (weight clipping, DCGAN) on CIFAR-10)" in section
+    assert "| adabelief | about 81 |" in section and "| adam | about 98 |" in section
+    assert "different quantities, so they are not compared" in section
+    assert "medians marked 'about' are read off a figure" in section
+    assert "not the paper's FID" in section

@@ -291,13 +291,18 @@ def _statement(experiment: PaperExperiment, paper: PaperValue, measured: Measure
 
 
 def compare_with_paper(
-    key: str, measured: Mapping[str, Measured | tuple[float | None, float | None]]
+    key: str,
+    measured: Mapping[str, Measured | tuple[float | None, float | None]],
+    *,
+    measured_metric: str | None = None,
 ) -> list[PaperComparison]:
     """Rows for the experiment ``key``: the paper's optimizers in its order, then the others.
 
     ``measured`` maps optimizer names to :class:`Measured` (or ``(mean, std)``).  An optimizer
     the paper reports but that was not run gets a row saying so; one run here that the paper
-    does not report gets a row with ``paper`` ``None``.
+    does not report gets a row with ``paper`` ``None``.  ``measured_metric`` names the measured
+    quantity when it is not the paper's (e.g. perplexity beside BLEU, or a classifier's Frechet
+    distance beside FID): the rows then show both values and no difference.
     """
     experiment = paper_experiment(key)
     results = {
@@ -322,6 +327,12 @@ def compare_with_paper(
             statement = f"not run here; the paper reports {_paper_text(paper)}"
         elif mean is None:
             statement = f"every run diverged here; the paper reports {_paper_text(paper)}"
+        elif measured_metric is not None:
+            statement = (
+                f"measured {measured_metric} {_measured_text(result._replace(mean=mean))}, "
+                f"the paper's {experiment.metric} {_paper_text(paper)}: different quantities, "
+                "so they are not compared"
+            )
         else:
             statement = _statement(experiment, paper, result._replace(mean=mean))
             if paper.bound == "exact":

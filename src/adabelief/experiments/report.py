@@ -29,6 +29,7 @@ from adabelief.experiments.analysis import (
     analyze,
     performance_profiles,
 )
+from adabelief.experiments.paper_results import PaperComparison
 from adabelief.experiments.plots import plot_curves, plot_profile, plot_stem
 from adabelief.experiments.search import TUNING_SEED
 from adabelief.experiments.stats import ALPHA, PairedComparison, summarize
@@ -36,10 +37,12 @@ from adabelief.experiments.store import RunStore
 from adabelief.experiments.verdicts import (
     ClaimAssessment,
     Evidence,
+    PaperTable,
     assess_claims,
     comparisons_available,
     losses,
     metric_named,
+    paper_table,
 )
 
 __all__ = ["ClaimVerdict", "Report", "ReportError", "build_report"]
@@ -358,6 +361,45 @@ def _trials_lines(result: ExperimentResult) -> list[str]:
     return [*lines, ""]
 
 
+def _paper_value(row: PaperComparison, table: PaperTable) -> str:
+    value = table.paper.values.get(row.optimizer)
+    if value is None:
+        return "-"
+    if value.bound == "above":
+        return f"above {value.value:g}"
+    text = f"about {value.value:g}" if value.approximate else _fmt(value.value)
+    return text if value.std is None else f"{text} ± {_fmt(value.std, 2)}"
+
+
+def _paper_lines(result: ExperimentResult) -> list[str]:
+    """The paper's value beside the measured mean ± std per optimizer (see ``paper_table``)."""
+    table = paper_table(result)
+    if table is None:
+        return []
+    lines = [
+        f"**Beside the paper** ({table.paper.title}):",
+        "",
+        f"| optimizer | paper: {table.paper.metric} | measured: {table.measured_label} "
+        "(mean ± std) | measured - paper | where they differ |",
+        "|---|---|---|---|---|",
+    ]
+    for row in table.rows:
+        if row.measured_mean is None:
+            measured = "-"
+        elif row.measured_std is None:
+            measured = _fmt(row.measured_mean)
+        else:
+            measured = f"{_fmt(row.measured_mean)} ± {_fmt(row.measured_std, 2)}"
+        if row.runs:
+            measured += f" ({row.runs} run{'s' if row.runs != 1 else ''})"
+        difference = "-" if row.difference is None else f"{row.difference:+.2f}"
+        lines.append(
+            f"| {row.optimizer} | {_paper_value(row, table)} | {measured} | {difference} "
+            f"| {row.statement} |"
+        )
+    return [*lines, "", *(f"- {note}" for note in table.notes), ""]
+
+
 def _experiment_section(result: ExperimentResult, plots: list[Path], root: Path) -> list[str]:
     experiment = result.experiment
     where = ", ".join(f"{where} ({n})" for where, n in sorted(result.executors.items()))
@@ -379,7 +421,8 @@ def _experiment_section(result: ExperimentResult, plots: list[Path], root: Path)
         m.label + (" ↑" if m.higher_is_better else " ↓") for m in metrics
     ]
     header.append("diverged")
-    if experiment.paper:
+    paper_column = bool(experiment.paper) and not experiment.paper_key  # runs of older versions
+    if paper_column:
         header.append(f"paper: {experiment.score.label}")
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in result.optimizers:
@@ -387,7 +430,7 @@ def _experiment_section(result: ExperimentResult, plots: list[Path], root: Path)
         label = _hparams(chosen.hparams) + ("" if chosen.trial is None else f" ({chosen.label})")
         cells = [row.optimizer, label] + [_mean_std(result, row.optimizer, m.name) for m in metrics]
         cells.append(f"{chosen.diverged}/{len(chosen.records)}")
-        if experiment.paper:
+        if paper_column:
             cells.append(_fmt(experiment.paper.get(row.optimizer)))
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
@@ -400,7 +443,8 @@ def _experiment_section(result: ExperimentResult, plots: list[Path], root: Path)
         ]
     if result.mode == "fair":
         lines += _trials_lines(result)
-    if experiment.paper and result.quick:
+    lines += _paper_lines(result)
+    if paper_column and result.quick:
         lines += [
             "_Quick mode: far smaller than the paper's setting; the paper column is context, "
             "not a target._",
@@ -659,7 +703,8 @@ def _render(
         "appears several times).",
         "- Quick mode uses small models, bundled datasets and short schedules; it checks the "
         "direction of the claims on this machine, not the paper's numbers. The paper's numbers "
-        "appear beside experiments that match the paper's setting (CIFAR-10, Penn Treebank).",
+        "appear beside experiments that match a paper setting (CIFAR-10, CIFAR-100, Penn "
+        "Treebank, the CIFAR-10 GANs, the Transformer).",
         "- Diverged runs count in the 'diverged' column and are left out of means, tests and "
         "times to target.",
         "",

@@ -23,6 +23,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from adabelief.experiments.analysis import REFERENCE, ExperimentResult
+from adabelief.experiments.paper_results import (
+    Measured,
+    PaperComparison,
+    PaperExperiment,
+    compare_with_paper,
+    paper_experiment,
+)
 from adabelief.experiments.spec import CLAIMS, Experiment, Metric
 from adabelief.experiments.stats import PairedComparison
 
@@ -32,12 +39,14 @@ __all__ = [
     "ClaimRule",
     "Evidence",
     "Loss",
+    "PaperTable",
     "Stability",
     "assess_claims",
     "claim_verdict",
     "collect",
     "losses",
     "metric_named",
+    "paper_table",
     "tally",
 ]
 
@@ -279,3 +288,52 @@ def comparisons_available(results: list[ExperimentResult]) -> bool:
             if comparison is not None and comparison.n > 0:
                 return True
     return False
+
+
+@dataclass(frozen=True)
+class PaperTable:
+    """An experiment's results beside the paper's: the setting, one row per optimizer and
+    plain-words notes on how to read the two columns."""
+
+    paper: PaperExperiment
+    measured_label: str
+    rows: list[PaperComparison]
+    notes: list[str]
+
+
+def paper_table(result: ExperimentResult) -> PaperTable | None:
+    """The paper's value and the measured mean ± std (over seeds, of the reported score) per
+    optimizer, for an experiment that names its paper setting (``None`` otherwise)."""
+    experiment = result.experiment
+    if not experiment.paper_key:
+        return None
+    paper = paper_experiment(experiment.paper_key)
+    score = experiment.score.name
+    measured = {}
+    for row in result.optimizers:
+        summary = result.summary(row.optimizer, score)
+        mean = summary.mean if summary.n else None
+        std = summary.std if summary.n > 1 and math.isfinite(summary.std) else None
+        measured[row.optimizer] = Measured(mean, std, summary.n)
+    label = experiment.score.label
+    rows = compare_with_paper(
+        paper.key, measured, measured_metric=None if experiment.paper_comparable else label
+    )
+    notes = [f"The paper reports the {paper.statistic} ({paper.source})."]
+    if any(value.approximate for value in paper.values.values()):
+        kind = "medians" if "median" in paper.statistic else "values"
+        notes.append(
+            f"The paper's {kind} marked 'about' are read off a figure, not printed numbers; "
+            "the measured values are means over seeds."
+        )
+    if not experiment.paper_comparable:
+        notes.append(
+            f"Measured here is {label}, not the paper's {paper.metric}: the two are shown side "
+            "by side and not compared."
+        )
+    if result.quick:
+        notes.append(
+            "Quick mode: far smaller than the paper's setting; the paper's values are context, "
+            "not a target."
+        )
+    return PaperTable(paper, label, rows, notes)

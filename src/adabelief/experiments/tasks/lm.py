@@ -19,20 +19,15 @@ from torch.nn import functional as F
 
 from adabelief.experiments.data import DataCheck, TextCorpus, check_ptb, load_ptb, load_stdlib_text
 from adabelief.experiments.models import LSTMLanguageModel, LSTMState
+from adabelief.experiments.paper_results import reported_values
 from adabelief.experiments.presets import get_preset
 from adabelief.experiments.registry import create_optimizer
 from adabelief.experiments.spec import Experiment, Metric, RunContext, RunOutput, RunSpec
 from adabelief.experiments.tasks.base import PlanOptions, Task
 from adabelief.experiments.training import fit, optimizer_step, seed_everything
 
-__all__ = ["PAPER_PTB_TEST_PPL", "LanguageModelTask", "batchify"]
+__all__ = ["LanguageModelTask", "batchify"]
 
-#: Test perplexity on Penn Treebank reported in the paper, per layer count and optimizer.
-PAPER_PTB_TEST_PPL: dict[int, dict[str, float]] = {
-    1: {"adabelief": 84.21, "adam": 84.28, "sgd": 85.07, "radam": 88.57, "adamw": 87.80},
-    2: {"adabelief": 66.29, "adam": 67.27, "sgd": 67.42, "radam": 90.00, "adamw": 94.86},
-    3: {"adabelief": 61.23, "adam": 64.28, "sgd": 63.77, "radam": 93.11, "adamw": 104.49},
-}
 EVAL_BATCH_SIZE = 10
 _TINY = {
     "max_chars": 6000,
@@ -123,6 +118,7 @@ class LanguageModelTask(Task):
             if corpus != "ptb":
                 # Part of the run identity: the stdlib source differs between Python versions.
                 settings["corpus_fingerprint"] = load_stdlib_text(settings["max_chars"]).fingerprint
+            paper_key = f"ptb/lstm-{layers_n}" if corpus == "ptb" else ""
             experiments.append(
                 Experiment(
                     task=self.name,
@@ -137,7 +133,8 @@ class LanguageModelTask(Task):
                     claims=("convergence", "generalization"),
                     curves=(("train_loss", "training loss"), ("val_ppl", "validation perplexity")),
                     target=Metric("val_ppl", "validation perplexity", False),
-                    paper=PAPER_PTB_TEST_PPL.get(layers_n, {}) if corpus == "ptb" else {},
+                    paper=reported_values(paper_key) if paper_key else {},
+                    paper_key=paper_key,
                 )
             )
         return experiments

@@ -170,6 +170,9 @@ class TransformerTask(Task):
                 x_label="step",
                 target=Metric("val_ppl", "validation perplexity", False),
                 versus=dict.fromkeys(("convergence", "generalization"), _RIVALS),
+                # The paper's Transformer is translation (BLEU); shown beside, not compared.
+                paper_key="iwslt14/transformer",
+                paper_comparable=False,
             )
         ]
 
