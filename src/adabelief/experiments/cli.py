@@ -56,9 +56,11 @@ tasks:
                McCormick): trajectories on contour plots, steps to reach the optimum
   classify     small CNN on scikit-learn's bundled 8x8 digits: train/test accuracy curves and
                the generalization gap; with --data holding CIFAR-10's python pickles
-               (data_batch_1..5, test_batch, possibly under cifar-10-batches-py/): VGG11,
-               ResNet34, DenseNet121 with the paper's schedule (200 epochs, lr x0.1 at 150,
-               batch 128; with --quick only VGG11 on 2,048 images for 2 epochs, a smoke test)
+               (data_batch_1..5, test_batch, possibly under cifar-10-batches-py/) and/or
+               CIFAR-100's (train, test, meta, possibly under cifar-100-python/; 100 fine
+               labels): VGG11, ResNet34, DenseNet121 on each with the paper's schedule (200
+               epochs, lr x0.1 at 150, batch 128; with --quick only VGG11 on 2,048 images for 2
+               epochs, a smoke test)
   lm           character-level LSTM on Python standard-library source (ships with Python):
                held-out perplexity; with --data holding Penn Treebank (ptb.train.txt,
                ptb.valid.txt, ptb.test.txt, possibly under ptb/ or penn/): the paper's 1/2/3-layer
@@ -69,7 +71,15 @@ tasks:
                holding WikiText-2 (wiki.train.tokens, wiki.valid.tokens, wiki.test.tokens,
                possibly under wikitext-2/): words. Compared with Adam and AdamW
   gan          WGAN-GP and a standard GAN on 8 Gaussians (modes covered, high-quality fraction);
-               a small DCGAN on digits scored by a Frechet distance; spread over seeds = stability
+               a small DCGAN on digits scored by a Frechet distance; spread over seeds = stability.
+               With --data holding CIFAR-10: the paper's WGAN, WGAN-GP (DCGAN networks) and
+               SN-GAN (lr 2e-4, betas (0.5, 0.999), 5 critic steps, AdaBelief eps 1e-12; with
+               --quick 10 generator steps on 256 images), scored by FID when
+               inception-2015-12-05.pt (NVIDIA's StyleGAN2-ADA metrics release) is in DIR or
+               in torch's hub cache (~/.cache/torch/hub/checkpoints/) and the fid extra is
+               installed (pip install 'adabelief[fid]'; on CPU-only torch, torchvision must come
+               from PyTorch's CPU wheel index); else by a Frechet distance on a CIFAR-10 VGG11's
+               features, labelled as such, not FID. FID statistics are cached in --out/cache
   all          all five (with --data, a task whose files are not in DIR uses its bundled data)
   FILE.py:FUNCTION or package.module:FUNCTION
                your own task: a function decorated with @adabelief.experiments.user_task
@@ -173,8 +183,9 @@ def _build_parser() -> _Parser:
         "--data",
         type=Path,
         metavar="DIR",
-        help="folder with CIFAR-10 python pickles, Penn Treebank and/or WikiText-2 text files "
-        "(default: bundled datasets only); every file is validated before training",
+        help="folder with CIFAR-10 / CIFAR-100 python pickles, Penn Treebank and/or WikiText-2 "
+        "text files, and optionally inception-2015-12-05.pt for FID (default: bundled datasets "
+        "only); every file is validated before training",
     )
     run.add_argument(
         "--out",
@@ -186,9 +197,10 @@ def _build_parser() -> _Parser:
         "--device",
         choices=("cpu", "cuda"),
         default="cpu",
-        help="where classify, lm and transformer train (default: cpu); toy and gan are tiny "
-        "and stay on the CPU; your own task picks its device itself (with --executor ray, "
-        "cuda gives each run a GPU)",
+        help="where classify, lm, transformer and gan --data (the CIFAR-10 GANs and their FID) "
+        "train (default: cpu); toy and the bundled gan experiments are tiny and stay on the "
+        "CPU; your own task picks its device itself (with --executor ray, cuda gives each run "
+        "a GPU)",
     )
     run.add_argument(
         "--executor",
