@@ -136,3 +136,47 @@ def test_gan_data_runs_the_three_paper_gans_end_to_end(data: Path) -> None:
     assert "different quantities, so they are not compared" in section
     assert "medians marked 'about' are read off a figure" in section
     assert "not the paper's FID" in section
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_gan_data_with_inception_weights_scores_fid(
+    data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The FID path through the runner: torchmetrics on a TorchScript file the test writes (8-d
+    features instead of Inception's 2048, so the runner's scorer is built with that size)."""
+    fid_tests = pytest.importorskip("test_fid")  # skips where torchmetrics does not import
+    from adabelief.experiments.tasks import gan
+
+    weights = fid_tests._write_weights(data / INCEPTION_WEIGHTS_FILE, 8)
+    built: list[Path | None] = []
+
+    def scorer(images: torch.Tensor, labels: torch.Tensor, **options: object) -> fid.InceptionFID:
+        assert fid.find_inception_weights(options["data_dir"]) == weights  # type: ignore[arg-type]
+        built.append(options["reference_cache"])  # type: ignore[arg-type]
+        return fid.InceptionFID(weights, images, feature_dim=8, cache=built[-1])
+
+    monkeypatch.setattr(gan, "cifar10_scorer", scorer)
+    gan._cifar_gan_inputs.cache_clear()
+    out = data.parent / "run"
+    argv = ["run", "gan", "--data", str(data), "--quick", "--tiny", "--seeds", "2"]
+    argv += ["--optimizers", "adabelief", "--out", str(out)]
+    argv += ["--jobs", "1", "--threads", "1", "--no-progress", "--no-plots"]
+    try:
+        assert main(argv) == 0
+    finally:
+        gan._cifar_gan_inputs.cache_clear()
+    records = json.loads((out / "results.json").read_text())
+    assert len(records) == 6
+    for record in records:
+        assert record["settings"]["score_kind"] == "fid"
+        assert record["artifacts"]["score_label"].startswith("FID")
+        assert record["metrics"]["fid"] >= 0 and "classifier_fd" not in record["metrics"]
+    assert built[0] is not None and built[0].parent == out / "cache" and built[0].is_file()
+    fingerprint = TASKS["gan"].check_data(data).fingerprint
+    assert (
+        records[0]["settings"]["data_fingerprint"] == fingerprint != check_cifar10(data).fingerprint
+    )
+    report = (out / "report.md").read_text()
+    section = report.split("### gan/cifar10-sngan:", 1)[1].split("### ", 1)[0]
+    assert "Scores are FID" in section and "| adabelief | 12.52 ± 0.16 |" in section
+    assert "standard deviations of the measured runs" in section or "no clear difference" in section
