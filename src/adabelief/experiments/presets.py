@@ -13,7 +13,12 @@ import copy
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from adabelief.experiments.gan_models import GanKind, GanSettings
+from adabelief.experiments.gan_models import (
+    ADABELIEF_GAN_EPS,
+    PAPER_GAN_HPARAMS,
+    GanKind,
+    GanSettings,
+)
 
 __all__ = ["PRESETS", "USER_PRESET", "Preset", "get_preset", "presets_for_task"]
 
@@ -179,15 +184,27 @@ def _cifar_gan(kind: GanKind) -> Preset:
         task="gan",
         description=f"{_GAN_TITLES[kind]} (needs --data)",
         source="paper: lr 2e-4, betas (0.5, 0.999), 5 critic steps, AdaBelief eps 1e-12, 5 runs, "
-        "FID against the CIFAR-10 training set; generator steps, 32x32 networks, SGD lr: see "
-        "GanSettings.paper",
+        "FID against the CIFAR-10 training set; generator steps and 32x32 networks: see "
+        "GanSettings.paper; SGD lr 1e-2 with momentum 0.5: project choice",
         settings={"data": "cifar10", **paper, **_GAN_SCORING},
         quick={
             **{name: value for name, value in quick.items() if paper[name] != value},
             **_GAN_SCORING_QUICK,
         },
-        optimizers=_gan_optimizers(2e-4, 1e-2),
+        optimizers=_paper_gan_optimizers(),
     )
+
+
+def _paper_gan_optimizers() -> dict[str, dict[str, Any]]:
+    """:func:`_gan_optimizers` at the paper's GAN settings, taken from ``gan_models``."""
+    lr, betas = PAPER_GAN_HPARAMS["lr"], PAPER_GAN_HPARAMS["betas"]
+    assert isinstance(lr, float) and isinstance(betas, tuple)
+    optimizers = _gan_optimizers(lr, 1e-2)
+    for hparams in optimizers.values():
+        if "betas" in hparams:
+            hparams["betas"] = list(betas)
+    optimizers["adabelief"]["eps"] = ADABELIEF_GAN_EPS
+    return optimizers
 
 
 _LM_PTB_SOURCE = (
