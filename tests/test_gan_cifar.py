@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -87,7 +88,7 @@ def test_weights_without_the_fid_library_is_one_clear_error(
     assert str(weights) in lines[0] and "adabelief[fid]" in lines[0]
 
 
-def test_the_weights_file_is_in_the_data_fingerprint(data: Path) -> None:
+def test_without_weights_the_fingerprint_is_cifar10s_and_says_not_fid(data: Path) -> None:
     before = TASKS["gan"].check_data(data)
     assert before.fingerprint == check_cifar10(data).fingerprint
     assert "not FID" in before.description
@@ -156,6 +157,11 @@ def test_gan_data_with_inception_weights_scores_fid(
         return fid.InceptionFID(weights, images, feature_dim=8, cache=built[-1])
 
     monkeypatch.setattr(gan, "cifar10_scorer", scorer)
+    monkeypatch.setattr(
+        gan,
+        "InceptionFeatureExtractor",
+        functools.partial(fid.InceptionFeatureExtractor, feature_dim=8),
+    )
     gan._cifar_gan_inputs.cache_clear()
     out = data.parent / "run"
     argv = ["run", "gan", "--data", str(data), "--quick", "--tiny", "--seeds", "2"]
@@ -180,3 +186,16 @@ def test_gan_data_with_inception_weights_scores_fid(
     section = report.split("### gan/cifar10-sngan:", 1)[1].split("### ", 1)[0]
     assert "Scores are FID" in section and "| adabelief | 12.52 ± 0.16 |" in section
     assert "standard deviations of the measured runs" in section or "no clear difference" in section
+
+
+def test_a_weights_file_that_is_not_the_network_is_one_clear_error(
+    data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("test_fid")  # skips where torchmetrics does not import
+    weights = data / INCEPTION_WEIGHTS_FILE
+    weights.write_bytes(b"not TorchScript")
+    assert main(["run", "gan", "--data", str(data), "--out", str(data.parent / "o")]) == 2
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert "Traceback" not in captured.err and len(lines) == 1
+    assert str(weights) in lines[0] and "not a TorchScript Inception network" in lines[0]

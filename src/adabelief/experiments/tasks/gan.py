@@ -46,6 +46,7 @@ from adabelief.experiments.fid import (
     INCEPTION_WEIGHTS_FILE,
     FIDError,
     ImageFrechetScorer,
+    InceptionFeatureExtractor,
     check_fid_dependencies,
     cifar10_scorer,
     feature_network,
@@ -220,8 +221,9 @@ class GanTask(Task):
     )
 
     def check_data(self, data_dir: Path) -> DataCheck:
-        """Validate the CIFAR-10 pickles; the Inception file, when found, joins the fingerprint
-        (and FID's library must import, else :class:`DataInvalidError` says what to install)."""
+        """Validate the CIFAR-10 pickles; the Inception file, when found, must load and run as
+        the FID network (and FID's library must import), else :class:`DataInvalidError` names
+        the problem; it joins the fingerprint."""
         check = check_cifar10(data_dir)
         weights = find_inception_weights(data_dir)
         if weights is None:
@@ -235,6 +237,10 @@ class GanTask(Task):
             check_fid_dependencies()
         except FIDError as exc:
             raise DataInvalidError(f"found {weights}, but {exc}") from None
+        try:
+            InceptionFeatureExtractor(weights)
+        except FIDError as exc:
+            raise DataInvalidError(str(exc)) from None
         files = (*check.files, weights)
         return DataCheck(
             f"{check.description}; FID with {weights}", files, fingerprint_files(files)
