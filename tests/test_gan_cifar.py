@@ -129,6 +129,9 @@ def test_gan_data_runs_the_three_paper_gans_end_to_end(data: Path) -> None:
         assert "fid" not in record["metrics"]
         assert record["metrics"]["classifier_fd"] >= 0
         assert record["artifacts"]["generator_steps"] == record["settings"]["iterations"]
+        samples = torch.tensor(record["artifacts"]["samples"])
+        assert samples.shape == (8, 3, 32, 32) and samples.dtype == torch.int64
+        assert 0 <= int(samples.min()) and int(samples.max()) <= 255
     report = (out / "report.md").read_text()
     assert "Scores are the classifier fallback, not FID" in report
     section = report.split("### gan/cifar10-wgan:", 1)[1].split("### ", 1)[0]
@@ -137,6 +140,10 @@ def test_gan_data_runs_the_three_paper_gans_end_to_end(data: Path) -> None:
     assert "different quantities, so they are not compared" in section
     assert "medians marked 'about' are read off a figure" in section
     assert "not the paper's FID" in section
+    assert main(["report", str(out)]) == 0
+    figures = sorted(path.name for path in (out / "plots").glob("*rgb-images.png"))
+    assert len(figures) == 3
+    assert f"({figures[0]}" in (out / "report.md").read_text().replace("plots/", "")
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")

@@ -52,6 +52,7 @@ from adabelief.experiments.fid import (
     feature_network,
     find_inception_weights,
     from_uint8_images,
+    to_uint8_images,
 )
 from adabelief.experiments.models import (
     DCGANDiscriminator,
@@ -81,6 +82,8 @@ MOG_CENTERS = torch.stack(
 )
 VAL_NOISE_SEED, TEST_NOISE_SEED = 1, 2
 MOG_EVAL_SAMPLES, DIGITS_EVAL_SAMPLES = 2000, 1000
+#: Generated CIFAR-10 images (test noise) kept with each run for the report's figure.
+CIFAR_SAMPLES_SHOWN = 8
 _TINY = {"iterations": 6, "evaluations": 2}
 #: Test-sized CIFAR-10 GANs (hidden ``--tiny``): two generator steps of narrow networks, two
 #: critic steps each.
@@ -313,6 +316,7 @@ class GanTask(Task):
             selection=Metric(f"val_{metric}", f"{label}, validation noise", False),
             claims=("gan",),
             curves=((metric, f"{label} (validation noise)"),),
+            plot="rgb-images",
             x_label="generator iteration",
             target=Metric(metric, f"{label} (validation noise)", False),
             paper=reported_values(paper_key) if comparable else {},
@@ -344,7 +348,9 @@ class GanTask(Task):
         from adabelief.experiments.plots import plot_stem
 
         stem = directory / f"{plot_stem(result)}-{result.experiment.plot}.png"
-        draw = {"points": plot_points, "images": plot_images}.get(result.experiment.plot)
+        draw = {"points": plot_points, "images": plot_images, "rgb-images": plot_rgb_images}.get(
+            result.experiment.plot
+        )
         path = draw(result, stem) if draw is not None else None
         return [path] if path is not None else []
 
@@ -382,11 +388,13 @@ class GanTask(Task):
         started = time.perf_counter()
         times: list[float] = []
 
-        def score(gen: nn.Module, noise: torch.Tensor) -> float:
-            samples = gan_models.sample_images(gen, noise)
+        def score_samples(samples: torch.Tensor) -> float:
             if not bool(torch.isfinite(samples).all()):
                 return math.nan
             return scorer.score(samples).value
+
+        def score(gen: nn.Module, noise: torch.Tensor) -> float:
+            return score_samples(gan_models.sample_images(gen, noise))
 
         def evaluate(gen: nn.Module) -> dict[str, float]:
             times.append(round(time.perf_counter() - started, 3))
@@ -412,9 +420,12 @@ class GanTask(Task):
         metrics: dict[str, float | None] = {metric: None, f"val_{metric}": None}
         artifacts: dict[str, Any] = {"score_kind": scorer.kind, "score_label": scorer.label}
         if not result.diverged:
-            test_value = score(result.generator, test_noise)
+            samples = gan_models.sample_images(result.generator, test_noise)
+            test_value = score_samples(samples)
             metrics[metric] = test_value if math.isfinite(test_value) else None
             metrics[f"val_{metric}"] = values[-1] if values else None
+            if math.isfinite(test_value):
+                artifacts["samples"] = to_uint8_images(samples[:CIFAR_SAMPLES_SHOWN]).tolist()
         artifacts["generator_steps"] = result.steps_done
         return RunOutput(
             metrics=metrics, curves=curves, artifacts=artifacts, diverged=result.diverged
@@ -594,6 +605,37 @@ def plot_images(result: ExperimentResult, path: Path) -> Path | None:
         fid = record["metrics"].get("fid")
         title = row.optimizer if fid is None else f"{row.optimizer}\nFrechet distance {fid:.1f}"
         axes.set_title(title, fontsize=8)
+        axes.axis("off")
+    figure.suptitle(f"{result.experiment.title}: samples of the first seed", fontsize=8)
+    return save_figure(figure, path)
+
+
+def plot_rgb_images(result: ExperimentResult, path: Path) -> Path | None:
+    """Generated CIFAR-10 images (first seed, test noise, a 2x4 grid) of each optimizer."""
+    import numpy as np
+
+    from adabelief.experiments.plots import new_figure, save_figure
+
+    rows = _with_samples(result)
+    if not rows:
+        return None
+    figure = new_figure(2.6 * len(rows), 1.9)
+    metric = result.experiment.score
+    for index, (row, record) in enumerate(rows):
+        images = np.asarray(record["artifacts"]["samples"], dtype=np.uint8)[:CIFAR_SAMPLES_SHOWN]
+        columns = 4
+        lines = math.ceil(len(images) / columns)
+        grid = np.full((lines * 33 - 1, columns * 33 - 1, 3), 255, dtype=np.uint8)
+        for k, image in enumerate(images):
+            r, c = divmod(k, columns)
+            grid[r * 33 : r * 33 + 32, c * 33 : c * 33 + 32] = image.transpose(1, 2, 0)
+        axes = figure.add_subplot(1, len(rows), index + 1)
+        axes.imshow(grid)
+        value = record["metrics"].get(metric.name)
+        name = "FID" if metric.name == "fid" else "classifier FD (not FID)"
+        axes.set_title(
+            row.optimizer if value is None else f"{row.optimizer}\n{name} {value:.3g}", fontsize=8
+        )
         axes.axis("off")
     figure.suptitle(f"{result.experiment.title}: samples of the first seed", fontsize=8)
     return save_figure(figure, path)
