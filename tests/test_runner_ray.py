@@ -78,8 +78,27 @@ def _end_session(session: int) -> None:
             time.sleep(0.2)
 
 
+#: Ray's settings for these tests, for the head, the drivers and this process: no token
+#: authentication (a local ray.init() otherwise writes ~/.ray/auth_token, after which every later
+#: head on the machine demands it), and "127.0.0.1" kept on the loopback (Ray otherwise replaces
+#: a localhost address by the machine's outward-facing one).
+_RAY_ENV = {
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ray_environment() -> Iterator[None]:
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in _RAY_ENV.items():
+            patch.setenv(name, value)
+        yield
+
+
 @pytest.fixture(scope="module")
-def ray_address() -> Iterator[str]:
+def ray_address(_ray_environment: None) -> Iterator[str]:
     """A 2-CPU Ray head on the loopback, in its own session; stopped afterwards."""
     if not sys.platform.startswith("linux"):
         pytest.skip("the fixture finds the head's processes in /proc")
@@ -111,7 +130,7 @@ def ray_address() -> Iterator[str]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         start_new_session=True,
-        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
+        env=dict(os.environ),
     )
     address = f"127.0.0.1:{port}"
     try:
