@@ -27,6 +27,8 @@ from test_experiments_runner import options_for
 ray = pytest.importorskip("ray")
 
 _START_TIMEOUT_S = 60
+#: Ray can retry a failed connection for many minutes: every test here is stopped after this.
+_TEST_TIMEOUT_S = 240
 _TASK = """
 from adabelief.experiments import user_task
 
@@ -151,6 +153,22 @@ def ray_address(_ray_environment: None) -> Iterator[str]:
         _end_session(head.pid)
         head.wait(10)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _deadline() -> Iterator[None]:
+    """Fail a test that runs longer than :data:`_TEST_TIMEOUT_S` (an alarm in this process)."""
+
+    def expire(signum: int, frame: object) -> None:
+        raise TimeoutError(f"the test ran longer than {_TEST_TIMEOUT_S} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(_TEST_TIMEOUT_S)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture(autouse=True)
