@@ -112,8 +112,8 @@ outputs (in --out DIR):
                     tables; plots/*.png  learning curves, trajectories, GAN samples, profiles
 
 examples:
-  adabelief run all --quick --out runs/quick           # under 10 minutes on 2 CPU cores
-  adabelief run all --quick --mode fair --out runs/fair  # under 15 minutes on 2 CPU cores
+  adabelief run all --quick --out runs/quick           # about 5.5 minutes on 2 idle CPU cores
+  adabelief run all --quick --mode fair --out runs/fair  # about 11 minutes on 2 idle CPU cores
   adabelief run classify lm --data ~/datasets --device cuda --executor ray --out runs/paper
   adabelief run toy my_task.py:my_task --quick --optimizers adabelief,adam,sgd
 """
@@ -149,7 +149,7 @@ def _build_parser() -> _Parser:
     run.add_argument(
         "--quick",
         action="store_true",
-        help="small budgets (all five tasks in under 10 minutes on 2 CPU cores)",
+        help="small budgets (all five tasks in about 5.5 minutes on 2 idle CPU cores)",
     )
     run.add_argument(
         "--seeds",
