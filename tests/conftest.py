@@ -7,6 +7,7 @@ import contextlib
 import io
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,3 +34,17 @@ def official_adabelief():
             return module.AdaBelief(params, print_change_log=False, **kwargs)
 
     return make
+
+
+@pytest.fixture
+def restore_torch_globals() -> Iterator[None]:
+    """The runner sets torch's thread count and deterministic mode; undo it for other tests
+    (modules that run it use ``pytestmark = pytest.mark.usefixtures("restore_torch_globals")``)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)

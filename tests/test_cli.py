@@ -5,32 +5,14 @@ from __future__ import annotations
 import subprocess
 import sys
 import types
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from adabelief.experiments.cli import main
+from cli_output import one_error_line
 
-
-@pytest.fixture(autouse=True)
-def _restore_torch_globals() -> Iterator[None]:
-    """The runner sets torch's thread count and deterministic mode; undo it for other tests."""
-    threads = torch.get_num_threads()
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
-
-
-def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
-    captured = capsys.readouterr()
-    assert "Traceback" not in captured.err + captured.out
-    lines = [line for line in captured.err.splitlines() if line.strip()]
-    assert len(lines) == 1, captured.err
-    return lines[0]
+pytestmark = pytest.mark.usefixtures("restore_torch_globals")
 
 
 @pytest.mark.parametrize("command", [[], ["run"], ["report"], ["presets"]])
@@ -95,12 +77,12 @@ def test_bad_arguments_give_one_clear_line(
     argv: list[str], expected: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(argv) == 2
-    assert expected in _error_line(capsys)
+    assert expected in one_error_line(capsys)
 
 
 def test_unknown_optimizer_lists_the_known_ones(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run", "toy", "--optimizers", "adamx"]) == 2
-    line = _error_line(capsys)
+    line = one_error_line(capsys)
     for name in ("adabelief", "sgd", "adam", "adamw", "radam"):
         assert name in line
 
@@ -110,11 +92,11 @@ def test_data_folder_without_expected_files(
 ) -> None:
     (tmp_path / "readme.txt").write_text("nothing useful")
     assert main(["run", "classify", "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
-    assert "no CIFAR-10 python pickles" in _error_line(capsys)
+    assert "no CIFAR-10 python pickles" in one_error_line(capsys)
     assert main(["run", "lm", "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
-    assert "no Penn Treebank text files" in _error_line(capsys)
+    assert "no Penn Treebank text files" in one_error_line(capsys)
     assert main(["run", "all", "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
-    assert "CIFAR-10" in _error_line(capsys)
+    assert "CIFAR-10" in one_error_line(capsys)
     assert not (tmp_path / "o" / "runs").exists()
 
 
@@ -122,9 +104,9 @@ def test_report_on_a_folder_that_is_not_a_run(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["report", str(tmp_path)]) == 2
-    assert "not an adabelief run folder" in _error_line(capsys)
+    assert "not an adabelief run folder" in one_error_line(capsys)
     assert main(["report", str(tmp_path / "missing")]) == 2
-    assert "is not a folder" in _error_line(capsys)
+    assert "is not a folder" in one_error_line(capsys)
 
 
 def test_presets_lists_every_task(capsys: pytest.CaptureFixture[str]) -> None:
@@ -160,7 +142,7 @@ def test_bench_without_the_module(
 ) -> None:
     monkeypatch.setitem(sys.modules, "adabelief.experiments.bench", None)
     assert main(["bench"]) == 2
-    assert "adabelief.experiments.bench" in _error_line(capsys)
+    assert "adabelief.experiments.bench" in one_error_line(capsys)
 
 
 def test_run_and_report_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -203,6 +185,6 @@ def test_ray_executor_without_ray_installed(
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     argv = ["run", "toy", "--quick", "--tiny", "--executor", "ray", "--out", str(tmp_path)]
     assert main(argv) == 2
-    assert "pip install 'adabelief[ray]'" in _error_line(capsys)
+    assert "pip install 'adabelief[ray]'" in one_error_line(capsys)
     assert not list((tmp_path / "runs").glob("*.json"))
     assert not (tmp_path / "manifest.json").exists()

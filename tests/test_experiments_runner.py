@@ -5,12 +5,10 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from adabelief.experiments.analysis import analyze
 from adabelief.experiments.data import DataNotFoundError
@@ -43,15 +41,7 @@ SYNTHETIC = Experiment(
 )
 
 
-@pytest.fixture(autouse=True)
-def _restore_torch_globals() -> Iterator[None]:
-    """The runner sets torch's thread count and deterministic mode; undo it for other tests."""
-    threads = torch.get_num_threads()
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+pytestmark = pytest.mark.usefixtures("restore_torch_globals")
 
 
 def options_for(out: Path, tasks: tuple[str, ...] = ("toy",), **changes: object) -> RunOptions:

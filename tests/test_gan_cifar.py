@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,16 +18,7 @@ from adabelief.experiments.tasks import TASKS, PlanOptions
 from adabelief.experiments.tasks.gan import _discriminator_loss
 from test_experiments_data import write_fake_cifar
 
-
-@pytest.fixture(autouse=True)
-def _restore_torch_globals() -> Iterator[None]:
-    """The runner sets torch's thread count and deterministic mode; undo it for other tests."""
-    threads = torch.get_num_threads()
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+pytestmark = pytest.mark.usefixtures("restore_torch_globals")
 
 
 @pytest.fixture

@@ -5,27 +5,16 @@ from __future__ import annotations
 import json
 import re
 import statistics
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from adabelief.experiments.cli import main
 from adabelief.experiments.paper_results import compare_with_paper
 from adabelief.experiments.tasks import TASKS, PlanOptions
 from test_experiments_data import write_fake_ptb
 
-
-@pytest.fixture(autouse=True)
-def _restore_torch_globals() -> Iterator[None]:
-    """The runner sets torch's thread count and deterministic mode; undo it for other tests."""
-    threads = torch.get_num_threads()
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+pytestmark = pytest.mark.usefixtures("restore_torch_globals")
 
 
 def test_other_quantities_are_shown_but_not_compared() -> None:

@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from adabelief.experiments.runner import run_experiments
 from test_experiments_runner import options_for
@@ -156,14 +155,7 @@ def ray_address(_ray_environment: None) -> Iterator[str]:
         shutil.rmtree(temp, ignore_errors=True)
 
 
-@pytest.fixture(autouse=True)
-def _restore_torch_globals() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+pytestmark = pytest.mark.usefixtures("restore_torch_globals")
 
 
 def _ray_cli(args: list[str]) -> subprocess.CompletedProcess[str]:

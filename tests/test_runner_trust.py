@@ -16,38 +16,21 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from adabelief.experiments.analysis import analyze
 from adabelief.experiments.cli import main
 from adabelief.experiments.report import build_report
 from adabelief.experiments.runner import run_experiments
 from adabelief.experiments.store import RunStore, atomic_write_text
+from cli_output import one_error_line
 from test_experiments_data import write_fake_cifar, write_fake_ptb
 from test_experiments_runner import SYNTHETIC, options_for, synthetic_record
 
-
-@pytest.fixture(autouse=True)
-def _restore_torch_globals() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
-
-
-def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
-    captured = capsys.readouterr()
-    assert "Traceback" not in captured.err + captured.out
-    lines = [line for line in captured.err.splitlines() if line.strip()]
-    assert len(lines) == 1, captured.err
-    return lines[0]
+pytestmark = pytest.mark.usefixtures("restore_torch_globals")
 
 
 # --- stale runs after a data change -------------------------------------------------------
@@ -260,7 +243,7 @@ def test_corrupt_data_is_a_one_line_error_before_training(
     damage(data)
     out = tmp_path / "out"
     assert main(["run", task, "--quick", "--tiny", "--data", str(data), "--out", str(out)]) == 2
-    line = _one_error_line(capsys)
+    line = one_error_line(capsys)
     assert named in line
     assert not (out / "runs").exists() and not (out / "report.md").exists()
 
@@ -368,7 +351,7 @@ def test_bad_output_folders_are_one_line_errors(
     for target in targets:
         argv = ["run", "toy", "--quick", "--tiny", "--seeds", "2", "--out", str(target)]
         assert main(argv) == 2, target
-        line = _one_error_line(capsys)
+        line = one_error_line(capsys)
         assert f"--out {target}" in line
 
 

@@ -7,17 +7,16 @@ import re
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from adabelief.experiments import user_task
 from adabelief.experiments.analysis import analyze
 from adabelief.experiments.cli import main
 from adabelief.experiments.store import RunStore
 from adabelief.experiments.usertask import TaskLoadError, load_user_task
+from cli_output import one_error_line
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -47,26 +46,11 @@ def fit_line(make_optimizer, seed, quick):
 '''
 
 
-@pytest.fixture(autouse=True)
-def _restore_torch_globals() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+pytestmark = pytest.mark.usefixtures("restore_torch_globals")
 
 
 def _common(out: Path) -> list[str]:
     return ["--quick", "--tiny", "--out", str(out), "--jobs", "1", "--no-progress", "--no-plots"]
-
-
-def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
-    captured = capsys.readouterr()
-    assert "Traceback" not in captured.err + captured.out
-    lines = [line for line in captured.err.splitlines() if line.strip()]
-    assert len(lines) == 1, captured.err
-    return lines[0]
 
 
 @pytest.mark.parametrize(
@@ -96,7 +80,7 @@ def test_a_task_that_cannot_be_loaded_is_one_line(
         path.write_text(source)
     reference = f"{path}:{function}"
     assert main(["run", reference, *_common(tmp_path / "out")]) == 2
-    line = _one_error_line(capsys)
+    line = one_error_line(capsys)
     assert expected in line and reference in line
     assert not (tmp_path / "out").exists()
 
@@ -107,7 +91,7 @@ def test_module_references_and_bad_references(capsys: pytest.CaptureFixture[str]
     with pytest.raises(TaskLoadError, match="is not decorated"):
         load_user_task("math:sqrt")
     assert main(["run", "toy", "nonsense"]) == 2
-    assert "FILE.py:FUNCTION" in _one_error_line(capsys)
+    assert "FILE.py:FUNCTION" in one_error_line(capsys)
 
 
 def test_decorator_checks_its_arguments() -> None:
