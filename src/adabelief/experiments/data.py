@@ -418,13 +418,10 @@ def load_cifar10(
     ``validation_fraction`` carves a validation split out of the training batches (fixed seed);
     ``train_limit`` / ``test_limit`` keep only the first examples (for quick runs).
     """
-    folder = find_cifar_dir(data_dir)
-    parts = [read_cifar_batch(folder / name) for name in CIFAR_FILES[:5]]
-    train = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
-    test = read_cifar_batch(folder / "test_batch")
+    train_pixels, train_labels, test_pixels, test_labels = load_cifar10_pixels(data_dir)
     return _cifar_dataset(
-        train,
-        test,
+        (train_pixels, train_labels),
+        (test_pixels, test_labels),
         (CIFAR_MEAN, CIFAR_STD),
         10,
         "cifar10",
