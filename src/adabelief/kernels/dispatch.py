@@ -194,11 +194,12 @@ def _run_one_device(
 def _run_float_kernel(path: Path, tensors: GroupTensors, hp: Hyperparameters) -> None:
     """The single-tensor or foreach kernel, with compressed moments decoded around it."""
     kernel = foreach_step if path == "foreach" else single_tensor_step
-    compressed = [i for i in range(len(tensors.params)) if tensors.format_of(i) != "fp32"]
+    formats = [tensors.format_of(i) for i in range(len(tensors.params))]
+    compressed = [i for i, fmt in enumerate(formats) if fmt != "fp32"]
     if not compressed:
         kernel(tensors, hp)
         return
-    plain = [i for i in range(len(tensors.params)) if tensors.format_of(i) == "fp32"]
+    plain = [i for i, fmt in enumerate(formats) if fmt == "fp32"]
     if plain:
         kernel(tensors.select(plain), hp)
     keys = ("exp_avg", "exp_avg_var", "exp_avg_var")
