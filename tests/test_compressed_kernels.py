@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import copy
 import itertools
+import platform
+import subprocess
 
 import pytest
 import torch
@@ -40,7 +42,7 @@ def grads_for(params, step):
     return [(torch.randn(p.shape, generator=gen) * scale).to(p.dtype) for p in params]
 
 
-def reference_run(dtype, precision, steps, grad_scale=None, **options):
+def reference_run(dtype, precision, steps, grad_scale=None, grads=grads_for, **options):
     """decode -> fp32 fused kernel -> encode, one parameter at a time."""
     params = make_params(dtype)
     opt = AdaBelief(params, fused=True, **options)  # only for its validated param group
@@ -53,7 +55,7 @@ def reference_run(dtype, precision, steps, grad_scale=None, **options):
             state.update(cs.new_moment(p, key, fmt))
         states.append(state)
     for k in range(steps):
-        for p, g, state in zip(params, grads_for(params, k), states, strict=True):
+        for p, g, state in zip(params, grads(params, k), states, strict=True):
             if grad_scale is not None:
                 g = g * grad_scale
             work = cs.decode_moments(state)
@@ -71,11 +73,11 @@ def reference_run(dtype, precision, steps, grad_scale=None, **options):
     return params, states
 
 
-def optimizer_run(dtype, precision, steps, path, grad_scale=None, **options):
+def optimizer_run(dtype, precision, steps, path, grad_scale=None, grads=grads_for, **options):
     params = make_params(dtype)
     opt = AdaBelief(params, state_precision=precision, **path, **options)
     for k in range(steps):
-        for p, g in zip(params, grads_for(params, k), strict=True):
+        for p, g in zip(params, grads(params, k), strict=True):
             p.grad = g if grad_scale is None else g * grad_scale
         if grad_scale is not None:
             opt.grad_scale, opt.found_inf = torch.tensor(grad_scale), torch.tensor(0.0)
@@ -97,14 +99,20 @@ def combo_id(combo):
     return "+".join(parts) or "plain"
 
 
+def assert_same(a, b, what):
+    """Equal bit for bit; NaN equals NaN (torch's scalar and vector bfloat16 conversions write
+    different NaN payloads)."""
+    assert a.dtype == b.dtype, what
+    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=what)
+
+
 def assert_bit_identical(run_a, run_b):
     for i, (p, q) in enumerate(zip(run_a[0], run_b[0], strict=True)):
-        assert torch.equal(p.detach(), q.detach()), f"param {i}"
+        assert_same(p.detach(), q.detach(), f"param {i}")
         state_a, state_b = run_a[1][i], run_b[1][i]
         assert sorted(state_a) == sorted(state_b), f"param {i}: keys"
         for key in state_a:
-            assert state_a[key].dtype == state_b[key].dtype, (i, key)
-            assert torch.equal(state_a[key], state_b[key]), f"param {i}: {key}"
+            assert_same(state_a[key], state_b[key], f"param {i}: {key}")
 
 
 @needs_kernel
@@ -127,6 +135,65 @@ def test_16_bit_parameters_are_bit_identical(precision, dtype):
     options = dict(lr=0.01, weight_decay=0.1, amsgrad=True)
     expected = reference_run(dtype, precision, 10, **options)
     actual = optimizer_run(dtype, precision, 10, {"fused": True}, **options)
+    assert_bit_identical(actual, expected)
+
+
+def grads_with_special_values(params, step):
+    """Ordinary gradients with NaN, infinities, values near float32's largest (their moments
+    round past bfloat16's largest), subnormals and all-zero int8 blocks."""
+    grads = grads_for(params, step)
+    flat = grads[0].view(-1)  # 4096 elements: 16 int8 blocks
+    flat[0:256] = 0.0  # a block of zeros
+    flat[256:512] = 1e-41  # a block whose largest magnitude is subnormal
+    flat[512:544] = 3.3e38
+    flat[544:576] = -3.3e38
+    # beta1 0.01: the second exp_avg lies where the dither can carry it to inf, and nearest
+    # rounding gives bfloat16's largest
+    flat[576:608] = torch.linspace(3.3906e38, 3.3938e38, 32)
+    if step == 2:
+        flat[700], flat[1000], flat[1001] = float("nan"), float("inf"), float("-inf")
+    grads[1].view(-1)[6290:] = 2.5e38  # in the partial last block
+    return grads
+
+
+@needs_kernel
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("beta1", [0.9, 0.01])
+def test_special_values_are_bit_identical(precision, amsgrad, beta1):
+    options = dict(lr=0.01, eps=1e-12, amsgrad=amsgrad, betas=(beta1, 0.999))
+    expected = reference_run(
+        torch.float32, precision, 4, grads=grads_with_special_values, **options
+    )
+    actual = optimizer_run(
+        torch.float32, precision, 4, {}, grads=grads_with_special_values, **options
+    )
+    assert_bit_identical(actual, expected)
+    assert actual[0][0].isnan().any() and not actual[0][2].isnan().any()
+
+
+@needs_kernel
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_a_build_without_avx2_is_bit_identical(precision, tmp_path, monkeypatch):
+    """The int8 quantisation has an AVX2 form and a portable one; build the portable one (no
+    -march flag) and check both against the reference."""
+    compiler = cpu.compiler()
+    source = tmp_path / "adabelief_cpu.cpp"
+    source.write_bytes(cpu.source())
+    command = cpu.build_command(str(compiler), ("-fopenmp",), source, tmp_path / "portable.so")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    portable = cpu._Kernel(tmp_path / "portable.so")
+    if platform.machine() in ("x86_64", "AMD64"):
+        assert not portable.avx2  # the x86-64 baseline has no AVX2
+    options = dict(lr=0.01, eps=1e-12, amsgrad=True, weight_decay=0.1)
+    expected = reference_run(
+        torch.float32, precision, 4, grads=grads_with_special_values, **options
+    )
+    monkeypatch.setattr(cpu, "_kernel", portable)
+    actual = optimizer_run(
+        torch.float32, precision, 4, {}, grads=grads_with_special_values, **options
+    )
     assert_bit_identical(actual, expected)
 
 

@@ -23,6 +23,9 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -110,39 +113,11 @@ inline uint32_t mix32(uint32_t x) {
 // hash(value bits, step): step_key is (step * 0x9E3779B9) mod 2^32.
 inline uint32_t value_hash(float v, uint32_t step_key) { return mix32(to_bits(v) ^ step_key); }
 
-// Stochastic rounding of a float32 to bfloat16 (compressed_state.stochastic_round_to_bf16):
-// add a hashed 16-bit dither, truncate. A non-finite result (an infinite or NaN value, or one that
-// rounds past the largest bfloat16) takes the nearest-even rounding instead. Branch-free.
-inline uint16_t bf16_stochastic(float v, uint32_t step_key) {
-  const uint32_t u = to_bits(v);
-  const uint32_t rounded = (u + (value_hash(v, step_key) & 0xffffu)) & 0xffff0000u;
-  const bool finite = (rounded & 0x7f800000u) != 0x7f800000u;
-  const uint32_t nearest =
-      (u & 0x7fffffffu) > 0x7f800000u ? 0x7fc00000u : u + 0x7fffu + ((u >> 16) & 1u);
-  return uint16_t((finite ? rounded : nearest) >> 16);
-}
-
 // Uniform in [0, 1) from the hash (compressed_state.uniform_dither).
 inline float uniform_dither(float v, uint32_t step_key) {
   // Through int32 (the 24-bit value fits): AVX2 has no vector unsigned-to-float conversion.
   return float(int32_t(value_hash(v, step_key) & 0xffffffu)) * (1.0f / 16777216.0f);
 }
-
-// ---- moment storage: what the update loop reads and writes per element -----------------------
-
-template <typename T>
-struct PlainMoment {  // float32 (or float64) moments, also the int8 block buffers
-  T* x;
-  T get(int64_t i) const { return x[i]; }
-  void set(int64_t i, T v) const { x[i] = v; }
-};
-
-struct BF16Moment {  // bfloat16 moments, written back with stochastic rounding
-  uint16_t* x;
-  uint32_t step_key;
-  float get(int64_t i) const { return from_bits(uint32_t(x[i]) << 16); }
-  void set(int64_t i, float v) const { x[i] = bf16_stochastic(v, step_key); }
-};
 
 template <typename P> struct Math { using T = float; };
 template <> struct Math<double> { using T = double; };
@@ -153,11 +128,12 @@ struct Options {
   double beta1, beta2, eps, decay, weight_decay, gradient_factor;
 };
 
-// The per-element update, written once for every storage format.
-template <typename P, typename M, bool L2, bool AMS, int KIND>
-void update_range(P* __restrict p, const P* __restrict g, M m, M s, M s_max, int64_t begin,
-                  int64_t end, const Options& o, double step_size, double sqrt_bc2) {
-  using T = typename Math<P>::T;
+// The per-element update, written once: on the moments themselves for the fp32 format, on a
+// block of decoded float32 moments for the compressed ones.
+template <typename P, bool L2, bool AMS, int KIND, typename T = typename Math<P>::T>
+void update_range(P* __restrict p, const P* __restrict g, T* __restrict m, T* __restrict s,
+                  T* __restrict s_max, int64_t begin, int64_t end, const Options& o,
+                  double step_size, double sqrt_bc2) {
   const T beta1 = T(o.beta1), one_minus_beta1 = T(1.0 - o.beta1);
   const T beta2 = T(o.beta2), one_minus_beta2 = T(1.0 - o.beta2);
   const T eps = T(o.eps), decay = T(o.decay), weight_decay = T(o.weight_decay);
@@ -172,17 +148,17 @@ void update_range(P* __restrict p, const P* __restrict g, M m, M s, M s_max, int
     } else {
       param = param * decay;  // exactly param when decay == 1
     }
-    T avg = m.get(i) * beta1;
+    T avg = m[i] * beta1;
     avg = std::fma(grad, one_minus_beta1, avg);
     const T residual = grad - avg;
-    T var = s.get(i) * beta2;
+    T var = s[i] * beta2;
     var = std::fma(one_minus_beta2 * residual, residual, var);
     var = var + eps;
     T belief = var;
     if (AMS) {
-      const T previous = s_max.get(i);
+      const T previous = s_max[i];
       belief = (previous > var || previous != previous) ? previous : var;  // NaN wins
-      s_max.set(i, belief);
+      s_max[i] = belief;
     }
     if (KIND == kAdaptive) {
       const T denom = std::sqrt(belief) / bc2 + eps;
@@ -190,9 +166,32 @@ void update_range(P* __restrict p, const P* __restrict g, M m, M s, M s_max, int
     } else if (KIND == kMomentum) {
       param = std::fma(avg, neg_step, param);
     }
-    m.set(i, avg);
-    s.set(i, var);
+    m[i] = avg;
+    s[i] = var;
     store(p, i, param);
+  }
+}
+
+// ---- bfloat16 moments (compressed_state.stochastic_round_to_bf16) ---------------------------
+
+inline void decode_bf16(const uint16_t* bits, int64_t n, float* out) {
+  for (int64_t j = 0; j < n; ++j) out[j] = from_bits(uint32_t(bits[j]) << 16);
+}
+
+// Stochastic rounding to bfloat16: add a hashed 16-bit dither, truncate. A non-finite result (an
+// infinite or NaN value, or one that rounds past the largest bfloat16) takes the nearest-even
+// rounding instead; those are rare, so they are noted in the vectorised pass and redone after it.
+inline void encode_bf16(const float* values, int64_t n, uint32_t step_key, uint16_t* bits) {
+  uint32_t non_finite = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const uint32_t u = to_bits(values[j]);
+    const uint32_t rounded = (u + (mix32(u ^ step_key) & 0xffffu)) >> 16;
+    non_finite |= uint32_t((rounded & 0x7f80u) == 0x7f80u);
+    bits[j] = uint16_t(rounded);
+  }
+  if (non_finite == 0) return;
+  for (int64_t j = 0; j < n; ++j) {
+    if ((bits[j] & 0x7f80u) == 0x7f80u) bits[j] = bf16_nearest(values[j]);
   }
 }
 
@@ -235,20 +234,112 @@ inline float dithered_floor(float scaled, uint32_t step_key) {
   return std::floor(scaled + uniform_dither(scaled, step_key));
 }
 
+// The code of one element, for a block scaled by ``inv`` (code = clamp(floor(x * inv + dither)),
+// NaN -> 0; the unsigned codes of a positive value are at least 1, so a belief never becomes 0).
+inline int8_t signed_code(float value, float inv, uint32_t step_key) {
+  float code = dithered_floor(value * inv, step_key);
+  code = code < -127.0f ? -127.0f : code;
+  code = code > 127.0f ? 127.0f : code;
+  return int8_t(int32_t(code == code ? code : 0.0f));  // through int32: vectorises
+}
+
+inline uint8_t root_code(float root, float inv, uint32_t step_key) {
+  const float scaled = root * inv;
+  float code = dithered_floor(scaled, step_key);
+  code = code < 0.0f ? 0.0f : code;
+  code = code > 255.0f ? 255.0f : code;
+  const float lowest = scaled > 0.0f ? 1.0f : 0.0f;
+  code = code < lowest ? lowest : code;
+  return uint8_t(int32_t(code == code ? code : 0.0f));
+}
+
+#if defined(__AVX2__)
+// signed_code and root_code on 32 elements at a time, with the same operations: the compiler
+// vectorises the functions above, but not their NaN-safe clamps into max/min instructions, and
+// the quantisation is most of an int8 step. NaN becomes 0 first, so max/min see no NaN.
+namespace avx2 {
+
+inline __m256i mix32(__m256i x) {
+  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(int32_t(0x85ebca6bu)));
+  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 13));
+  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(int32_t(0xc2b2ae35u)));
+  return _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+}
+
+inline __m256 dithered_floor_or_zero(__m256 scaled, __m256i step_key) {
+  const __m256i hash = mix32(_mm256_xor_si256(_mm256_castps_si256(scaled), step_key));
+  const __m256 dither =
+      _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(hash, _mm256_set1_epi32(0xffffff))),
+                    _mm256_set1_ps(1.0f / 16777216.0f));
+  const __m256 code = _mm256_floor_ps(_mm256_add_ps(scaled, dither));
+  return _mm256_and_ps(code, _mm256_cmp_ps(code, code, _CMP_ORD_Q));
+}
+
+// Four vectors of int32 codes, already in range, into 32 bytes in order.
+inline void store_bytes(__m256i packed, void* out) {
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  _mm256_storeu_si256(static_cast<__m256i*>(out), _mm256_permutevar8x32_epi32(packed, order));
+}
+
+// Returns how many leading elements it encoded (a multiple of 32).
+inline int64_t signed_codes(const float* values, int64_t n, float inv, uint32_t step_key,
+                            int8_t* codes) {
+  const __m256i key = _mm256_set1_epi32(int32_t(step_key));
+  const __m256 scale = _mm256_set1_ps(inv), lo = _mm256_set1_ps(-127.0f);
+  const __m256 hi = _mm256_set1_ps(127.0f);
+  int64_t j = 0;
+  for (; j + 32 <= n; j += 32) {
+    __m256i q[4];
+    for (int k = 0; k < 4; ++k) {
+      const __m256 scaled = _mm256_mul_ps(_mm256_loadu_ps(values + j + 8 * k), scale);
+      const __m256 code = dithered_floor_or_zero(scaled, key);
+      q[k] = _mm256_cvttps_epi32(_mm256_min_ps(_mm256_max_ps(code, lo), hi));
+    }
+    store_bytes(_mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3])),
+                codes + j);
+  }
+  return j;
+}
+
+inline int64_t root_codes(const float* roots, int64_t n, float inv, uint32_t step_key,
+                          uint8_t* codes) {
+  const __m256i key = _mm256_set1_epi32(int32_t(step_key));
+  const __m256 scale = _mm256_set1_ps(inv), one = _mm256_set1_ps(1.0f);
+  const __m256 hi = _mm256_set1_ps(255.0f), zero = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 32 <= n; j += 32) {
+    __m256i q[4];
+    for (int k = 0; k < 4; ++k) {
+      const __m256 scaled = _mm256_mul_ps(_mm256_loadu_ps(roots + j + 8 * k), scale);
+      const __m256 code = dithered_floor_or_zero(scaled, key);
+      const __m256 lowest = _mm256_and_ps(_mm256_cmp_ps(scaled, zero, _CMP_GT_OQ), one);
+      q[k] = _mm256_cvttps_epi32(_mm256_min_ps(_mm256_max_ps(code, lowest), hi));
+    }
+    store_bytes(
+        _mm256_packus_epi16(_mm256_packus_epi32(q[0], q[1]), _mm256_packus_epi32(q[2], q[3])),
+        codes + j);
+  }
+  return j;
+}
+
+}  // namespace avx2
+#endif
+
 inline void encode_signed(const float* values, int64_t n, uint32_t step_key, int8_t* codes,
                           float* absmax) {
   const float block_max = block_absmax(values, n);
   *absmax = block_max;
   const float inv = inverse_scale(block_max, 127.0f);
-  for (int64_t j = 0; j < n; ++j) {
-    float code = dithered_floor(values[j] * inv, step_key);
-    code = code < -127.0f ? -127.0f : code;
-    code = code > 127.0f ? 127.0f : code;
-    codes[j] = int8_t(int32_t(code == code ? code : 0.0f));  // through int32: vectorises
-  }
+  int64_t j = 0;
+#if defined(__AVX2__)
+  j = avx2::signed_codes(values, n, inv, step_key, codes);
+#endif
+  for (; j < n; ++j) codes[j] = signed_code(values[j], inv, step_key);
 }
 
-// ``roots`` receives sqrt(max(v, 0)) (NaN stays NaN), correctly rounded as the reference's.
+// ``roots`` is scratch space: sqrt(max(v, 0)) (NaN stays NaN), correctly rounded as the
+// reference's.
 inline void encode_root(const float* values, int64_t n, uint32_t step_key, uint8_t* codes,
                         float* rootmax, float* roots) {
   for (int64_t j = 0; j < n; ++j) {
@@ -258,15 +349,11 @@ inline void encode_root(const float* values, int64_t n, uint32_t step_key, uint8
   const float block_max = block_absmax(roots, n);
   *rootmax = block_max;
   const float inv = inverse_scale(block_max, 255.0f);
-  for (int64_t j = 0; j < n; ++j) {
-    const float scaled = roots[j] * inv;
-    float code = dithered_floor(scaled, step_key);
-    code = code < 0.0f ? 0.0f : code;
-    code = code > 255.0f ? 255.0f : code;
-    const float lowest = scaled > 0.0f ? 1.0f : 0.0f;  // a positive belief never becomes 0
-    code = code < lowest ? lowest : code;
-    codes[j] = uint8_t(int32_t(code == code ? code : 0.0f));
-  }
+  int64_t j = 0;
+#if defined(__AVX2__)
+  j = avx2::root_codes(roots, n, inv, step_key, codes);
+#endif
+  for (; j < n; ++j) codes[j] = root_code(roots[j], inv, step_key);
 }
 
 // One tensor's pointers for one call.
@@ -282,27 +369,39 @@ struct Operands {
   uint32_t step_key;
 };
 
-template <typename P, bool L2, bool AMS, int KIND>
-void update_int8(const Operands& t, int64_t begin, int64_t end, const Options& o,
-                 double step_size, double sqrt_bc2) {
-  float m[kBlock], s[kBlock], s_max[kBlock], roots[kBlock];
-  P* p = static_cast<P*>(t.p);
-  const P* g = static_cast<const P*>(t.g);
-  auto* m_codes = static_cast<int8_t*>(t.m);
-  auto* s_codes = static_cast<uint8_t*>(t.s);
-  auto* s_max_codes = static_cast<uint8_t*>(t.s_max);
-  for (int64_t b = begin; b < end; b += kBlock) {  // begin is a multiple of kBlock
-    const int64_t n = end - b < kBlock ? end - b : kBlock;
+// The compressed formats, a block of kBlock elements at a time (begin is a multiple of kBlock):
+// decode the moments into float32 buffers on the stack, update, encode. Each of the three loops
+// is short and vectorises; the buffers stay in the L1 cache.
+template <int FORMAT, bool AMS>
+void decode_block(const Operands& t, int64_t b, int64_t n, float* m, float* s, float* s_max) {
+  if constexpr (FORMAT == ADABELIEF_STATE_BF16) {
+    decode_bf16(static_cast<const uint16_t*>(t.m) + b, n, m);
+    decode_bf16(static_cast<const uint16_t*>(t.s) + b, n, s);
+    if (AMS) decode_bf16(static_cast<const uint16_t*>(t.s_max) + b, n, s_max);
+  } else {
     const int64_t block = b / kBlock;
-    decode_signed(m_codes + b, t.m_scale[block], n, m);
-    decode_root(s_codes + b, t.s_scale[block], n, s);
-    if (AMS) decode_root(s_max_codes + b, t.s_max_scale[block], n, s_max);
-    update_range<P, PlainMoment<float>, L2, AMS, KIND>(
-        p + b, g + b, PlainMoment<float>{m}, PlainMoment<float>{s}, PlainMoment<float>{s_max}, 0,
-        n, o, step_size, sqrt_bc2);
-    encode_signed(m, n, t.step_key, m_codes + b, t.m_scale + block);
-    encode_root(s, n, t.step_key, s_codes + b, t.s_scale + block, roots);
-    if (AMS) encode_root(s_max, n, t.step_key, s_max_codes + b, t.s_max_scale + block, roots);
+    decode_signed(static_cast<const int8_t*>(t.m) + b, t.m_scale[block], n, m);
+    decode_root(static_cast<const uint8_t*>(t.s) + b, t.s_scale[block], n, s);
+    if (AMS) decode_root(static_cast<const uint8_t*>(t.s_max) + b, t.s_max_scale[block], n, s_max);
+  }
+}
+
+template <int FORMAT, bool AMS>
+void encode_block(const Operands& t, int64_t b, int64_t n, const float* m, const float* s,
+                  const float* s_max) {
+  if constexpr (FORMAT == ADABELIEF_STATE_BF16) {
+    encode_bf16(m, n, t.step_key, static_cast<uint16_t*>(t.m) + b);
+    encode_bf16(s, n, t.step_key, static_cast<uint16_t*>(t.s) + b);
+    if (AMS) encode_bf16(s_max, n, t.step_key, static_cast<uint16_t*>(t.s_max) + b);
+  } else {
+    const int64_t block = b / kBlock;
+    float roots[kBlock];
+    encode_signed(m, n, t.step_key, static_cast<int8_t*>(t.m) + b, t.m_scale + block);
+    encode_root(s, n, t.step_key, static_cast<uint8_t*>(t.s) + b, t.s_scale + block, roots);
+    if (AMS) {
+      encode_root(s_max, n, t.step_key, static_cast<uint8_t*>(t.s_max) + b,
+                  t.s_max_scale + block, roots);
+    }
   }
 }
 
@@ -314,18 +413,18 @@ void update_erased(const Operands& t, int64_t begin, int64_t end, const Options&
   using T = typename Math<P>::T;
   P* p = static_cast<P*>(t.p);
   const P* g = static_cast<const P*>(t.g);
-  if constexpr (FORMAT == ADABELIEF_STATE_BF16) {
-    const uint32_t key = t.step_key;
-    update_range<P, BF16Moment, L2, AMS, KIND>(
-        p, g, BF16Moment{static_cast<uint16_t*>(t.m), key},
-        BF16Moment{static_cast<uint16_t*>(t.s), key},
-        BF16Moment{static_cast<uint16_t*>(t.s_max), key}, begin, end, o, step_size, sqrt_bc2);
-  } else if constexpr (FORMAT == ADABELIEF_STATE_INT8) {
-    update_int8<P, L2, AMS, KIND>(t, begin, end, o, step_size, sqrt_bc2);
+  if constexpr (FORMAT == ADABELIEF_STATE_FP32) {
+    update_range<P, L2, AMS, KIND>(p, g, static_cast<T*>(t.m), static_cast<T*>(t.s),
+                                   static_cast<T*>(t.s_max), begin, end, o, step_size, sqrt_bc2);
   } else {
-    update_range<P, PlainMoment<T>, L2, AMS, KIND>(
-        p, g, PlainMoment<T>{static_cast<T*>(t.m)}, PlainMoment<T>{static_cast<T*>(t.s)},
-        PlainMoment<T>{static_cast<T*>(t.s_max)}, begin, end, o, step_size, sqrt_bc2);
+    float m[kBlock], s[kBlock], s_max[kBlock];
+    for (int64_t b = begin; b < end; b += kBlock) {
+      const int64_t n = end - b < kBlock ? end - b : kBlock;
+      decode_block<FORMAT, AMS>(t, b, n, m, s, s_max);
+      update_range<P, L2, AMS, KIND, float>(p + b, g + b, m, s, s_max, 0, n, o, step_size,
+                                            sqrt_bc2);
+      encode_block<FORMAT, AMS>(t, b, n, m, s, s_max);
+    }
   }
 }
 
@@ -384,6 +483,15 @@ int adabelief_abi_version() { return ADABELIEF_ABI_VERSION; }
 
 int adabelief_openmp() {
 #ifdef _OPENMP
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+// 1 when the int8 quantisation runs on AVX2 vectors (built for a CPU that has them).
+int adabelief_avx2() {
+#if defined(__AVX2__)
   return 1;
 #else
   return 0;

@@ -155,6 +155,7 @@ class _Kernel:
         lib.adabelief_update.restype = c_int
         self.path = path
         self.openmp = bool(lib.adabelief_openmp())
+        self.avx2 = bool(lib.adabelief_avx2())
         self.increment_steps = lib.adabelief_increment_steps
         self.update = lib.adabelief_update
 
