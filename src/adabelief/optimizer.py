@@ -61,6 +61,15 @@ def _check_fused_devices(params: list[Tensor]) -> None:
             )
 
 
+def _state_is_current(state: dict[str, Any], p: Tensor, precision: str, amsgrad: bool) -> bool:
+    """Whether ``state`` can be stepped as it is: it exists, has the AMSGrad maximum if needed,
+    and is in the storage format the group's ``state_precision`` gives ``p`` (else
+    :meth:`AdaBelief._param_state` creates or converts it)."""
+    if not state or (amsgrad and "max_exp_avg_var" not in state):
+        return False
+    return compressed_state.format_of(state) == compressed_state.storage_format(p, precision)
+
+
 class AdaBelief(Optimizer):
     r"""AdaBelief (Zhuang et al., NeurIPS 2020): Adam whose second moment is the belief
     ``s_t = EMA((g_t - m_t)^2) + eps`` in the gradient rather than ``EMA(g_t^2)``.
@@ -219,31 +228,36 @@ class AdaBelief(Optimizer):
 
         torch's convention (``torch.compile`` runs this method eagerly, not traced)."""
         scales = cast(list[MomentScales], tensors.scales)
+        amsgrad, differentiable = group["amsgrad"], group["differentiable"]
+        precision = group["state_precision"]
         for p in group["params"] if params is None else params:
-            if p.grad is None:
+            grad = p.grad
+            if grad is None:
                 continue
-            if p.grad.is_sparse:
+            if grad.is_sparse:
                 raise ValueError(
                     f"AdaBelief does not support sparse gradients (parameter of shape "
                     f"{tuple(p.shape)}); use torch.optim.SparseAdam for sparse embeddings"
                 )
-            state = self._param_state(group, p)
-            if group["differentiable"] and state["step"].requires_grad:
+            state = self.state.get(p)
+            if state is None or not _state_is_current(state, p, precision, amsgrad):
+                state = self._param_state(group, p)
+            if differentiable and state["step"].requires_grad:
                 raise ValueError(
                     "`requires_grad` is not supported for `step` in differentiable mode"
                 )
             tensors.params.append(p)
-            tensors.grads.append(p.grad)
+            tensors.grads.append(grad)
             tensors.exp_avgs.append(state["exp_avg"])
             tensors.exp_avg_vars.append(state["exp_avg_var"])
-            if group["amsgrad"]:
+            if amsgrad:
                 tensors.max_exp_avg_vars.append(state["max_exp_avg_var"])
             tensors.state_steps.append(state["step"])
             scales.append(
                 (
                     state.get("exp_avg_scale"),
                     state.get("exp_avg_var_scale"),
-                    state.get("max_exp_avg_var_scale") if group["amsgrad"] else None,
+                    state.get("max_exp_avg_var_scale") if amsgrad else None,
                 )
             )
         return any(scale is not None for entry in scales for scale in entry)

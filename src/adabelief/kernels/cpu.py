@@ -30,14 +30,14 @@ from array import array
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from adabelief import compressed_state
 from adabelief._hyper import Hyperparameters
-from adabelief.kernels.lists import GroupTensors
+from adabelief.kernels.lists import NO_SCALES, GroupTensors, MomentScales
 from adabelief.scalars import StepScalars, step_scalars
 
 __all__ = [
@@ -299,9 +299,7 @@ def kernel_error() -> str | None:
 
 def supports(params: Sequence[Tensor]) -> bool:
     """Whether the kernel takes these parameters: plain CPU tensors of a supported dtype."""
-    return all(
-        type(p) in PLAIN_TYPES and p.device.type == "cpu" and p.dtype in CPU_DTYPES for p in params
-    )
+    return all(type(p) in PLAIN_TYPES and p.is_cpu and p.dtype in CPU_DTYPES for p in params)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,15 +329,16 @@ def cpu_step(
         inverse_scale = exact_inverse(float(grad_scale))
         if inverse_scale == 0.0:
             raise ValueError(f"grad_scale {float(grad_scale)} is not a power of two")
-    for p in tensors.params:
-        if p.dtype not in CPU_DTYPES:
-            raise TypeError(f"fused AdaBelief: unsupported parameter dtype {p.dtype}")
+    for dtype in {p.dtype for p in tensors.params}:
+        if dtype not in CPU_DTYPES:
+            raise TypeError(f"fused AdaBelief: unsupported parameter dtype {dtype}")
     lr = float(hp.lr)
-    n = len(tensors.params)
     new_steps = _increment_steps(lib, tensors.state_steps)
 
     cache: dict[float, tuple[float, float, int]] = {}
+    keys: dict[float, int] = {}
     for step in set(new_steps):
+        keys[step] = int(compressed_state.step_key(int(step)))
         cache[step] = _kernel_scalars(
             step_scalars(
                 step,
@@ -364,34 +363,44 @@ def cpu_step(
         ],
     )
     threads = torch.get_num_threads()
-    parts: dict[tuple[torch.dtype, str], list[int]] = {}
-    for i in range(n):
-        parts.setdefault((tensors.params[i].dtype, tensors.format_of(i)), []).append(i)
-    for (dtype, fmt), index in parts.items():
-        part = tensors if len(parts) == 1 else tensors.select(index)
+    for (dtype, fmt), part in _parts(tensors):
         code, width = CPU_DTYPES[dtype]
-        columns = [list(column) for column in part.columns()]
-        write_back = _dense_operands(columns, dtype, fmt)
-        operands: list[Sequence[Tensor | None]] = list(columns)
-        if not hp.amsgrad:
-            operands[4] = [None] * len(index)
-        scales = [part.scales_of(j) for j in range(len(index))]
-        operands += [[s[k] for s in scales] for k in range(3)]
-        scalars = [cache[new_steps[i]] for i in index]
+        write_back: list[tuple[Tensor, Tensor]] = []
+        state = _FP32_STATE_DTYPE[dtype] if fmt == "fp32" else None  # compressed: as stored
+        addresses = array("Q")
+        for column, want, read_only in (
+            (part.params, dtype, False),
+            (part.grads, dtype, True),
+            (part.exp_avgs, state, False),
+            (part.exp_avg_vars, state, False),
+        ):
+            addresses.extend(_dense_addresses(column, want, read_only, write_back))
+        count = len(part.params)
+        if hp.amsgrad:
+            addresses.extend(_dense_addresses(part.max_exp_avg_vars, state, False, write_back))
+        else:
+            addresses.frombytes(bytes(8 * count))
+        if fmt == "int8":
+            for k in range(3):
+                addresses.extend(_addresses([entry[k] for entry in part.scales]))
+        else:
+            addresses.frombytes(bytes(8 * 3 * count))
+        steps = [new_steps[i] for i in part.positions]
+        scalars = [cache[step] for step in steps]
         # The arrays must outlive the call: keep them referenced until it returns.
         arrays: list[array[Any]] = [
-            array("Q", [address for column in operands for address in _addresses(column)]),
+            addresses,
             array("q", [p.numel() * width for p in part.params]),
             array("d", [s[0] for s in scalars]),
             array("d", [s[1] for s in scalars]),
             array("b", [s[2] for s in scalars]),
-            array("I", [int(compressed_state.step_key(int(new_steps[i]))) for i in index]),
+            array("I", [keys[step] for step in steps]),
             options,
         ]
         status = lib.update(
             code,
             _STATE_CODES[fmt],
-            len(index),
+            count,
             *(a.buffer_info()[0] if len(a) else None for a in arrays),
             int(l2),
             int(hp.amsgrad),
@@ -401,6 +410,67 @@ def cpu_step(
             raise RuntimeError(f"fused AdaBelief kernel failed with status {status}")
         for original, copy in write_back:
             original.copy_(copy)
+
+
+class _Part(NamedTuple):
+    """The tensors of one kernel call (one parameter dtype, one state format) and their
+    positions in the group. The lists are copies: working copies may replace their entries."""
+
+    positions: Sequence[int]
+    params: list[Tensor]
+    grads: list[Tensor]
+    exp_avgs: list[Tensor]
+    exp_avg_vars: list[Tensor]
+    max_exp_avg_vars: list[Tensor]
+    scales: Sequence[MomentScales]
+
+
+def _parts(tensors: GroupTensors) -> list[tuple[tuple[torch.dtype, str], _Part]]:
+    """The group split by (parameter dtype, state format); one part, without a per-tensor pass
+    over the formats, in the usual case of one dtype and no int8 moments."""
+    n = len(tensors.params)
+    dtypes = {p.dtype for p in tensors.params}
+    if not tensors.scales and len(dtypes) == 1:
+        bf16 = {m.dtype == torch.bfloat16 for m in tensors.exp_avgs}
+        if len(bf16) == 1:
+            p, g, m, v, v_max = (list(column) for column in tensors.columns())
+            fmt = "bf16" if bf16.pop() else "fp32"
+            return [((dtypes.pop(), fmt), _Part(range(n), p, g, m, v, v_max, ()))]
+    groups: dict[tuple[torch.dtype, str], list[int]] = {}
+    for i in range(n):
+        groups.setdefault((tensors.params[i].dtype, tensors.format_of(i)), []).append(i)
+    parts = []
+    for key, index in groups.items():
+        c = tensors.select(index)
+        scales = c.scales if c.scales else [NO_SCALES] * len(index)
+        part = _Part(
+            index, c.params, c.grads, c.exp_avgs, c.exp_avg_vars, c.max_exp_avg_vars, scales
+        )
+        parts.append((key, part))
+    return parts
+
+
+def _dense_addresses(
+    column: list[Tensor],
+    want: torch.dtype | None,
+    read_only: bool,
+    write_back: list[tuple[Tensor, Tensor]],
+) -> list[int]:
+    """The data pointers of ``column``, each tensor first made contiguous and of dtype ``want``
+    (None: its own). A tensor that needs a working copy (rare: a non-contiguous parameter or
+    gradient, or fp32 state loaded in another dtype) is replaced by it in ``column``; unless
+    ``read_only``, (original, copy) goes to ``write_back``, to be copied back after the
+    kernel."""
+    addresses = []
+    for i, t in enumerate(column):
+        if (want is not None and t.dtype != want) or not t.is_contiguous():
+            copy = t.to(dtype=want or t.dtype, memory_format=torch.contiguous_format, copy=True)
+            column[i] = copy
+            if not read_only:
+                write_back.append((t, copy))
+            t = copy
+        addresses.append(t.data_ptr())
+    return addresses
 
 
 def exact_inverse(scale: float) -> float:
@@ -419,7 +489,7 @@ def _increment_steps(lib: _Kernel, state_steps: list[Tensor]) -> list[float]:
     new_steps = array("d", bytes(8 * n))
     step_dtypes = {t.dtype for t in state_steps}
     if len(step_dtypes) == 1 and step_dtypes <= {torch.float32, torch.float64}:
-        if not all(t.device.type == "cpu" for t in state_steps):
+        if not all(t.is_cpu for t in state_steps):
             raise ValueError("fused CPU step: step counts must be on the CPU")
         addresses = array("Q", _addresses(state_steps))
         lib.increment_steps(
@@ -445,24 +515,3 @@ def _kernel_scalars(scalars: StepScalars) -> tuple[float, float, int]:
     else:
         kind = CPU_ABI["ADABELIEF_KIND_NO_STEP"]
     return step_size, sqrt_bc2, kind
-
-
-def _dense_operands(
-    columns: list[list[Tensor]], dtype: torch.dtype, fmt: str
-) -> list[tuple[Tensor, Tensor]]:
-    """Make every operand a contiguous tensor of the dtype the kernel reads, in place in
-    ``columns`` (params, grads, exp_avgs, exp_avg_vars, max_exp_avg_vars); returns (original,
-    working copy) pairs to copy back after the kernel (rare: a non-contiguous parameter or
-    gradient, or fp32 state loaded in another dtype). Compressed moments are taken as stored."""
-    write_back: list[tuple[Tensor, Tensor]] = []
-    state = _FP32_STATE_DTYPE[dtype] if fmt == "fp32" else None
-    wanted = (dtype, dtype, state, state, state)
-    for j, (column, want) in enumerate(zip(columns, wanted, strict=True)):
-        for i, t in enumerate(column):
-            if (want is None or t.dtype == want) and t.is_contiguous():
-                continue
-            copy = t.to(dtype=want or t.dtype, memory_format=torch.contiguous_format, copy=True)
-            column[i] = copy
-            if j != 1:  # gradients are read only
-                write_back.append((t, copy))
-    return write_back

@@ -94,7 +94,7 @@ def choose_path(params: Sequence[Tensor], group: Mapping[str, Any]) -> Path:
         plain_cuda = all(type(p) in cpu.PLAIN_TYPES and p.device.type == "cuda" for p in params)
         return "foreach" if plain_cuda else "single"
     if fused:
-        if group["capturable"] or not all(p.device.type == "cpu" for p in params):
+        if group["capturable"] or not all(p.is_cpu for p in params):
             return "compiled"
         return "cpu"
     if group["capturable"]:
@@ -140,6 +140,9 @@ def run(
     if not tensors.params:
         return
     hp = Hyperparameters.from_group(cast(dict, group), group["lr"])
+    if all(p.is_cpu for p in tensors.params):  # the usual case, without building the devices
+        _run_one_device(tensors, group, hp, grad_scale, found_inf)
+        return
     devices = {p.device for p in tensors.params}
     if len(devices) > 1:
         for device in devices:
