@@ -129,11 +129,15 @@ struct Options {
 };
 
 // The per-element update, written once: on the moments themselves for the fp32 format, on a
-// block of decoded float32 moments for the compressed ones.
-template <typename P, bool L2, bool AMS, int KIND, typename T = typename Math<P>::T>
+// block of decoded float32 moments for the compressed ones. With ROOTS (the adaptive kind
+// only), belief_root receives the square root of the belief (exp_avg_var, or its maximum with
+// AMSGrad) that the update takes anyway, which the int8 encoder needs too.
+template <typename P, bool L2, bool AMS, int KIND, bool ROOTS = false,
+          typename T = typename Math<P>::T>
 void update_range(P* __restrict p, const P* __restrict g, T* __restrict m, T* __restrict s,
                   T* __restrict s_max, int64_t begin, int64_t end, const Options& o,
-                  double step_size, double sqrt_bc2) {
+                  double step_size, double sqrt_bc2, T* __restrict belief_root = nullptr) {
+  static_assert(!ROOTS || KIND == kAdaptive, "only the adaptive step takes the square root");
   const T beta1 = T(o.beta1), one_minus_beta1 = T(1.0 - o.beta1);
   const T beta2 = T(o.beta2), one_minus_beta2 = T(1.0 - o.beta2);
   const T eps = T(o.eps), decay = T(o.decay), weight_decay = T(o.weight_decay);
@@ -161,7 +165,9 @@ void update_range(P* __restrict p, const P* __restrict g, T* __restrict m, T* __
       s_max[i] = belief;
     }
     if (KIND == kAdaptive) {
-      const T denom = std::sqrt(belief) / bc2 + eps;
+      const T root = std::sqrt(belief);
+      if (ROOTS) belief_root[i] = root;
+      const T denom = root / bc2 + eps;
       param = param + (neg_step * avg) / denom;
     } else if (KIND == kMomentum) {
       param = std::fma(avg, neg_step, param);
@@ -338,14 +344,17 @@ inline void encode_signed(const float* values, int64_t n, uint32_t step_key, int
   for (; j < n; ++j) codes[j] = signed_code(values[j], inv, step_key);
 }
 
-// ``roots`` is scratch space: sqrt(max(v, 0)) (NaN stays NaN), correctly rounded as the
-// reference's.
-inline void encode_root(const float* values, int64_t n, uint32_t step_key, uint8_t* codes,
-                        float* rootmax, float* roots) {
+// sqrt(max(v, 0)) (NaN stays NaN), correctly rounded as the reference's.
+inline void square_roots(const float* values, int64_t n, float* roots) {
   for (int64_t j = 0; j < n; ++j) {
     const float v = values[j];
     roots[j] = std::sqrt(v > 0.0f || v != v ? v : 0.0f);
   }
+}
+
+// ``roots``: square_roots of the values (their codes are of the roots).
+inline void encode_root(const float* roots, int64_t n, uint32_t step_key, uint8_t* codes,
+                        float* rootmax) {
   const float block_max = block_absmax(roots, n);
   *rootmax = block_max;
   const float inv = inverse_scale(block_max, 255.0f);
@@ -386,9 +395,11 @@ void decode_block(const Operands& t, int64_t b, int64_t n, float* m, float* s, f
   }
 }
 
-template <int FORMAT, bool AMS>
+// ``belief_root``: with ROOTS, the square roots of the belief that the update took (int8 only):
+// those of exp_avg_var, or with AMSGrad of its maximum, which need not be taken again.
+template <int FORMAT, bool AMS, bool ROOTS>
 void encode_block(const Operands& t, int64_t b, int64_t n, const float* m, const float* s,
-                  const float* s_max) {
+                  const float* s_max, const float* belief_root) {
   if constexpr (FORMAT == ADABELIEF_STATE_BF16) {
     encode_bf16(m, n, t.step_key, static_cast<uint16_t*>(t.m) + b);
     encode_bf16(s, n, t.step_key, static_cast<uint16_t*>(t.s) + b);
@@ -397,10 +408,20 @@ void encode_block(const Operands& t, int64_t b, int64_t n, const float* m, const
     const int64_t block = b / kBlock;
     float roots[kBlock];
     encode_signed(m, n, t.step_key, static_cast<int8_t*>(t.m) + b, t.m_scale + block);
-    encode_root(s, n, t.step_key, static_cast<uint8_t*>(t.s) + b, t.s_scale + block, roots);
+    const float* s_roots = belief_root;
+    if (!ROOTS || AMS) {
+      square_roots(s, n, roots);
+      s_roots = roots;
+    }
+    encode_root(s_roots, n, t.step_key, static_cast<uint8_t*>(t.s) + b, t.s_scale + block);
     if (AMS) {
-      encode_root(s_max, n, t.step_key, static_cast<uint8_t*>(t.s_max) + b,
-                  t.s_max_scale + block, roots);
+      const float* max_roots = belief_root;
+      if (!ROOTS) {
+        square_roots(s_max, n, roots);
+        max_roots = roots;
+      }
+      encode_root(max_roots, n, t.step_key, static_cast<uint8_t*>(t.s_max) + b,
+                  t.s_max_scale + block);
     }
   }
 }
@@ -417,13 +438,14 @@ void update_erased(const Operands& t, int64_t begin, int64_t end, const Options&
     update_range<P, L2, AMS, KIND>(p, g, static_cast<T*>(t.m), static_cast<T*>(t.s),
                                    static_cast<T*>(t.s_max), begin, end, o, step_size, sqrt_bc2);
   } else {
-    float m[kBlock], s[kBlock], s_max[kBlock];
+    constexpr bool roots = FORMAT == ADABELIEF_STATE_INT8 && KIND == kAdaptive;
+    float m[kBlock], s[kBlock], s_max[kBlock], belief_root[roots ? kBlock : 1];
     for (int64_t b = begin; b < end; b += kBlock) {
       const int64_t n = end - b < kBlock ? end - b : kBlock;
       decode_block<FORMAT, AMS>(t, b, n, m, s, s_max);
-      update_range<P, L2, AMS, KIND, float>(p + b, g + b, m, s, s_max, 0, n, o, step_size,
-                                            sqrt_bc2);
-      encode_block<FORMAT, AMS>(t, b, n, m, s, s_max);
+      update_range<P, L2, AMS, KIND, roots, float>(p + b, g + b, m, s, s_max, 0, n, o,
+                                                   step_size, sqrt_bc2, belief_root);
+      encode_block<FORMAT, AMS, roots>(t, b, n, m, s, s_max, belief_root);
     }
   }
 }
