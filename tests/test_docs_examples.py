@@ -28,7 +28,7 @@ DOCS = ROOT / "docs"
 TESTS = Path(__file__).resolve().parent
 
 #: How many python blocks in docs/ are marked no-test. Change it together with the markers.
-EXPECTED_EXEMPTIONS = 4
+EXPECTED_EXEMPTIONS = 3
 
 _FENCE = re.compile(r"^(?P<indent>\s*)```(?P<lang>[\w+-]*)")
 _NO_TEST = re.compile(r"^\s*<!--\s*no-test:\s*(?P<reason>.*?)\s*-->\s*$")
