@@ -15,8 +15,11 @@
 // then. 16-bit parameters are widened to float32 and rounded back to nearest even, as copy_ does.
 //
 // Compressed moments (adabelief/compressed_state.py is the reference) are decoded, updated and
-// encoded in registers (int8: in a 256-element block buffer on the stack), with the same hashed
-// dither as the reference, so a resumed run is bit-identical and needs no RNG state.
+// encoded a 256-element block at a time, through float32 buffers on the stack that stay in the
+// L1 cache, with the same hashed dither as the reference, so a resumed run is bit-identical and
+// needs no RNG state. Where GCC vectorises a rounding loop poorly, an AVX2 loop does the same
+// operations (namespace avx2); a build without AVX2 takes the portable loops, with the same
+// results (tests/test_compressed_kernels.py checks both against the reference).
 
 #include <atomic>
 #include <cmath>
