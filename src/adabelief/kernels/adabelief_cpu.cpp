@@ -318,49 +318,32 @@ inline uint8_t root_code(float root, float inv, uint32_t step_key) {
 // the quantisation is most of an int8 step. NaN becomes 0 first, so max/min see no NaN.
 namespace avx2 {
 
-// Four vectors of int32 codes, already in range, into 32 bytes in order.
-inline void store_bytes(__m256i packed, void* out) {
-  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-  _mm256_storeu_si256(static_cast<__m256i*>(out), _mm256_permutevar8x32_epi32(packed, order));
-}
-
-// Returns how many leading elements it encoded (a multiple of 32).
-inline int64_t signed_codes(const float* values, int64_t n, float inv, uint32_t step_key,
-                            int8_t* codes) {
+// The codes of the leading multiple of 32 of ``n`` elements scaled by ``inv``; returns how many.
+// SIGNED: exp_avg's, clamped to [-127, 127]; else the roots', clamped to [lowest, 255].
+template <bool SIGNED, typename Code>
+inline int64_t block_codes(const float* values, int64_t n, float inv, uint32_t step_key,
+                           Code* codes) {
   const __m256i key = _mm256_set1_epi32(int32_t(step_key));
-  const __m256 scale = _mm256_set1_ps(inv), lo = _mm256_set1_ps(-127.0f);
-  const __m256 hi = _mm256_set1_ps(127.0f);
+  const __m256 scale = _mm256_set1_ps(inv), one = _mm256_set1_ps(1.0f);
+  const __m256 hi = _mm256_set1_ps(SIGNED ? 127.0f : 255.0f), lo = _mm256_set1_ps(-127.0f);
   int64_t j = 0;
   for (; j + 32 <= n; j += 32) {
     __m256i q[4];
     for (int k = 0; k < 4; ++k) {
       const __m256 scaled = _mm256_mul_ps(_mm256_loadu_ps(values + j + 8 * k), scale);
       const __m256 code = dithered_floor_or_zero(scaled, key);
-      q[k] = _mm256_cvttps_epi32(_mm256_min_ps(_mm256_max_ps(code, lo), hi));
-    }
-    store_bytes(_mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3])),
-                codes + j);
-  }
-  return j;
-}
-
-inline int64_t root_codes(const float* roots, int64_t n, float inv, uint32_t step_key,
-                          uint8_t* codes) {
-  const __m256i key = _mm256_set1_epi32(int32_t(step_key));
-  const __m256 scale = _mm256_set1_ps(inv), one = _mm256_set1_ps(1.0f);
-  const __m256 hi = _mm256_set1_ps(255.0f), zero = _mm256_setzero_ps();
-  int64_t j = 0;
-  for (; j + 32 <= n; j += 32) {
-    __m256i q[4];
-    for (int k = 0; k < 4; ++k) {
-      const __m256 scaled = _mm256_mul_ps(_mm256_loadu_ps(roots + j + 8 * k), scale);
-      const __m256 code = dithered_floor_or_zero(scaled, key);
-      const __m256 lowest = _mm256_and_ps(_mm256_cmp_ps(scaled, zero, _CMP_GT_OQ), one);
+      const __m256 lowest =
+          SIGNED ? lo : _mm256_and_ps(_mm256_cmp_ps(scaled, _mm256_setzero_ps(), _CMP_GT_OQ), one);
       q[k] = _mm256_cvttps_epi32(_mm256_min_ps(_mm256_max_ps(code, lowest), hi));
     }
-    store_bytes(
-        _mm256_packus_epi16(_mm256_packus_epi32(q[0], q[1]), _mm256_packus_epi32(q[2], q[3])),
-        codes + j);
+    // Saturating packs of in-range values: int32 -> 16 -> 8 bits, then back in element order.
+    const __m256i packed =
+        SIGNED ? _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]))
+               : _mm256_packus_epi16(_mm256_packus_epi32(q[0], q[1]),
+                                     _mm256_packus_epi32(q[2], q[3]));
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + j),
+                        _mm256_permutevar8x32_epi32(packed, order));
   }
   return j;
 }
@@ -375,7 +358,7 @@ inline void encode_signed(const float* values, int64_t n, uint32_t step_key, int
   const float inv = inverse_scale(block_max, 127.0f);
   int64_t j = 0;
 #if defined(__AVX2__)
-  j = avx2::signed_codes(values, n, inv, step_key, codes);
+  j = avx2::block_codes<true>(values, n, inv, step_key, codes);
 #endif
   for (; j < n; ++j) codes[j] = signed_code(values[j], inv, step_key);
 }
@@ -396,7 +379,7 @@ inline void encode_root(const float* roots, int64_t n, uint32_t step_key, uint8_
   const float inv = inverse_scale(block_max, 255.0f);
   int64_t j = 0;
 #if defined(__AVX2__)
-  j = avx2::root_codes(roots, n, inv, step_key, codes);
+  j = avx2::block_codes<false>(roots, n, inv, step_key, codes);
 #endif
   for (; j < n; ++j) codes[j] = root_code(roots[j], inv, step_key);
 }
