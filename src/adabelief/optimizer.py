@@ -61,15 +61,6 @@ def _check_fused_devices(params: list[Tensor]) -> None:
             )
 
 
-def _state_is_current(state: dict[str, Any], p: Tensor, precision: str, amsgrad: bool) -> bool:
-    """Whether ``state`` can be stepped as it is: it exists, has the AMSGrad maximum if needed,
-    and is in the storage format the group's ``state_precision`` gives ``p`` (else
-    :meth:`AdaBelief._param_state` creates or converts it)."""
-    if not state or (amsgrad and "max_exp_avg_var" not in state):
-        return False
-    return compressed_state.format_of(state) == compressed_state.storage_format(p, precision)
-
-
 class AdaBelief(Optimizer):
     r"""AdaBelief (Zhuang et al., NeurIPS 2020): Adam whose second moment is the belief
     ``s_t = EMA((g_t - m_t)^2) + eps`` in the gradient rather than ``EMA(g_t^2)``.
@@ -229,7 +220,6 @@ class AdaBelief(Optimizer):
         torch's convention (``torch.compile`` runs this method eagerly, not traced)."""
         scales = cast(list[MomentScales], tensors.scales)
         amsgrad, differentiable = group["amsgrad"], group["differentiable"]
-        precision = group["state_precision"]
         for p in group["params"] if params is None else params:
             grad = p.grad
             if grad is None:
@@ -239,9 +229,7 @@ class AdaBelief(Optimizer):
                     f"AdaBelief does not support sparse gradients (parameter of shape "
                     f"{tuple(p.shape)}); use torch.optim.SparseAdam for sparse embeddings"
                 )
-            state = self.state.get(p)
-            if state is None or not _state_is_current(state, p, precision, amsgrad):
-                state = self._param_state(group, p)
+            state = self._param_state(group, p)
             if differentiable and state["step"].requires_grad:
                 raise ValueError(
                     "`requires_grad` is not supported for `step` in differentiable mode"

@@ -30,14 +30,14 @@ from array import array
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from adabelief import compressed_state
 from adabelief._hyper import Hyperparameters
-from adabelief.kernels.lists import NO_SCALES, GroupTensors, MomentScales
+from adabelief.kernels.lists import GroupTensors
 from adabelief.scalars import StepScalars, step_scalars
 
 __all__ = [
@@ -363,7 +363,7 @@ def cpu_step(
         ],
     )
     threads = torch.get_num_threads()
-    for (dtype, fmt), part in _parts(tensors):
+    for (dtype, fmt), positions, part in _parts(tensors):
         code, width = CPU_DTYPES[dtype]
         write_back: list[tuple[Tensor, Tensor]] = []
         state = _FP32_STATE_DTYPE[dtype] if fmt == "fp32" else None  # compressed: as stored
@@ -385,7 +385,7 @@ def cpu_step(
                 addresses.extend(_addresses([entry[k] for entry in part.scales]))
         else:
             addresses.frombytes(bytes(8 * 3 * count))
-        steps = [new_steps[i] for i in part.positions]
+        steps = [new_steps[i] for i in positions]
         scalars = [cache[step] for step in steps]
         # The arrays must outlive the call: keep them referenced until it returns.
         arrays: list[array[Any]] = [
@@ -412,42 +412,24 @@ def cpu_step(
             original.copy_(copy)
 
 
-class _Part(NamedTuple):
-    """The tensors of one kernel call (one parameter dtype, one state format) and their
-    positions in the group. The lists are copies: working copies may replace their entries."""
-
-    positions: Sequence[int]
-    params: list[Tensor]
-    grads: list[Tensor]
-    exp_avgs: list[Tensor]
-    exp_avg_vars: list[Tensor]
-    max_exp_avg_vars: list[Tensor]
-    scales: Sequence[MomentScales]
-
-
-def _parts(tensors: GroupTensors) -> list[tuple[tuple[torch.dtype, str], _Part]]:
-    """The group split by (parameter dtype, state format); one part, without a per-tensor pass
-    over the formats, in the usual case of one dtype and no int8 moments."""
+def _parts(
+    tensors: GroupTensors,
+) -> list[tuple[tuple[torch.dtype, str], Sequence[int], GroupTensors]]:
+    """The group split by (parameter dtype, state format): each part's key, its positions in the
+    group and its tensors, in lists of its own (working copies may replace their entries). One
+    part, without a per-tensor pass over the formats, in the usual case of one dtype and no int8
+    moments."""
     n = len(tensors.params)
     dtypes = {p.dtype for p in tensors.params}
     if not tensors.scales and len(dtypes) == 1:
         bf16 = {m.dtype == torch.bfloat16 for m in tensors.exp_avgs}
         if len(bf16) == 1:
-            p, g, m, v, v_max = (list(column) for column in tensors.columns())
             fmt = "bf16" if bf16.pop() else "fp32"
-            return [((dtypes.pop(), fmt), _Part(range(n), p, g, m, v, v_max, ()))]
+            return [((dtypes.pop(), fmt), range(n), tensors.select(range(n)))]
     groups: dict[tuple[torch.dtype, str], list[int]] = {}
     for i in range(n):
         groups.setdefault((tensors.params[i].dtype, tensors.format_of(i)), []).append(i)
-    parts = []
-    for key, index in groups.items():
-        c = tensors.select(index)
-        scales = c.scales if c.scales else [NO_SCALES] * len(index)
-        part = _Part(
-            index, c.params, c.grads, c.exp_avgs, c.exp_avg_vars, c.max_exp_avg_vars, scales
-        )
-        parts.append((key, part))
-    return parts
+    return [(key, index, tensors.select(index)) for key, index in groups.items()]
 
 
 def _dense_addresses(
