@@ -122,6 +122,37 @@ inline float uniform_dither(float v, uint32_t step_key) {
   return float(int32_t(value_hash(v, step_key) & 0xffffffu)) * (1.0f / 16777216.0f);
 }
 
+// floor(scaled + dither), the stochastic rounding of compressed_state.encode.
+inline float dithered_floor(float scaled, uint32_t step_key) {
+  return std::floor(scaled + uniform_dither(scaled, step_key));
+}
+
+#if defined(__AVX2__)
+// mix32 and dithered_floor on 8 lanes, for the AVX2 loops below (where the compiler's own
+// vectorisation of the scalar loops is poor, those do the same operations: the same bits).
+namespace avx2 {
+
+inline __m256i mix32(__m256i x) {
+  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(int32_t(0x85ebca6bu)));
+  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 13));
+  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(int32_t(0xc2b2ae35u)));
+  return _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+}
+
+// dithered_floor, then NaN -> 0.
+inline __m256 dithered_floor_or_zero(__m256 scaled, __m256i step_key) {
+  const __m256i hash = mix32(_mm256_xor_si256(_mm256_castps_si256(scaled), step_key));
+  const __m256 dither =
+      _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(hash, _mm256_set1_epi32(0xffffff))),
+                    _mm256_set1_ps(1.0f / 16777216.0f));
+  const __m256 code = _mm256_floor_ps(_mm256_add_ps(scaled, dither));
+  return _mm256_and_ps(code, _mm256_cmp_ps(code, code, _CMP_ORD_Q));
+}
+
+}  // namespace avx2
+#endif
+
 template <typename P> struct Math { using T = float; };
 template <> struct Math<double> { using T = double; };
 
@@ -180,32 +211,6 @@ void update_range(P* __restrict p, const P* __restrict g, T* __restrict m, T* __
     store(p, i, param);
   }
 }
-
-#if defined(__AVX2__)
-// The same on 8 lanes, for the AVX2 loops below: where the compiler's own vectorisation of the
-// scalar code is poor, these loops do the same operations, so the results are the same bits.
-namespace avx2 {
-
-inline __m256i mix32(__m256i x) {
-  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
-  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(int32_t(0x85ebca6bu)));
-  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 13));
-  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(int32_t(0xc2b2ae35u)));
-  return _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
-}
-
-// dithered_floor, then NaN -> 0.
-inline __m256 dithered_floor_or_zero(__m256 scaled, __m256i step_key) {
-  const __m256i hash = mix32(_mm256_xor_si256(_mm256_castps_si256(scaled), step_key));
-  const __m256 dither =
-      _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(hash, _mm256_set1_epi32(0xffffff))),
-                    _mm256_set1_ps(1.0f / 16777216.0f));
-  const __m256 code = _mm256_floor_ps(_mm256_add_ps(scaled, dither));
-  return _mm256_and_ps(code, _mm256_cmp_ps(code, code, _CMP_ORD_Q));
-}
-
-}  // namespace avx2
-#endif
 
 // ---- bfloat16 moments (compressed_state.stochastic_round_to_bf16) ---------------------------
 
@@ -286,11 +291,6 @@ inline float block_absmax(const float* values, int64_t n) {
     largest = magnitude > largest ? magnitude : largest;
   }
   return from_bits(largest);
-}
-
-// floor(scaled + dither), the stochastic rounding of compressed_state.encode.
-inline float dithered_floor(float scaled, uint32_t step_key) {
-  return std::floor(scaled + uniform_dither(scaled, step_key));
 }
 
 // The code of one element, for a block scaled by ``inv`` (code = clamp(floor(x * inv + dither)),
