@@ -150,6 +150,8 @@ def grads_with_special_values(params, step):
     # beta1 0.01: the second exp_avg lies where the dither can carry it to inf, and nearest
     # rounding gives bfloat16's largest
     flat[576:608] = torch.linspace(3.3906e38, 3.3938e38, 32)
+    if step == 0:  # betas (0.9, 0.5): the first exp_avg_var, 0.5 * (0.9 g)^2, lies there too
+        flat[608:640] = torch.linspace(2.8929e19, 2.8986e19, 32)
     if step == 2:
         flat[700], flat[1000], flat[1001] = float("nan"), float("inf"), float("-inf")
     grads[1].view(-1)[6290:] = 2.5e38  # in the partial last block
@@ -159,41 +161,44 @@ def grads_with_special_values(params, step):
 @needs_kernel
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
 @pytest.mark.parametrize("amsgrad", [False, True])
-@pytest.mark.parametrize("beta1", [0.9, 0.01])
-def test_special_values_are_bit_identical(precision, amsgrad, beta1):
-    options = dict(lr=0.01, eps=1e-12, amsgrad=amsgrad, betas=(beta1, 0.999))
-    expected = reference_run(
-        torch.float32, precision, 4, grads=grads_with_special_values, **options
-    )
-    actual = optimizer_run(
-        torch.float32, precision, 4, {}, grads=grads_with_special_values, **options
-    )
+@pytest.mark.parametrize("betas", [(0.9, 0.999), (0.01, 0.999), (0.9, 0.5)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_special_values_are_bit_identical(precision, amsgrad, betas, dtype):
+    options = dict(lr=0.01, eps=1e-12, amsgrad=amsgrad, betas=betas)
+    expected = reference_run(dtype, precision, 4, grads=grads_with_special_values, **options)
+    actual = optimizer_run(dtype, precision, 4, {}, grads=grads_with_special_values, **options)
     assert_bit_identical(actual, expected)
     assert actual[0][0].isnan().any() and not actual[0][2].isnan().any()
 
 
-@needs_kernel
-@pytest.mark.parametrize("precision", ["bf16", "int8"])
-def test_a_build_without_avx2_is_bit_identical(precision, tmp_path, monkeypatch):
-    """The int8 quantisation has an AVX2 form and a portable one; build the portable one (no
-    -march flag) and check both against the reference."""
-    compiler = cpu.compiler()
-    source = tmp_path / "adabelief_cpu.cpp"
+@pytest.fixture(scope="module")
+def portable_kernel(tmp_path_factory):
+    """The kernel built without a -march flag: on x86-64, without its AVX2 loops."""
+    folder = tmp_path_factory.mktemp("portable")
+    source = folder / "adabelief_cpu.cpp"
     source.write_bytes(cpu.source())
-    command = cpu.build_command(str(compiler), ("-fopenmp",), source, tmp_path / "portable.so")
+    command = cpu.build_command(str(cpu.compiler()), ("-fopenmp",), source, folder / "k.so")
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
-    portable = cpu._Kernel(tmp_path / "portable.so")
+    portable = cpu._Kernel(folder / "k.so")
     if platform.machine() in ("x86_64", "AMD64"):
         assert not portable.avx2  # the x86-64 baseline has no AVX2
-    options = dict(lr=0.01, eps=1e-12, amsgrad=True, weight_decay=0.1)
-    expected = reference_run(
-        torch.float32, precision, 4, grads=grads_with_special_values, **options
-    )
-    monkeypatch.setattr(cpu, "_kernel", portable)
-    actual = optimizer_run(
-        torch.float32, precision, 4, {}, grads=grads_with_special_values, **options
-    )
+    return portable
+
+
+@needs_kernel
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+@pytest.mark.parametrize("betas", [(0.9, 0.999), (0.01, 0.999), (0.9, 0.5)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_build_without_avx2_is_bit_identical(
+    precision, betas, dtype, portable_kernel, monkeypatch
+):
+    """The rounding loops and bfloat16's in-register step have AVX2 forms and portable ones;
+    the special values through the portable build, against the reference."""
+    options = dict(lr=0.01, eps=1e-12, amsgrad=True, weight_decay=0.1, betas=betas)
+    expected = reference_run(dtype, precision, 4, grads=grads_with_special_values, **options)
+    monkeypatch.setattr(cpu, "_kernel", portable_kernel)
+    actual = optimizer_run(dtype, precision, 4, {}, grads=grads_with_special_values, **options)
     assert_bit_identical(actual, expected)
 
 

@@ -3,6 +3,7 @@ the ABI macros, and keys the build cache by its bytes."""
 
 from __future__ import annotations
 
+import platform
 import subprocess
 from pathlib import Path
 
@@ -12,14 +13,25 @@ from adabelief.kernels import cpu
 
 COMPILER = cpu.compiler()
 needs_compiler = pytest.mark.skipif(COMPILER is None, reason="no C++ compiler here")
+needs_x86 = pytest.mark.skipif(
+    platform.machine() not in ("x86_64", "AMD64"), reason="AVX2 is an x86-64 extension"
+)
 WARNINGS = ("-Wall", "-Wextra", "-Wshadow", "-Wconversion", "-Wno-sign-conversion", "-Werror")
 
 
 @needs_compiler
-def test_kernel_compiles_with_warnings_as_errors(tmp_path):
+@pytest.mark.parametrize(
+    "target",
+    [(), pytest.param(("-mavx2", "-mfma"), marks=needs_x86)],
+    ids=["portable", "avx2"],
+)
+def test_kernel_compiles_with_warnings_as_errors(tmp_path, target):
+    """Both forms of the source: the portable loops, and the AVX2 ones (compiled, not run, so
+    this holds on any x86-64 machine)."""
     source = tmp_path / "adabelief_cpu.cpp"
     source.write_bytes(cpu.source())
-    command = cpu.build_command(str(COMPILER), ("-fopenmp", *WARNINGS), source, tmp_path / "k.so")
+    flags = ("-fopenmp", *target, *WARNINGS)
+    command = cpu.build_command(str(COMPILER), flags, source, tmp_path / "k.so")
     command[command.index("-O3")] = "-O1"  # the warnings, not the optimiser, are under test
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]

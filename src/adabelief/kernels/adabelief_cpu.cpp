@@ -14,17 +14,21 @@
 // torch's CPU sqrt is not always, so results differ from the single-tensor path by an ulp now and
 // then. 16-bit parameters are widened to float32 and rounded back to nearest even, as copy_ does.
 //
-// Compressed moments (adabelief/compressed_state.py is the reference) are decoded, updated and
-// encoded a 256-element block at a time, through float32 buffers on the stack that stay in the
-// L1 cache, with the same hashed dither as the reference, so a resumed run is bit-identical and
-// needs no RNG state. Where GCC vectorises a rounding loop poorly, an AVX2 loop does the same
-// operations (namespace avx2); a build without AVX2 takes the portable loops, with the same
+// Compressed moments (adabelief/compressed_state.py is the reference) use the same hashed dither
+// as the reference, so a resumed run is bit-identical and needs no RNG state. They are decoded,
+// updated and encoded a 256-element block at a time, through float32 buffers on the stack that
+// stay in the L1 cache; int8 must, as it encodes with each block's largest magnitude. On AVX2,
+// bfloat16 moments of float32 and bfloat16 parameters skip the buffers: 16 elements at a time
+// in registers (update_bf16_lanes), the update on 8-float lanes (belief_step is written once,
+// over the lane type). Where GCC vectorises a rounding loop poorly, an AVX2 loop does the same
+// operations (namespace avx2). A build without AVX2 takes the portable loops, with the same
 // results (tests/test_compressed_kernels.py checks both against the reference).
 
 #include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -162,50 +166,103 @@ struct Options {
   double beta1, beta2, eps, decay, weight_decay, gradient_factor;
 };
 
-// The per-element update, written once: on the moments themselves for the fp32 format, on a
-// block of decoded float32 moments for the compressed ones. With ROOTS (the adaptive kind
-// only), belief_root receives the square root of the belief (exp_avg_var, or its maximum with
-// AMSGrad) that the update takes anyway, which the int8 encoder needs too.
+// ---- lanes: one element (float or double), or eight floats in an AVX2 register -------------
+
+// The update is written once (belief_step) over a lane type V with IEEE-exact +, -, *, /, fma,
+// sqrt and a NaN-propagating maximum: V = float or double in the portable loops (which GCC
+// vectorises), V = F8 in the AVX2 loop of the bfloat16 format. The same operations give the
+// same bits on every lane type.
+inline float nan_max(float previous, float v) {
+  return (previous > v || previous != previous) ? previous : v;  // NaN wins
+}
+inline double nan_max(double previous, double v) {
+  return (previous > v || previous != previous) ? previous : v;
+}
+template <typename V> V broadcast(double x);
+template <> inline float broadcast<float>(double x) { return float(x); }
+template <> inline double broadcast<double>(double x) { return x; }
+
+#if defined(__AVX2__)
+struct F8 { __m256 v; };
+inline F8 operator+(F8 a, F8 b) { return {_mm256_add_ps(a.v, b.v)}; }
+inline F8 operator-(F8 a, F8 b) { return {_mm256_sub_ps(a.v, b.v)}; }
+inline F8 operator*(F8 a, F8 b) { return {_mm256_mul_ps(a.v, b.v)}; }
+inline F8 operator/(F8 a, F8 b) { return {_mm256_div_ps(a.v, b.v)}; }
+inline F8 fma(F8 a, F8 b, F8 c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+inline F8 sqrt(F8 a) { return {_mm256_sqrt_ps(a.v)}; }
+inline F8 nan_max(F8 previous, F8 v) {
+  const __m256 keep = _mm256_or_ps(_mm256_cmp_ps(previous.v, v.v, _CMP_GT_OQ),
+                                   _mm256_cmp_ps(previous.v, previous.v, _CMP_UNORD_Q));
+  return {_mm256_blendv_ps(v.v, previous.v, keep)};
+}
+template <> inline F8 broadcast<F8>(double x) { return {_mm256_set1_ps(float(x))}; }
+#endif
+
+using std::fma;
+using std::sqrt;
+
+// The step's coefficients in the lane type (each rounded from double once, as T(x)).
+template <typename V> struct Coefficients {
+  V beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay, weight_decay, gradient_factor;
+  V neg_step, bc2;
+  Coefficients(const Options& o, double step_size, double sqrt_bc2)
+      : beta1(broadcast<V>(o.beta1)), one_minus_beta1(broadcast<V>(1.0 - o.beta1)),
+        beta2(broadcast<V>(o.beta2)), one_minus_beta2(broadcast<V>(1.0 - o.beta2)),
+        eps(broadcast<V>(o.eps)), decay(broadcast<V>(o.decay)),
+        weight_decay(broadcast<V>(o.weight_decay)),
+        gradient_factor(broadcast<V>(o.gradient_factor)), neg_step(broadcast<V>(-step_size)),
+        bc2(broadcast<V>(sqrt_bc2)) {}
+};
+
+// The per-element update (docs/algorithm.md), in place on the lanes of param, avg (exp_avg), var
+// (exp_avg_var) and, with AMSGrad, max_var; grad is the raw gradient. For the adaptive kind,
+// root receives the square root of the belief (var, or max_var with AMSGrad), which the int8
+// encoder needs too.
+template <bool L2, bool AMS, int KIND, typename V>
+inline void belief_step(V& param, V grad, V& avg, V& var, V& max_var, V& root,
+                        const Coefficients<V>& c) {
+  grad = grad * c.gradient_factor;
+  if (L2) {
+    grad = fma(param, c.weight_decay, grad);
+  } else {
+    param = param * c.decay;  // exactly param when decay == 1
+  }
+  avg = avg * c.beta1;
+  avg = fma(grad, c.one_minus_beta1, avg);
+  const V residual = grad - avg;
+  var = var * c.beta2;
+  var = fma(c.one_minus_beta2 * residual, residual, var);
+  var = var + c.eps;
+  V belief = var;
+  if (AMS) {
+    max_var = nan_max(max_var, var);
+    belief = max_var;
+  }
+  if (KIND == kAdaptive) {
+    root = sqrt(belief);
+    const V denom = root / c.bc2 + c.eps;
+    param = param + (c.neg_step * avg) / denom;
+  } else if (KIND == kMomentum) {
+    param = fma(avg, c.neg_step, param);
+  }
+}
+
+// belief_step over elements [begin, end): on the moments themselves for the fp32 format, on a
+// block of decoded float32 moments for the compressed ones. With ROOTS (the adaptive kind only),
+// belief_root receives the square roots of the belief.
 template <typename P, bool L2, bool AMS, int KIND, bool ROOTS = false,
           typename T = typename Math<P>::T>
 void update_range(P* __restrict p, const P* __restrict g, T* __restrict m, T* __restrict s,
                   T* __restrict s_max, int64_t begin, int64_t end, const Options& o,
                   double step_size, double sqrt_bc2, T* __restrict belief_root = nullptr) {
   static_assert(!ROOTS || KIND == kAdaptive, "only the adaptive step takes the square root");
-  const T beta1 = T(o.beta1), one_minus_beta1 = T(1.0 - o.beta1);
-  const T beta2 = T(o.beta2), one_minus_beta2 = T(1.0 - o.beta2);
-  const T eps = T(o.eps), decay = T(o.decay), weight_decay = T(o.weight_decay);
-  const T gradient_factor = T(o.gradient_factor);
-  const T neg_step = T(-step_size), bc2 = T(sqrt_bc2);
+  const Coefficients<T> c(o, step_size, sqrt_bc2);
   for (int64_t i = begin; i < end; ++i) {
-    T grad = load(g, i);
-    grad = grad * gradient_factor;
-    T param = load(p, i);
-    if (L2) {
-      grad = std::fma(param, weight_decay, grad);
-    } else {
-      param = param * decay;  // exactly param when decay == 1
-    }
-    T avg = m[i] * beta1;
-    avg = std::fma(grad, one_minus_beta1, avg);
-    const T residual = grad - avg;
-    T var = s[i] * beta2;
-    var = std::fma(one_minus_beta2 * residual, residual, var);
-    var = var + eps;
-    T belief = var;
-    if (AMS) {
-      const T previous = s_max[i];
-      belief = (previous > var || previous != previous) ? previous : var;  // NaN wins
-      s_max[i] = belief;
-    }
-    if (KIND == kAdaptive) {
-      const T root = std::sqrt(belief);
-      if (ROOTS) belief_root[i] = root;
-      const T denom = root / bc2 + eps;
-      param = param + (neg_step * avg) / denom;
-    } else if (KIND == kMomentum) {
-      param = std::fma(avg, neg_step, param);
-    }
+    T param = load(p, i), avg = m[i], var = s[i];
+    T max_var = AMS ? s_max[i] : T(0), root = T(0);
+    belief_step<L2, AMS, KIND>(param, load(g, i), avg, var, max_var, root, c);
+    if (AMS) s_max[i] = max_var;
+    if (ROOTS) belief_root[i] = root;
     m[i] = avg;
     s[i] = var;
     store(p, i, param);
@@ -218,45 +275,88 @@ inline void decode_bf16(const uint16_t* bits, int64_t n, float* out) {
   for (int64_t j = 0; j < n; ++j) out[j] = from_bits(uint32_t(bits[j]) << 16);
 }
 
-// Stochastic rounding to bfloat16: add a hashed 16-bit dither, truncate. A non-finite result (an
-// infinite or NaN value, or one that rounds past the largest bfloat16) takes the nearest-even
-// rounding instead; those are rare, so they are noted in the vectorised pass and redone after it.
+// Stochastic rounding to bfloat16 of a value's bits: add a hashed 16-bit dither, truncate.
+inline uint32_t stochastic_bf16(uint32_t u, uint32_t step_key) {
+  return (u + (mix32(u ^ step_key) & 0xffffu)) >> 16;
+}
+
+inline bool non_finite_bf16(uint32_t bits) { return (bits & 0x7f80u) == 0x7f80u; }
+
+// A non-finite stochastic result (of an infinite or NaN value, or of one that rounds past the
+// largest bfloat16) takes the nearest-even rounding instead. Those are rare, so the vectorised
+// loops only note that a group has one, and this redoes the group.
+inline void redo_non_finite(const float* values, int64_t n, uint16_t* bits) {
+  for (int64_t k = 0; k < n; ++k) {
+    if (non_finite_bf16(bits[k])) bits[k] = bf16_nearest(values[k]);
+  }
+}
+
+#if defined(__AVX2__)
+namespace avx2 {
+
+inline __m256 widen_bf16(const void* bits) {
+  const __m128i half = _mm_loadu_si128(static_cast<const __m128i*>(bits));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+}
+
+// stochastic_bf16 on 8 lanes: the result in the low 16 bits of each 32-bit lane.
+inline __m256i stochastic_bf16(__m256 values, __m256i step_key) {
+  const __m256i u = _mm256_castps_si256(values);
+  const __m256i dither =
+      _mm256_and_si256(mix32(_mm256_xor_si256(u, step_key)), _mm256_set1_epi32(0xffff));
+  return _mm256_srli_epi32(_mm256_add_epi32(u, dither), 16);
+}
+
+// Two vectors of 16-bit results in 32-bit lanes, packed in element order: a's 8, then b's 8.
+inline __m256i pack16(__m256i a, __m256i b) {
+  // packus interleaves the two by 128-bit lane; permute4x64 puts them in order.
+  return _mm256_permute4x64_epi64(_mm256_packus_epi32(a, b), 0xd8);
+}
+
+// All ones in the 16-bit lanes that hold a non-finite bfloat16.
+inline __m256i non_finite16(__m256i packed) {
+  const __m256i exponent = _mm256_set1_epi16(0x7f80);
+  return _mm256_cmpeq_epi16(_mm256_and_si256(packed, exponent), exponent);
+}
+
+// stochastic_bf16 of 16 values into bits; returns the non_finite16 mask (for redo16).
+inline __m256i round16(const F8 (&values)[2], __m256i step_key, uint16_t* bits) {
+  const __m256i packed =
+      pack16(stochastic_bf16(values[0].v, step_key), stochastic_bf16(values[1].v, step_key));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(bits), packed);
+  return non_finite16(packed);
+}
+
+inline void redo16(const F8 (&values)[2], uint16_t* bits) {
+  float spilled[16];
+  _mm256_storeu_ps(spilled, values[0].v);
+  _mm256_storeu_ps(spilled + 8, values[1].v);
+  redo_non_finite(spilled, 16, bits);
+}
+
+}  // namespace avx2
+#endif
+
 inline void encode_bf16(const float* values, int64_t n, uint32_t step_key, uint16_t* bits) {
   uint32_t non_finite = 0;
   int64_t j = 0;
 #if defined(__AVX2__)
   {
-    const __m256i key = _mm256_set1_epi32(int32_t(step_key)), low = _mm256_set1_epi32(0xffff);
-    const __m256i exponent = _mm256_set1_epi16(0x7f80);
+    const __m256i key = _mm256_set1_epi32(int32_t(step_key));
     __m256i flags = _mm256_setzero_si256();
     for (; j + 16 <= n; j += 16) {
-      __m256i rounded[2];
-      for (int k = 0; k < 2; ++k) {
-        const __m256i u =
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(values + j + 8 * k));
-        const __m256i dither = _mm256_and_si256(avx2::mix32(_mm256_xor_si256(u, key)), low);
-        rounded[k] = _mm256_srli_epi32(_mm256_add_epi32(u, dither), 16);
-      }
-      // packus interleaves the two halves by 128-bit lane; permute4x64 puts them in order.
-      const __m256i packed =
-          _mm256_permute4x64_epi64(_mm256_packus_epi32(rounded[0], rounded[1]), 0xd8);
-      const __m256i top = _mm256_and_si256(packed, exponent);
-      flags = _mm256_or_si256(flags, _mm256_cmpeq_epi16(top, exponent));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(bits + j), packed);
+      const F8 loaded[2] = {{_mm256_loadu_ps(values + j)}, {_mm256_loadu_ps(values + j + 8)}};
+      flags = _mm256_or_si256(flags, avx2::round16(loaded, key, bits + j));
     }
     non_finite = uint32_t(!_mm256_testz_si256(flags, flags));
   }
 #endif
   for (; j < n; ++j) {
-    const uint32_t u = to_bits(values[j]);
-    const uint32_t rounded = (u + (mix32(u ^ step_key) & 0xffffu)) >> 16;
-    non_finite |= uint32_t((rounded & 0x7f80u) == 0x7f80u);
+    const uint32_t rounded = stochastic_bf16(to_bits(values[j]), step_key);
+    non_finite |= uint32_t(non_finite_bf16(rounded));
     bits[j] = uint16_t(rounded);
   }
-  if (non_finite == 0) return;
-  for (int64_t k = 0; k < n; ++k) {
-    if ((bits[k] & 0x7f80u) == 0x7f80u) bits[k] = bf16_nearest(values[k]);
-  }
+  if (non_finite != 0) redo_non_finite(values, n, bits);
 }
 
 // ---- block-wise int8 (compressed_state.decode / encode_) -------------------------------------
@@ -363,12 +463,13 @@ inline void encode_signed(const float* values, int64_t n, uint32_t step_key, int
   for (; j < n; ++j) codes[j] = signed_code(values[j], inv, step_key);
 }
 
-// sqrt(max(v, 0)) (NaN stays NaN), correctly rounded as the reference's.
-inline void square_roots(const float* values, int64_t n, float* roots) {
+// sqrt(max(v, 0)) (NaN stays NaN), correctly rounded as the reference's; returns roots.
+inline const float* square_roots(const float* values, int64_t n, float* roots) {
   for (int64_t j = 0; j < n; ++j) {
     const float v = values[j];
     roots[j] = std::sqrt(v > 0.0f || v != v ? v : 0.0f);
   }
+  return roots;
 }
 
 // ``roots``: square_roots of the values (their codes are of the roots).
@@ -416,6 +517,10 @@ void decode_block(const Operands& t, int64_t b, int64_t n, float* m, float* s, f
 
 // ``belief_root``: with ROOTS, the square roots of the belief that the update took (int8 only):
 // those of exp_avg_var, or with AMSGrad of its maximum, which need not be taken again.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push  // GCC 12 at -O1 cannot see that square_roots fills ``roots``
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 template <int FORMAT, bool AMS, bool ROOTS>
 void encode_block(const Operands& t, int64_t b, int64_t n, const float* m, const float* s,
                   const float* s_max, const float* belief_root) {
@@ -427,23 +532,77 @@ void encode_block(const Operands& t, int64_t b, int64_t n, const float* m, const
     const int64_t block = b / kBlock;
     float roots[kBlock];
     encode_signed(m, n, t.step_key, static_cast<int8_t*>(t.m) + b, t.m_scale + block);
-    const float* s_roots = belief_root;
-    if (!ROOTS || AMS) {
-      square_roots(s, n, roots);
-      s_roots = roots;
-    }
+    const float* s_roots = !ROOTS || AMS ? square_roots(s, n, roots) : belief_root;
     encode_root(s_roots, n, t.step_key, static_cast<uint8_t*>(t.s) + b, t.s_scale + block);
     if (AMS) {
-      const float* max_roots = belief_root;
-      if (!ROOTS) {
-        square_roots(s_max, n, roots);
-        max_roots = roots;
-      }
+      const float* max_roots = ROOTS ? belief_root : square_roots(s_max, n, roots);
       encode_root(max_roots, n, t.step_key, static_cast<uint8_t*>(t.s_max) + b,
                   t.s_max_scale + block);
     }
   }
 }
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+
+#if defined(__AVX2__)
+namespace avx2 {
+
+inline F8 load8(const float* x) { return {_mm256_loadu_ps(x)}; }
+inline F8 load8(const BF16* x) { return {widen_bf16(x)}; }
+inline void store8(float* x, F8 v) { _mm256_storeu_ps(x, v.v); }
+// bf16_nearest on 8 lanes.
+inline void store8(BF16* x, F8 v) {
+  const __m256i u = _mm256_castps_si256(v.v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i rounded = _mm256_srli_epi32(
+      _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), odd), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v.v, v.v, _CMP_UNORD_Q));
+  rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7fc0), nan);
+  const __m128i packed =
+      _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(x), packed);
+}
+
+// The bfloat16 format with float32 or bfloat16 parameters, 16 elements at a time: the moments
+// are widened, updated and rounded in registers (no buffers), and each moment's 16 results are
+// packed into one store. Returns where it stopped: the last (end - begin) mod 16 elements are
+// the caller's.
+template <typename P, bool L2, bool AMS, int KIND>
+int64_t update_bf16_lanes(const Operands& t, int64_t begin, int64_t end, const Options& o,
+                          double step_size, double sqrt_bc2) {
+  P* p = static_cast<P*>(t.p);
+  const P* g = static_cast<const P*>(t.g);
+  uint16_t* m = static_cast<uint16_t*>(t.m);
+  uint16_t* s = static_cast<uint16_t*>(t.s);
+  uint16_t* s_max = static_cast<uint16_t*>(t.s_max);
+  const Coefficients<F8> c(o, step_size, sqrt_bc2);
+  const __m256i key = _mm256_set1_epi32(int32_t(t.step_key));
+  int64_t i = begin;
+  for (; i + 16 <= end; i += 16) {
+    F8 avg[2], var[2], max_var[2];
+    for (int k = 0; k < 2; ++k) {
+      const int64_t j = i + 8 * k;
+      F8 param = load8(p + j), root{_mm256_setzero_ps()};
+      avg[k] = F8{widen_bf16(m + j)};
+      var[k] = F8{widen_bf16(s + j)};
+      max_var[k] = F8{AMS ? widen_bf16(s_max + j) : _mm256_setzero_ps()};
+      belief_step<L2, AMS, KIND>(param, load8(g + j), avg[k], var[k], max_var[k], root, c);
+      store8(p + j, param);
+    }
+    __m256i flags = _mm256_or_si256(round16(avg, key, m + i), round16(var, key, s + i));
+    if (AMS) flags = _mm256_or_si256(flags, round16(max_var, key, s_max + i));
+    if (!_mm256_testz_si256(flags, flags)) {
+      redo16(avg, m + i);
+      redo16(var, s + i);
+      if (AMS) redo16(max_var, s_max + i);
+    }
+  }
+  return i;
+}
+
+}  // namespace avx2
+#endif
 
 using Fn = void (*)(const Operands&, int64_t, int64_t, const Options&, double, double);
 
@@ -457,6 +616,12 @@ void update_erased(const Operands& t, int64_t begin, int64_t end, const Options&
     update_range<P, L2, AMS, KIND>(p, g, static_cast<T*>(t.m), static_cast<T*>(t.s),
                                    static_cast<T*>(t.s_max), begin, end, o, step_size, sqrt_bc2);
   } else {
+#if defined(__AVX2__)
+    if constexpr (FORMAT == ADABELIEF_STATE_BF16 &&
+                  (std::is_same_v<P, float> || std::is_same_v<P, BF16>)) {
+      begin = avx2::update_bf16_lanes<P, L2, AMS, KIND>(t, begin, end, o, step_size, sqrt_bc2);
+    }
+#endif
     constexpr bool roots = FORMAT == ADABELIEF_STATE_INT8 && KIND == kAdaptive;
     float m[kBlock], s[kBlock], s_max[kBlock], belief_root[roots ? kBlock : 1];
     for (int64_t b = begin; b < end; b += kBlock) {
