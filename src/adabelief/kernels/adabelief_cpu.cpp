@@ -17,11 +17,13 @@
 // Compressed moments (adabelief/compressed_state.py is the reference) use the same hashed dither
 // as the reference, so a resumed run is bit-identical and needs no RNG state. They are decoded,
 // updated and encoded a 256-element block at a time, through float32 buffers on the stack that
-// stay in the L1 cache; int8 must, as it encodes with each block's largest magnitude. On AVX2,
-// bfloat16 moments of float32 and bfloat16 parameters skip the buffers: 16 elements at a time
-// in registers (update_bf16_lanes), the update on 8-float lanes (belief_step is written once,
-// over the lane type). Where GCC vectorises a rounding loop poorly, an AVX2 loop does the same
-// operations (namespace avx2). A build without AVX2 takes the portable loops, with the same
+// stay in the L1 cache. On AVX2, with float32 and bfloat16 parameters, the update runs on
+// 8-float lanes (belief_step is written once, over the lane type) and the buffers are mostly
+// skipped: bfloat16 moments are stepped 16 elements at a time in registers
+// (update_bf16_lanes); int8 blocks are decoded and updated in registers, and only the values to
+// encode go through buffers, their block maxima taken on the way, since the codes need them
+// first (update_int8_block). Where GCC vectorises a rounding loop poorly, an AVX2 loop does the
+// same operations (namespace avx2). A build without AVX2 takes the portable loops, with the same
 // results (tests/test_compressed_kernels.py checks both against the reference).
 
 #include <atomic>
@@ -170,8 +172,8 @@ struct Options {
 
 // The update is written once (belief_step) over a lane type V with IEEE-exact +, -, *, /, fma,
 // sqrt and a NaN-propagating maximum: V = float or double in the portable loops (which GCC
-// vectorises), V = F8 in the AVX2 loop of the bfloat16 format. The same operations give the
-// same bits on every lane type.
+// vectorises), V = F8 in the AVX2 loops of the compressed formats. The same operations give
+// the same bits on every lane type.
 inline float nan_max(float previous, float v) {
   return (previous > v || previous != previous) ? previous : v;  // NaN wins
 }
@@ -451,9 +453,9 @@ inline int64_t block_codes(const float* values, int64_t n, float inv, uint32_t s
 }  // namespace avx2
 #endif
 
-inline void encode_signed(const float* values, int64_t n, uint32_t step_key, int8_t* codes,
-                          float* absmax) {
-  const float block_max = block_absmax(values, n);
+// exp_avg's codes for a block whose block_absmax is block_max, which is stored to *absmax.
+inline void encode_signed(const float* values, int64_t n, float block_max, uint32_t step_key,
+                          int8_t* codes, float* absmax) {
   *absmax = block_max;
   const float inv = inverse_scale(block_max, 127.0f);
   int64_t j = 0;
@@ -473,9 +475,8 @@ inline const float* square_roots(const float* values, int64_t n, float* roots) {
 }
 
 // ``roots``: square_roots of the values (their codes are of the roots).
-inline void encode_root(const float* roots, int64_t n, uint32_t step_key, uint8_t* codes,
-                        float* rootmax) {
-  const float block_max = block_absmax(roots, n);
+inline void encode_root(const float* roots, int64_t n, float block_max, uint32_t step_key,
+                        uint8_t* codes, float* rootmax) {
   *rootmax = block_max;
   const float inv = inverse_scale(block_max, 255.0f);
   int64_t j = 0;
@@ -531,13 +532,15 @@ void encode_block(const Operands& t, int64_t b, int64_t n, const float* m, const
   } else {
     const int64_t block = b / kBlock;
     float roots[kBlock];
-    encode_signed(m, n, t.step_key, static_cast<int8_t*>(t.m) + b, t.m_scale + block);
+    encode_signed(m, n, block_absmax(m, n), t.step_key, static_cast<int8_t*>(t.m) + b,
+                  t.m_scale + block);
     const float* s_roots = !ROOTS || AMS ? square_roots(s, n, roots) : belief_root;
-    encode_root(s_roots, n, t.step_key, static_cast<uint8_t*>(t.s) + b, t.s_scale + block);
+    encode_root(s_roots, n, block_absmax(s_roots, n), t.step_key,
+                static_cast<uint8_t*>(t.s) + b, t.s_scale + block);
     if (AMS) {
       const float* max_roots = ROOTS ? belief_root : square_roots(s_max, n, roots);
-      encode_root(max_roots, n, t.step_key, static_cast<uint8_t*>(t.s_max) + b,
-                  t.s_max_scale + block);
+      encode_root(max_roots, n, block_absmax(max_roots, n), t.step_key,
+                  static_cast<uint8_t*>(t.s_max) + b, t.s_max_scale + block);
     }
   }
 }
@@ -601,6 +604,85 @@ int64_t update_bf16_lanes(const Operands& t, int64_t begin, int64_t end, const O
   return i;
 }
 
+inline __m256 widen_codes(const int8_t* codes) {
+  const __m128i eight = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes));
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(eight));
+}
+inline __m256 widen_codes(const uint8_t* codes) {
+  const __m128i eight = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes));
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(eight));
+}
+
+// block_absmax of values stored to out, 8 at a time: the running maximum of the magnitudes' bits.
+inline __m256i store_and_max(float* out, F8 values, __m256i running) {
+  _mm256_storeu_ps(out, values.v);
+  const __m256i magnitude =
+      _mm256_and_si256(_mm256_castps_si256(values.v), _mm256_set1_epi32(0x7fffffff));
+  return _mm256_max_epu32(running, magnitude);
+}
+
+inline float largest(__m256i running) {
+  __m128i m = _mm_max_epu32(_mm256_castsi256_si128(running), _mm256_extracti128_si256(running, 1));
+  m = _mm_max_epu32(m, _mm_shuffle_epi32(m, 0x4e));
+  m = _mm_max_epu32(m, _mm_shuffle_epi32(m, 0xb1));
+  return from_bits(uint32_t(_mm_cvtsi128_si32(m)));
+}
+
+// square_roots on 8 lanes.
+inline F8 square_roots(F8 v) {
+  const __m256 keep = _mm256_or_ps(_mm256_cmp_ps(v.v, _mm256_setzero_ps(), _CMP_GT_OQ),
+                                   _mm256_cmp_ps(v.v, v.v, _CMP_UNORD_Q));
+  return {_mm256_sqrt_ps(_mm256_and_ps(v.v, keep))};
+}
+
+// The int8 format with float32 or bfloat16 parameters, one whole block at b: the codes are
+// decoded and the block updated in registers; the new exp_avg and the roots to be coded go to
+// L1 buffers, their block maxima taken on the way, and are encoded from there (the codes need
+// the block's maxima first).
+template <typename P, bool L2, bool AMS, int KIND>
+void update_int8_block(const Operands& t, int64_t b, const Coefficients<F8>& c) {
+  P* p = static_cast<P*>(t.p) + b;
+  const P* g = static_cast<const P*>(t.g) + b;
+  const int8_t* m_codes = static_cast<const int8_t*>(t.m) + b;
+  const uint8_t* s_codes = static_cast<const uint8_t*>(t.s) + b;
+  const uint8_t* max_codes = AMS ? static_cast<const uint8_t*>(t.s_max) + b : nullptr;
+  const int64_t block = b / kBlock;
+  // decode_signed's and decode_root's steps
+  const F8 m_step{_mm256_set1_ps(t.m_scale[block] / 127.0f)};
+  const F8 s_step{_mm256_set1_ps(t.s_scale[block] / 255.0f)};
+  const F8 max_step{_mm256_set1_ps(AMS ? t.s_max_scale[block] / 255.0f : 0.0f)};
+  float avgs[kBlock], var_roots[kBlock], max_roots[AMS ? kBlock : 1];
+  __m256i avg_max = _mm256_setzero_si256(), var_root_max = avg_max, max_root_max = avg_max;
+  for (int64_t j = 0; j < kBlock; j += 8) {
+    F8 param = load8(p + j), avg = F8{widen_codes(m_codes + j)} * m_step;
+    const F8 stored_root = F8{widen_codes(s_codes + j)} * s_step;
+    F8 var = stored_root * stored_root, max_var{_mm256_setzero_ps()}, root{_mm256_setzero_ps()};
+    if (AMS) {
+      const F8 stored_max_root = F8{widen_codes(max_codes + j)} * max_step;
+      max_var = stored_max_root * stored_max_root;
+    }
+    belief_step<L2, AMS, KIND>(param, load8(g + j), avg, var, max_var, root, c);
+    store8(p + j, param);
+    // The update's root is that of the belief: var's without AMSGrad, max_var's with it.
+    constexpr bool adaptive = KIND == kAdaptive;
+    avg_max = store_and_max(avgs + j, avg, avg_max);
+    const F8 var_root = adaptive && !AMS ? root : square_roots(var);
+    var_root_max = store_and_max(var_roots + j, var_root, var_root_max);
+    if (AMS) {
+      const F8 max_root = adaptive ? root : square_roots(max_var);
+      max_root_max = store_and_max(max_roots + j, max_root, max_root_max);
+    }
+  }
+  encode_signed(avgs, kBlock, largest(avg_max), t.step_key, static_cast<int8_t*>(t.m) + b,
+                t.m_scale + block);
+  encode_root(var_roots, kBlock, largest(var_root_max), t.step_key,
+              static_cast<uint8_t*>(t.s) + b, t.s_scale + block);
+  if (AMS) {
+    encode_root(max_roots, kBlock, largest(max_root_max), t.step_key,
+                static_cast<uint8_t*>(t.s_max) + b, t.s_max_scale + block);
+  }
+}
+
 }  // namespace avx2
 #endif
 
@@ -620,6 +702,13 @@ void update_erased(const Operands& t, int64_t begin, int64_t end, const Options&
     if constexpr (FORMAT == ADABELIEF_STATE_BF16 &&
                   (std::is_same_v<P, float> || std::is_same_v<P, BF16>)) {
       begin = avx2::update_bf16_lanes<P, L2, AMS, KIND>(t, begin, end, o, step_size, sqrt_bc2);
+    }
+    if constexpr (FORMAT == ADABELIEF_STATE_INT8 &&
+                  (std::is_same_v<P, float> || std::is_same_v<P, BF16>)) {
+      const Coefficients<F8> c(o, step_size, sqrt_bc2);
+      for (; begin + kBlock <= end; begin += kBlock) {
+        avx2::update_int8_block<P, L2, AMS, KIND>(t, begin, c);
+      }
     }
 #endif
     constexpr bool roots = FORMAT == ADABELIEF_STATE_INT8 && KIND == kAdaptive;
