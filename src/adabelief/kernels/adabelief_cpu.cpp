@@ -420,11 +420,15 @@ inline uint8_t root_code(float root, float inv, uint32_t step_key) {
 // the quantisation is most of an int8 step. NaN becomes 0 first, so max/min see no NaN.
 namespace avx2 {
 
-// The codes of the leading multiple of 32 of ``n`` elements scaled by ``inv``; returns how many.
+// The leading multiple of 32 of n >= 0 elements, which block_codes takes (the rest: the scalar
+// loops). Written so that the compiler sees 0 <= result <= n.
+inline int64_t vector_part(int64_t n) { return n & ~int64_t(31); }
+
+// The codes of the first ``n`` elements (a multiple of 32: see vector_part) scaled by ``inv``.
 // SIGNED: exp_avg's, clamped to [-127, 127]; else the roots', clamped to [lowest, 255].
 template <bool SIGNED, typename Code>
-inline int64_t block_codes(const float* values, int64_t n, float inv, uint32_t step_key,
-                           Code* codes) {
+inline void block_codes(const float* values, int64_t n, float inv, uint32_t step_key,
+                        Code* codes) {
   const __m256i key = _mm256_set1_epi32(int32_t(step_key));
   const __m256 scale = _mm256_set1_ps(inv), one = _mm256_set1_ps(1.0f);
   const __m256 hi = _mm256_set1_ps(SIGNED ? 127.0f : 255.0f), lo = _mm256_set1_ps(-127.0f);
@@ -447,7 +451,6 @@ inline int64_t block_codes(const float* values, int64_t n, float inv, uint32_t s
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + j),
                         _mm256_permutevar8x32_epi32(packed, order));
   }
-  return j;
 }
 
 }  // namespace avx2
@@ -460,7 +463,8 @@ inline void encode_signed(const float* values, int64_t n, float block_max, uint3
   const float inv = inverse_scale(block_max, 127.0f);
   int64_t j = 0;
 #if defined(__AVX2__)
-  j = avx2::block_codes<true>(values, n, inv, step_key, codes);
+  j = avx2::vector_part(n);
+  avx2::block_codes<true>(values, j, inv, step_key, codes);
 #endif
   for (; j < n; ++j) codes[j] = signed_code(values[j], inv, step_key);
 }
@@ -481,7 +485,8 @@ inline void encode_root(const float* roots, int64_t n, float block_max, uint32_t
   const float inv = inverse_scale(block_max, 255.0f);
   int64_t j = 0;
 #if defined(__AVX2__)
-  j = avx2::block_codes<false>(roots, n, inv, step_key, codes);
+  j = avx2::vector_part(n);
+  avx2::block_codes<false>(roots, j, inv, step_key, codes);
 #endif
   for (; j < n; ++j) codes[j] = root_code(roots[j], inv, step_key);
 }
@@ -572,14 +577,13 @@ inline void store8(BF16* x, F8 v) {
 // packed into one store. Returns where it stopped: the last (end - begin) mod 16 elements are
 // the caller's.
 template <typename P, bool L2, bool AMS, int KIND>
-int64_t update_bf16_lanes(const Operands& t, int64_t begin, int64_t end, const Options& o,
-                          double step_size, double sqrt_bc2) {
+int64_t update_bf16_lanes(const Operands& t, int64_t begin, int64_t end,
+                          const Coefficients<F8>& c) {
   P* p = static_cast<P*>(t.p);
   const P* g = static_cast<const P*>(t.g);
   uint16_t* m = static_cast<uint16_t*>(t.m);
   uint16_t* s = static_cast<uint16_t*>(t.s);
   uint16_t* s_max = static_cast<uint16_t*>(t.s_max);
-  const Coefficients<F8> c(o, step_size, sqrt_bc2);
   const __m256i key = _mm256_set1_epi32(int32_t(t.step_key));
   int64_t i = begin;
   for (; i + 16 <= end; i += 16) {
@@ -699,15 +703,14 @@ void update_erased(const Operands& t, int64_t begin, int64_t end, const Options&
                                    static_cast<T*>(t.s_max), begin, end, o, step_size, sqrt_bc2);
   } else {
 #if defined(__AVX2__)
-    if constexpr (FORMAT == ADABELIEF_STATE_BF16 &&
-                  (std::is_same_v<P, float> || std::is_same_v<P, BF16>)) {
-      begin = avx2::update_bf16_lanes<P, L2, AMS, KIND>(t, begin, end, o, step_size, sqrt_bc2);
-    }
-    if constexpr (FORMAT == ADABELIEF_STATE_INT8 &&
-                  (std::is_same_v<P, float> || std::is_same_v<P, BF16>)) {
+    if constexpr (std::is_same_v<P, float> || std::is_same_v<P, BF16>) {
       const Coefficients<F8> c(o, step_size, sqrt_bc2);
-      for (; begin + kBlock <= end; begin += kBlock) {
-        avx2::update_int8_block<P, L2, AMS, KIND>(t, begin, c);
+      if constexpr (FORMAT == ADABELIEF_STATE_BF16) {
+        begin = avx2::update_bf16_lanes<P, L2, AMS, KIND>(t, begin, end, c);
+      } else {
+        for (; begin + kBlock <= end; begin += kBlock) {
+          avx2::update_int8_block<P, L2, AMS, KIND>(t, begin, c);
+        }
       }
     }
 #endif
