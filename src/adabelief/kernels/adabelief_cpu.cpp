@@ -456,19 +456,6 @@ inline void block_codes(const float* values, int64_t n, float inv, uint32_t step
 }  // namespace avx2
 #endif
 
-// exp_avg's codes for a block whose block_absmax is block_max, which is stored to *absmax.
-inline void encode_signed(const float* values, int64_t n, float block_max, uint32_t step_key,
-                          int8_t* codes, float* absmax) {
-  *absmax = block_max;
-  const float inv = inverse_scale(block_max, 127.0f);
-  int64_t j = 0;
-#if defined(__AVX2__)
-  j = avx2::vector_part(n);
-  avx2::block_codes<true>(values, j, inv, step_key, codes);
-#endif
-  for (; j < n; ++j) codes[j] = signed_code(values[j], inv, step_key);
-}
-
 // sqrt(max(v, 0)) (NaN stays NaN), correctly rounded as the reference's; returns roots.
 inline const float* square_roots(const float* values, int64_t n, float* roots) {
   for (int64_t j = 0; j < n; ++j) {
@@ -478,17 +465,26 @@ inline const float* square_roots(const float* values, int64_t n, float* roots) {
   return roots;
 }
 
-// ``roots``: square_roots of the values (their codes are of the roots).
-inline void encode_root(const float* roots, int64_t n, float block_max, uint32_t step_key,
-                        uint8_t* codes, float* rootmax) {
-  *rootmax = block_max;
-  const float inv = inverse_scale(block_max, 255.0f);
+// The codes of a block whose block_absmax is block_max, which is stored to *scale as the block's
+// scale: exp_avg's signed codes (SIGNED), or the unsigned codes of the roots of exp_avg_var or of
+// its maximum (their square_roots: the codes are of the roots).
+template <bool SIGNED, typename Code>
+inline void encode_codes(const float* values, int64_t n, float block_max, uint32_t step_key,
+                         Code* codes, float* scale) {
+  *scale = block_max;
+  const float inv = inverse_scale(block_max, SIGNED ? 127.0f : 255.0f);
   int64_t j = 0;
 #if defined(__AVX2__)
   j = avx2::vector_part(n);
-  avx2::block_codes<false>(roots, j, inv, step_key, codes);
+  avx2::block_codes<SIGNED>(values, j, inv, step_key, codes);
 #endif
-  for (; j < n; ++j) codes[j] = root_code(roots[j], inv, step_key);
+  for (; j < n; ++j) {
+    if constexpr (SIGNED) {
+      codes[j] = signed_code(values[j], inv, step_key);
+    } else {
+      codes[j] = root_code(values[j], inv, step_key);
+    }
+  }
 }
 
 // One tensor's pointers for one call.
@@ -504,7 +500,7 @@ struct Operands {
   uint32_t step_key;
 };
 
-// The compressed formats, a block of kBlock elements at a time (begin is a multiple of kBlock):
+// The compressed formats, up to kBlock elements at a time (for int8, b is a multiple of kBlock):
 // decode the moments into float32 buffers on the stack, update, encode. Each of the three loops
 // is short and vectorises; the buffers stay in the L1 cache.
 template <int FORMAT, bool AMS>
@@ -537,15 +533,15 @@ void encode_block(const Operands& t, int64_t b, int64_t n, const float* m, const
   } else {
     const int64_t block = b / kBlock;
     float roots[kBlock];
-    encode_signed(m, n, block_absmax(m, n), t.step_key, static_cast<int8_t*>(t.m) + b,
-                  t.m_scale + block);
+    encode_codes<true>(m, n, block_absmax(m, n), t.step_key, static_cast<int8_t*>(t.m) + b,
+                       t.m_scale + block);
     const float* s_roots = !ROOTS || AMS ? square_roots(s, n, roots) : belief_root;
-    encode_root(s_roots, n, block_absmax(s_roots, n), t.step_key,
-                static_cast<uint8_t*>(t.s) + b, t.s_scale + block);
+    encode_codes<false>(s_roots, n, block_absmax(s_roots, n), t.step_key,
+                        static_cast<uint8_t*>(t.s) + b, t.s_scale + block);
     if (AMS) {
       const float* max_roots = ROOTS ? belief_root : square_roots(s_max, n, roots);
-      encode_root(max_roots, n, block_absmax(max_roots, n), t.step_key,
-                  static_cast<uint8_t*>(t.s_max) + b, t.s_max_scale + block);
+      encode_codes<false>(max_roots, n, block_absmax(max_roots, n), t.step_key,
+                          static_cast<uint8_t*>(t.s_max) + b, t.s_max_scale + block);
     }
   }
 }
@@ -657,6 +653,7 @@ void update_int8_block(const Operands& t, int64_t b, const Coefficients<F8>& c) 
   const F8 max_step{_mm256_set1_ps(AMS ? t.s_max_scale[block] / 255.0f : 0.0f)};
   float avgs[kBlock], var_roots[kBlock], max_roots[AMS ? kBlock : 1];
   __m256i avg_max = _mm256_setzero_si256(), var_root_max = avg_max, max_root_max = avg_max;
+  constexpr bool adaptive = KIND == kAdaptive;
   for (int64_t j = 0; j < kBlock; j += 8) {
     F8 param = load8(p + j), avg = F8{widen_codes(m_codes + j)} * m_step;
     const F8 stored_root = F8{widen_codes(s_codes + j)} * s_step;
@@ -668,7 +665,6 @@ void update_int8_block(const Operands& t, int64_t b, const Coefficients<F8>& c) 
     belief_step<L2, AMS, KIND>(param, load8(g + j), avg, var, max_var, root, c);
     store8(p + j, param);
     // The update's root is that of the belief: var's without AMSGrad, max_var's with it.
-    constexpr bool adaptive = KIND == kAdaptive;
     avg_max = store_and_max(avgs + j, avg, avg_max);
     const F8 var_root = adaptive && !AMS ? root : square_roots(var);
     var_root_max = store_and_max(var_roots + j, var_root, var_root_max);
@@ -677,13 +673,13 @@ void update_int8_block(const Operands& t, int64_t b, const Coefficients<F8>& c) 
       max_root_max = store_and_max(max_roots + j, max_root, max_root_max);
     }
   }
-  encode_signed(avgs, kBlock, largest(avg_max), t.step_key, static_cast<int8_t*>(t.m) + b,
-                t.m_scale + block);
-  encode_root(var_roots, kBlock, largest(var_root_max), t.step_key,
-              static_cast<uint8_t*>(t.s) + b, t.s_scale + block);
+  encode_codes<true>(avgs, kBlock, largest(avg_max), t.step_key, static_cast<int8_t*>(t.m) + b,
+                     t.m_scale + block);
+  encode_codes<false>(var_roots, kBlock, largest(var_root_max), t.step_key,
+                      static_cast<uint8_t*>(t.s) + b, t.s_scale + block);
   if (AMS) {
-    encode_root(max_roots, kBlock, largest(max_root_max), t.step_key,
-                static_cast<uint8_t*>(t.s_max) + b, t.s_max_scale + block);
+    encode_codes<false>(max_roots, kBlock, largest(max_root_max), t.step_key,
+                        static_cast<uint8_t*>(t.s_max) + b, t.s_max_scale + block);
   }
 }
 
