@@ -41,6 +41,7 @@ __all__ = [
     "plot_stem",
     "run_label",
     "save_figure",
+    "write_plots",
 ]
 
 _COLORS = {
@@ -222,3 +223,28 @@ def plot_profile(profile: Profile, path: Path) -> Path | None:
         fontsize=9,
     )
     return save_figure(figure, path)
+
+
+def write_plots(
+    results: list[ExperimentResult], profiles: list[Profile], root: Path
+) -> tuple[dict[int, list[Path]], dict[str, Path]]:
+    """Draw every figure of the report under ``root/plots``.
+
+    Returns the figures of each experiment (by its index in ``results``: learning curves plus
+    its task's own figures) and the performance-profile figure of each mode.
+    """
+    from adabelief.experiments.tasks import TASKS
+
+    directory = root / "plots"
+    plots: dict[int, list[Path]] = {}
+    for index, result in enumerate(results):
+        written = [plot_curves(result, directory / f"{plot_stem(result)}-curves.png")]
+        task = TASKS.get(result.experiment.task)
+        extra = task.plots(result, directory) if task is not None else []
+        plots[index] = [p for p in (*written, *extra) if p is not None]
+    profile_plots: dict[str, Path] = {}
+    for profile in profiles:
+        path = plot_profile(profile, directory / f"profile-{profile.mode}.png")
+        if path is not None:
+            profile_plots[profile.mode] = path
+    return plots, profile_plots
