@@ -515,6 +515,13 @@ def test_beta_1_zero_is_refused_with_the_reason() -> None:
         AdaBelief(epsilon=np.array([1e-16, 1e-8]))
 
 
+@pytest.mark.parametrize("epsilon", [0, 0.0, np.float32(0.0)])
+def test_epsilon_zero_is_refused_with_the_reason(epsilon: Any) -> None:
+    """The belief can be exactly 0 (a zero gradient), so epsilon = 0 would give 0/0 = NaN."""
+    with pytest.raises(ValueError, match=r"^Invalid epsilon: 0(\.0)? \(must be > 0: .*0/0 = NaN"):
+        AdaBelief(epsilon=epsilon)
+
+
 def test_core_import_does_not_import_frameworks() -> None:
     code = (
         "import sys, adabelief; "

@@ -325,6 +325,19 @@ def test_array_hyperparameters_are_checked_when_concrete() -> None:
         adabelief("0.1")  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("factory", ["adabelief", "scale_by_adabelief", "inject_hyperparams"])
+def test_eps_zero_is_refused_with_the_reason(factory: str) -> None:
+    """The belief can be exactly 0 (a zero gradient), so eps = 0 would give 0/0 = NaN."""
+    params = {"x": jnp.ones(3)}
+    with pytest.raises(ValueError, match=r"^Invalid eps: 0(\.0)? \(must be > 0: .*0/0 = NaN"):
+        if factory == "adabelief":
+            adabelief(1e-3, eps=0.0)
+        elif factory == "scale_by_adabelief":
+            scale_by_adabelief(eps=0)
+        else:  # eps arrives as a (concrete) array at init
+            optax.inject_hyperparams(adabelief)(learning_rate=1e-3, eps=0.0).init(params)
+
+
 def test_adabelief_optax_imports_no_other_framework() -> None:
     """Beyond JAX and optax, ``adabelief.optax`` imports neither Keras nor TensorFlow."""
     import subprocess

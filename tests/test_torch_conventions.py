@@ -42,12 +42,22 @@ def test_tensor_lr_with_several_elements_is_refused_in_torch_words(cls):
         cls(params(), lr=torch.tensor([1e-3, 1e-3]))
 
 
-def test_fused_on_meta_parameters_raises_at_construction():
-    meta = [torch.nn.Parameter(torch.empty(4, device="meta"))]
-    with pytest.raises(RuntimeError, match="`fused=True` requires all the params") as info:
-        AdaBelief(meta, fused=True)
-    assert "meta" in str(info.value)
-    AdaBelief(meta)  # unfused: constructing is fine, as with torch
+@pytest.mark.parametrize("cls", [torch.optim.Adam, AdaBelief])
+def test_fused_on_meta_parameters_constructs_and_raises_at_step(cls):
+    """As torch's test_fused_error_on_params_on_meta: models are built on meta and materialised
+    later, so construction succeeds and the first step refuses a parameter still on meta."""
+    meta = torch.nn.Parameter(torch.empty(4, device="meta"))
+    opt = cls([meta], fused=True)
+    meta.grad = torch.empty(4, device="meta")
+    with pytest.raises(RuntimeError) as info:
+        opt.step()
+    message = str(info.value)
+    assert message.startswith(
+        "`fused=True` requires all the params to be floating point Tensors of supported devices"
+    )
+    assert message.endswith("but torch.float32 and meta")
+    if cls is AdaBelief:
+        assert not opt.state[meta], "no state was created for the refused parameter"
 
 
 def test_fused_on_integer_parameters_raises_at_construction():
@@ -117,3 +127,76 @@ def test_defaults_that_differ_from_adam_on_purpose():
         assert defaults[key] == adam[key], key
     assert defaults["capturable"] == adam["capturable"]
     assert defaults["differentiable"] == adam["differentiable"]
+
+
+BOOL_OPTIONS = [
+    "amsgrad",
+    "weight_decouple",
+    "fixed_decay",
+    "rectify",
+    "degenerated_to_sgd",
+    "maximize",
+    "foreach",
+    "fused",
+    "capturable",
+    "differentiable",
+]
+
+
+@pytest.mark.parametrize("value", ["no", 0, 1, "False", 0.0])
+@pytest.mark.parametrize("name", BOOL_OPTIONS)
+@pytest.mark.parametrize("where", ["constructor", "group dict", "add_param_group"])
+def test_boolean_options_refuse_what_is_not_a_bool(name, value, where):
+    """weight_decouple='no' would silently mean True: refused, naming the option and value."""
+    expected = "True, False or None" if name in ("foreach", "fused") else "True or False"
+    opt = None
+    with pytest.raises(ValueError) as info:
+        if where == "constructor":
+            AdaBelief(params(), **{name: value})
+        elif where == "group dict":
+            AdaBelief([{"params": params(), name: value}])
+        else:
+            opt = AdaBelief(params())
+            opt.add_param_group({"params": params(), name: value})
+    assert str(info.value) == f"Invalid {name}: {value!r} (expected {expected})"
+    if opt is not None:
+        assert len(opt.param_groups) == 1, "the refused group was not added"
+
+
+@pytest.mark.parametrize("name", BOOL_OPTIONS)
+def test_boolean_options_accept_bools_and_none_where_torch_does(name):
+    for value in (False, True):
+        if name in ("fused", "differentiable", "capturable") and value:
+            continue  # combinations checked elsewhere; here only the type
+        AdaBelief(params(), **{name: value})
+    if name in ("foreach", "fused"):
+        AdaBelief(params(), **{name: None})
+    else:
+        with pytest.raises(ValueError, match=rf"Invalid {name}: None"):
+            AdaBelief(params(), **{name: None})
+
+
+@pytest.mark.parametrize("eps", [0, 0.0, -0.0, -1e-16, torch.tensor(0.0)])
+@pytest.mark.parametrize("where", ["constructor", "add_param_group"])
+def test_eps_zero_or_negative_is_refused_with_the_reason(eps, where):
+    """A deliberate difference: torch.optim.Adam accepts eps=0. AdaBelief's belief can be
+    exactly 0 (a gradient that is always 0), and eps=0 then gives 0/0 = NaN."""
+    with pytest.raises(ValueError, match=r"^Invalid eps: ") as info:
+        if where == "constructor":
+            AdaBelief(params(), eps=eps)
+        else:
+            AdaBelief(params()).add_param_group({"params": params(), "eps": eps})
+    if float(eps) == 0.0:
+        message = str(info.value)
+        assert "must be > 0" in message and "(g - m)^2" in message and "0/0 = NaN" in message
+
+
+def test_eps_zero_would_give_nan():
+    """Why it is refused: with eps=0 (set past the check) a zero gradient makes NaN."""
+    torch.optim.Adam(params(), eps=0.0)  # torch accepts it
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = AdaBelief([p], rectify=False)
+    opt.param_groups[0]["eps"] = 0.0
+    p.grad = torch.zeros(3)
+    opt.step()
+    assert torch.isnan(p).all()

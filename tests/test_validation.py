@@ -19,6 +19,8 @@ from adabelief._validation import (
     check_beta1,
     check_beta2,
     check_betas,
+    check_bool,
+    check_eps,
     check_nonnegative,
 )
 
@@ -128,6 +130,39 @@ def test_check_betas_is_the_pytorch_pair() -> None:
         check_betas((0.9, torch.tensor([0.99, 0.999])))
     with pytest.raises(ValueError, match=r"^Invalid betas\[0\]: None \(expected a real number"):
         check_betas((None, 0.999))
+
+
+@pytest.mark.parametrize("name", ["eps", "epsilon"])
+@pytest.mark.parametrize("zero", [0, 0.0, -0.0, torch.tensor(0.0), np.float64(0.0)])
+def test_eps_zero_is_refused_with_the_reason(name: str, zero: Any) -> None:
+    with pytest.raises(ValueError) as info:
+        check_eps(name, zero)
+    message = str(info.value)
+    assert message.startswith(f"Invalid {name}: ") and "(must be > 0: " in message
+    # why (the belief can be exactly 0, so 0/0) and how AdaBelief differs from Adam here
+    assert f"s = EMA((g - m)^2) + {name}" in message and "0/0 = NaN" in message
+    assert "unlike Adam's" in message and "1e-16" in message
+
+
+def test_check_eps_accepts_positive_and_refuses_negative() -> None:
+    assert check_eps("eps", 1e-16) == 1e-16
+    assert check_eps("eps", torch.tensor(1e-8, dtype=torch.float64)) == 1e-8
+    for bad in (-1e-8, math.nan, math.inf):
+        with pytest.raises(ValueError, match=r"^Invalid eps: .* \(must be finite and >= 0\)$"):
+            check_eps("eps", bad)
+
+
+def test_check_bool() -> None:
+    assert check_bool("amsgrad", True) is True and check_bool("amsgrad", False) is False
+    assert check_bool("fused", None, allow_none=True) is None
+    for bad in ("no", 0, 1, None, np.bool_(True), torch.tensor(True)):
+        with pytest.raises(ValueError) as info:
+            check_bool("amsgrad", bad)
+        assert str(info.value) == f"Invalid amsgrad: {bad!r} (expected True or False)"
+    with pytest.raises(
+        ValueError, match=r"^Invalid fused: 'yes' \(expected True, False or None\)$"
+    ):
+        check_bool("fused", "yes", allow_none=True)
 
 
 def test_framework_free_modules_import_no_framework() -> None:

@@ -6,6 +6,12 @@ integer ``size`` (NumPy, JAX), and ``item()``. Each check raises ``ValueError`` 
 option and the value, and returns the value as a float. Messages follow ``torch.optim.Adam``
 where it has one (``"Tensor lr must be 1-element"``).
 
+``eps <= 0`` is refused (:func:`check_eps`), unlike ``torch.optim.Adam``, whose ``eps`` only keeps
+a denominator off zero: AdaBelief adds ``eps`` to the belief itself, ``s = EMA((g - m)^2) + eps``,
+and the belief is exactly 0 wherever the gradient has always equalled its moving average (a
+gradient that is exactly 0, as for an unused embedding row), so ``eps = 0`` makes the step
+``0 / 0 = NaN`` there.
+
 ``beta1 = 0`` is refused: the first moment is then the gradient itself, ``m = g``, so the belief
 ``s = EMA((g - m)^2) + eps`` holds nothing but the accumulated ``eps``, and the bias-corrected
 step is ``lr * g * sqrt((1 - beta2) / eps)``, of the order of ``g / sqrt(eps)`` (``3e6 * lr * g``
@@ -21,7 +27,15 @@ from typing import Any, cast
 
 from adabelief._array_scalars import is_number
 
-__all__ = ["as_real", "check_beta1", "check_beta2", "check_betas", "check_nonnegative"]
+__all__ = [
+    "as_real",
+    "check_beta1",
+    "check_beta2",
+    "check_betas",
+    "check_bool",
+    "check_eps",
+    "check_nonnegative",
+]
 
 
 def _element_count(value: Any) -> int | None:
@@ -66,6 +80,30 @@ def check_nonnegative(name: str, value: object) -> float:
     if not (math.isfinite(number) and number >= 0.0):
         raise ValueError(f"Invalid {name}: {value} (must be finite and >= 0)")
     return number
+
+
+def check_eps(name: str, value: object) -> float:
+    """``value`` (see :func:`as_real`) as a float; ``ValueError`` unless it is finite and > 0,
+    with the reason 0 is refused (see the module docstring)."""
+    number = check_nonnegative(name, value)
+    if number == 0.0:
+        raise ValueError(
+            f"Invalid {name}: {value} (must be > 0: AdaBelief adds {name} to the belief "
+            f"s = EMA((g - m)^2) + {name}, which is exactly 0 wherever the gradient has always "
+            f"equalled its moving average, for example a gradient that is exactly 0, so "
+            f"{name} = 0 makes the step 0/0 = NaN there; unlike Adam's, AdaBelief's {name} is "
+            f"part of the state, not only a guard; use a small positive value such as 1e-16)"
+        )
+    return number
+
+
+def check_bool(name: str, value: object, *, allow_none: bool = False) -> bool | None:
+    """``value`` if it is a bool (or None, with ``allow_none``), else ``ValueError``: a string
+    such as ``'no'`` or a number would otherwise be taken for its truth value."""
+    if isinstance(value, bool) or (allow_none and value is None):
+        return value
+    expected = "True, False or None" if allow_none else "True or False"
+    raise ValueError(f"Invalid {name}: {value!r} (expected {expected})")
 
 
 def _check_beta_range(name: str, value: object) -> float:

@@ -34,7 +34,7 @@ from keras import ops
 
 from adabelief import _array_update
 from adabelief._array_scalars import StepScalars, array_step_scalars, is_number
-from adabelief._validation import check_beta1, check_beta2, check_nonnegative
+from adabelief._validation import check_beta1, check_beta2, check_eps, check_nonnegative
 
 __all__ = ["AdaBelief", "StepScalars", "step_scalars"]
 
@@ -80,7 +80,8 @@ class AdaBelief(keras.optimizers.Optimizer):
             is refused: the belief ``(g - m)^2`` would be identically 0 and the step diverge
             (GANs: use ``0.5``).
         beta_2: decay rate of the belief ``s``, in ``[0, 1)``. Defaults to ``0.999``.
-        epsilon: added to ``s`` every step and to the denominator. Defaults to ``1e-16``.
+        epsilon: added to ``s`` every step and to the denominator; must be > 0 (``s`` can be
+            exactly 0, so 0 would give 0/0). Defaults to ``1e-16``.
         weight_decay: decay coefficient; ``0.0`` or ``None`` disable it. Unlike Keras' own
             optimizers it follows ``weight_decouple``/``fixed_decay`` below, is applied before
             the moments with this step's learning rate, and honours
@@ -146,7 +147,7 @@ class AdaBelief(keras.optimizers.Optimizer):
         )
         self.beta_1 = check_beta1("beta_1", beta_1)
         self.beta_2 = check_beta2("beta_2", beta_2)
-        self.epsilon = check_nonnegative("epsilon", epsilon)
+        self.epsilon = check_eps("epsilon", epsilon)
         self.amsgrad = bool(amsgrad)
         self.weight_decouple = bool(weight_decouple)
         self.fixed_decay = bool(fixed_decay)

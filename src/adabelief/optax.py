@@ -38,7 +38,7 @@ import optax
 
 from adabelief import _array_update
 from adabelief._array_scalars import StepScalars, array_step_scalars, is_number
-from adabelief._validation import check_beta1, check_beta2, check_nonnegative
+from adabelief._validation import check_beta1, check_beta2, check_eps, check_nonnegative
 
 __all__ = [
     "ScaleByAdaBeliefState",
@@ -138,7 +138,7 @@ def scale_by_adabelief(
     """
     _check(check_beta1, "b1", b1)
     _check(check_beta2, "b2", b2)
-    _check(check_nonnegative, "eps", eps)
+    _check(check_eps, "eps", eps)
 
     def init_fn(params: optax.Params) -> ScaleByAdaBeliefState:
         def zeros(p: jax.Array) -> jax.Array:
@@ -262,7 +262,8 @@ def adabelief(
         b1, b2: decay rates of the first moment and of the belief ``s``; ``b1`` in ``(0, 1)``,
             ``b2`` in ``[0, 1)``. ``b1 = 0`` is refused: the belief ``(g - m)^2`` would be
             identically 0 and the step diverge (GANs: use ``0.5``).
-        eps: added to ``s`` each step and to the denominator.
+        eps: added to ``s`` each step and to the denominator; must be > 0 (``s`` can be
+            exactly 0, so 0 would give 0/0).
         weight_decay: decoupled (``theta *= 1 - lr*wd``) or, with ``weight_decouple=False``,
             L2 added to the gradient before the moments.
         amsgrad: use the running maximum of ``s``.
@@ -283,7 +284,7 @@ def adabelief(
         _check(check_nonnegative, "learning_rate", learning_rate)
     _check(check_beta1, "b1", b1)
     _check(check_beta2, "b2", b2)
-    _check(check_nonnegative, "eps", eps)
+    _check(check_eps, "eps", eps)
     _check(check_nonnegative, "weight_decay", weight_decay)
     decay = not (is_number(weight_decay) and weight_decay == 0.0)
 

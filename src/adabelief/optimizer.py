@@ -49,16 +49,29 @@ OPTION_DEFAULTS: dict[str, Any] = {
 }
 
 
-def _check_fused_devices(params: list[Tensor]) -> None:
-    """``RuntimeError``, as torch's fused optimizers raise it, unless every parameter is a floating
-    (or complex) tensor on a device with a fused path."""
+#: Options that must be bools; ``foreach`` and ``fused`` may also be None (chosen per device).
+BOOL_OPTIONS = (
+    "amsgrad",
+    "weight_decouple",
+    "fixed_decay",
+    "rectify",
+    "degenerated_to_sgd",
+    "maximize",
+    "capturable",
+    "differentiable",
+)
+OPTIONAL_BOOL_OPTIONS = ("foreach", "fused")
+
+
+def _check_fused_param(p: Tensor) -> None:
+    """``RuntimeError``, as torch's fused optimizers raise it, unless ``p`` is a floating (or
+    complex) tensor on a device with a fused path."""
     supported = _get_fused_kernels_supported_devices()
-    for p in params:
-        if p.device.type not in supported or not (p.is_floating_point() or p.is_complex()):
-            raise RuntimeError(
-                "`fused=True` requires all the params to be floating point Tensors of "
-                f"supported devices: {supported} but {p.dtype} and {p.device.type}"
-            )
+    if p.device.type not in supported or not (p.is_floating_point() or p.is_complex()):
+        raise RuntimeError(
+            "`fused=True` requires all the params to be floating point Tensors of "
+            f"supported devices: {supported} but {p.dtype} and {p.device.type}"
+        )
 
 
 class AdaBelief(Optimizer):
@@ -81,7 +94,8 @@ class AdaBelief(Optimizer):
         params: an iterable of tensors or of parameter-group dicts.
         lr: learning rate (float or 1-element tensor). Default 1e-3.
         betas: decay rates of the first moment and of the belief. Default (0.9, 0.999).
-        eps: added to the belief state at every step and to the denominator. Default 1e-16.
+        eps: added to the belief state at every step and to the denominator; must be > 0 (the
+            belief can be exactly 0, and eps = 0 would give 0/0 = NaN). Default 1e-16.
         weight_decay: weight decay coefficient. Default 0.
         amsgrad: use the running maximum of the belief (also in the rectified update).
         weight_decouple: decoupled (AdamW-style) decay if True, L2 in the gradient if False.
@@ -135,15 +149,11 @@ class AdaBelief(Optimizer):
     ) -> None:
         validation.check_nonnegative("lr", lr)
         compressed_state.check_state_precision(state_precision)
-        validation.check_nonnegative("eps", eps)
+        validation.check_eps("eps", eps)
         validation.check_nonnegative("weight_decay", weight_decay)
         betas = validation.check_betas(betas)
         if isinstance(lr, Tensor) and lr.dim() != 0:
             lr = lr.reshape(())
-        if fused:
-            reason = cpu.kernel_error()
-            if reason is not None:
-                dispatch.warn_fallback(reason)
         defaults = dict(
             OPTION_DEFAULTS,
             lr=lr,
@@ -164,8 +174,11 @@ class AdaBelief(Optimizer):
             step_in_backward=step_in_backward,
         )
         self._backward = self._new_backward_step()
-        super().__init__(params, defaults)
+        super().__init__(params, defaults)  # add_param_group validates the options
         if fused:
+            reason = cpu.kernel_error()
+            if reason is not None:
+                dispatch.warn_fallback(reason)
             # GradScaler hands the fused kernel the scaled gradients with grad_scale/found_inf.
             self._step_supports_amp_scaling = True
 
@@ -184,14 +197,21 @@ class AdaBelief(Optimizer):
         self._backward.sync()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        for name in ("lr", "eps", "weight_decay"):
+        for name in ("lr", "weight_decay"):
             if name in param_group:
                 validation.check_nonnegative(name, param_group[name])
+        if "eps" in param_group:
+            validation.check_eps("eps", param_group["eps"])
         if "betas" in param_group:
             param_group["betas"] = validation.check_betas(param_group["betas"])
         if "state_precision" in param_group:
             compressed_state.check_state_precision(param_group["state_precision"])
-        check_group({**self.defaults, **param_group})
+        merged = {**self.defaults, **param_group}
+        for name in BOOL_OPTIONS:
+            validation.check_bool(name, merged[name])
+        for name in OPTIONAL_BOOL_OPTIONS:
+            validation.check_bool(name, merged[name], allow_none=True)
+        check_group(merged)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         # As torch's fused optimizers: RuntimeError for what no fused path implements.
@@ -200,7 +220,11 @@ class AdaBelief(Optimizer):
                 raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
             if group["differentiable"]:
                 raise RuntimeError("`fused` does not support `differentiable`")
-            _check_fused_devices(group["params"])
+            # As torch: parameters on "meta" (a model built there, materialised later) are
+            # checked when first stepped (_param_state).
+            for p in group["params"]:
+                if not p.is_meta:
+                    _check_fused_param(p)
         if group["step_in_backward"]:
             self._backward.sync()
             # So that GradScaler hands step() grad_scale/found_inf, which it refuses.
@@ -257,6 +281,8 @@ class AdaBelief(Optimizer):
         state = self.state[p]
         fmt = compressed_state.storage_format(p, group["state_precision"])
         if len(state) == 0:
+            if group["fused"]:
+                _check_fused_param(p)
             on_device_step = group["capturable"] or bool(group["fused"])
             step_device = p.device if on_device_step else torch.device("cpu")
             state["step"] = torch.zeros((), dtype=_step_dtype(on_device_step), device=step_device)
