@@ -187,8 +187,8 @@ def test_bf16_parameters_with_bf16_state_keep_bf16_after_load():
     assert fresh.state[model[0].weight]["exp_avg"].dtype == torch.bfloat16
     fp32_state = AdaBelief(model.parameters())
     fp32_state.load_state_dict({**opt.state_dict()})
-    # The checkpoint's group says bf16; switching the group converts at the next step.
-    fp32_state.param_groups[0]["state_precision"] = "fp32"
+    # The checkpoint's group says bf16; the optimizer's fp32 is kept and the state converted.
+    assert fp32_state.param_groups[0]["state_precision"] == "fp32"
     opt_state_before = opt.state[model[0].weight]["exp_avg"].float()
     fp32_state.zero_grad()
     torch.nn.functional.mse_loss(model(x.bfloat16()), y.bfloat16()).backward()
@@ -214,3 +214,38 @@ def test_switching_precision_mid_run_converts_state():
     _train(model, opt, 1)
     assert opt.state[model[0].weight]["exp_avg"].dtype == torch.float32
     assert "exp_avg_scale" not in opt.state[model[0].weight]
+
+
+@pytest.mark.parametrize(
+    ("saved", "chosen"),
+    [(a, b) for a in PRECISIONS for b in PRECISIONS if a != b],
+    ids=lambda value: value,
+)
+def test_loading_another_format_keeps_the_optimizers_own(saved, chosen):
+    """An optimizer built with "int8" for memory stays int8 when it loads a bf16 (or fp32)
+    checkpoint: the moments are decoded to float32 and encoded in its format, not the
+    checkpoint's, and training goes on from them."""
+    model = _model()
+    opt = AdaBelief(model.parameters(), lr=1e-2, amsgrad=True, state_precision=saved)
+    _train(model, opt, 6)
+    checkpoint = opt.state_dict()
+    loaded = AdaBelief(model.parameters(), lr=1e-2, amsgrad=True, state_precision=chosen)
+    loaded.load_state_dict(checkpoint)
+    assert [g["state_precision"] for g in loaded.param_groups] == [chosen]
+    weight = model[0].weight  # 6144 elements: quantized under int8
+    state = loaded.state[weight]
+    assert cs.format_of(state) == chosen
+    for key in ("exp_avg", "exp_avg_var", "max_exp_avg_var"):
+        assert state[key].dtype == cs.new_moment(weight, key, chosen)[key].dtype, key
+        assert (key + "_scale" in state) == (chosen == "int8"), key
+    # The values are the checkpoint's, within the coarser format's rounding.
+    want, got = cs.decode_moments(opt.state[weight]), cs.decode_moments(state)
+    coarse = "int8" if "int8" in (saved, chosen) else "bf16"
+    for key, value in want.items():
+        scale = value.abs().max()
+        tolerance = 2 / 127 if coarse == "int8" else 2**-7
+        assert (got[key] - value).abs().max() <= tolerance * scale, key
+    before = state["exp_avg"].clone()
+    _train(model, loaded, 2)
+    assert cs.format_of(loaded.state[weight]) == chosen
+    assert not torch.equal(loaded.state[weight]["exp_avg"], before)

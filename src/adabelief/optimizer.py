@@ -336,6 +336,7 @@ class AdaBelief(Optimizer):
             newly_hooked = self._backward.sync()
             if in_backward:
                 self._backward.check_step(grad_scale, found_inf, newly_hooked)
+        self._backward.check_shared()
         for group in self.param_groups:
             if not group["step_in_backward"]:
                 self._step_params(group, grad_scale=grad_scale, found_inf=found_inf)
@@ -345,7 +346,15 @@ class AdaBelief(Optimizer):
                 self._step_params(group, unhooked)
                 for p in unhooked:
                     p.grad = None
+        self._backward.end_window()  # each parameter may step in backward once more
         return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As :meth:`torch.optim.Optimizer.zero_grad`; it also ends the optimizer step for the
+        in-backward groups, as :meth:`step` does (each parameter steps in backward at most once
+        between two calls of either)."""
+        super().zero_grad(set_to_none)
+        self._backward.end_window()
 
     def accumulating(self, enabled: bool = True) -> AbstractContextManager[None]:
         """A context in which backward passes only accumulate gradients, for groups with
@@ -377,10 +386,13 @@ class AdaBelief(Optimizer):
 
         ``step_in_backward`` is how this optimizer is wired to its parameters, not training
         state: each group keeps its own, so a checkpoint of an ordinary AdaBelief loads into an
-        in-backward one and back."""
+        in-backward one and back. So is ``state_precision``, the storage the user chose: each
+        group keeps its own, and moments saved in another format are converted to it on load
+        (decoded to float32, then encoded as a step would), so an int8 optimizer stays int8."""
         migrated = migrate_state_dict(state_dict, self.param_groups)
         for saved, current in zip(migrated["param_groups"], self.param_groups, strict=True):
             saved["step_in_backward"] = current["step_in_backward"]
+            saved["state_precision"] = current["state_precision"]
         super().load_state_dict(migrated)
         restore_moment_dtypes(
             self.state, migrated["state"], migrated["param_groups"], self.param_groups
