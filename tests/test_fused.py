@@ -301,15 +301,26 @@ def test_default_path_uses_the_kernel_on_cpu(monkeypatch):
     assert not dispatch.fused_is_default(params, dict(opt.param_groups[0], differentiable=True))
 
 
-def test_default_path_is_foreach_or_single_without_kernel(monkeypatch, recwarn):
+def test_default_path_without_kernel_warns_once_why(monkeypatch):
+    """The default (fused=None) loses its fast path too when the kernel cannot be built: one
+    FusedFallbackWarning per process with the reason, as for fused=True, then the slower path."""
     monkeypatch.setattr(cpu, "_kernel", None)
     monkeypatch.setattr(cpu, "_kernel_error", "test: no kernel")
+    monkeypatch.setattr(dispatch, "_warned", False)
     params = make_params(torch.float32)
-    opt = AdaBelief(params)
-    assert not dispatch.fused_is_default(params, opt.param_groups[0])
-    set_grads(params, 0)
-    opt.step()
-    assert not [w for w in recwarn if issubclass(w.category, dispatch.FusedFallbackWarning)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt = AdaBelief(params)
+        assert not dispatch.fused_is_default(params, opt.param_groups[0])
+        for step in range(2):
+            set_grads(params, step)
+            opt.step()
+        AdaBelief(make_params(torch.float32)).step()  # another optimizer: no second warning
+    fallback = [w for w in caught if issubclass(w.category, dispatch.FusedFallbackWarning)]
+    assert len(fallback) == 1, [str(w.message) for w in caught]
+    message = str(fallback[0].message)
+    assert "fused kernel is unavailable (test: no kernel)" in message and "slower" in message
+    assert dispatch.choose_path(params, opt.param_groups[0]) == "single"
 
 
 # --- fallback ---------------------------------------------------------------------------------

@@ -3,8 +3,11 @@ the ABI macros, and keys the build cache by its bytes."""
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -65,3 +68,103 @@ def test_the_cache_key_is_the_source_bytes(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu, "source", lambda: original + b"\n// edited\n")
     assert cpu._library_path(str(COMPILER), flags) != before
     assert Path(before).parent == tmp_path
+
+
+# --- failure notes ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def one_flag_set(monkeypatch, tmp_path):
+    """An empty cache, one flag set and a stand-in compiler (a real file, never run: each test
+    replaces the compiler run). Returns the path of that flag set's failure note."""
+    monkeypatch.setenv("ADABELIEF_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("ADABELIEF_DISABLE_FUSED", raising=False)
+    monkeypatch.setattr(cpu, "_FLAG_SETS", (("-fopenmp",),))
+    monkeypatch.setattr(cpu, "compiler", lambda: sys.executable)
+    return cpu._library_path(sys.executable, ("-fopenmp",)).with_suffix(".failed")
+
+
+def fake_compiler(monkeypatch, returncode, stderr):
+    """Replace the compiler run by one that fails with ``returncode`` and ``stderr``; returns
+    the list of the commands it was given."""
+    calls = []
+
+    def run(command, **kwargs):
+        calls.append(command)
+        return subprocess.CompletedProcess(command, returncode, "", stderr)
+
+    monkeypatch.setattr(cpu.subprocess, "run", run)
+    return calls
+
+
+def test_a_rejected_flag_set_is_noted_with_where_and_how_to_retry(monkeypatch, one_flag_set):
+    calls = fake_compiler(monkeypatch, 1, "c++: error: unrecognized command-line option")
+    with pytest.raises(OSError) as info:
+        cpu._load_kernel()
+    assert len(calls) == 1 and one_flag_set.exists()
+    message = str(info.value)
+    assert "unrecognized command-line option" in message
+    assert f"noted in {one_flag_set}" in message and "retried within 24 h" in message
+    assert "delete it" in message
+    with pytest.raises(OSError, match="unrecognized"):  # honoured: not compiled again
+        cpu._load_kernel()
+    assert len(calls) == 1
+
+
+def test_a_failure_note_expires_after_a_day(monkeypatch, one_flag_set):
+    """One transient failure must not disable the kernel for good: a note older than
+    FAILED_NOTE_TTL_S is deleted and the flag set tried again."""
+    assert cpu.FAILED_NOTE_TTL_S == 24 * 3600
+    one_flag_set.parent.mkdir(parents=True, exist_ok=True)
+    one_flag_set.write_text("an old failure")
+    calls = fake_compiler(monkeypatch, 1, "error: a new failure")
+    with pytest.raises(OSError, match="an old failure"):
+        cpu._load_kernel()
+    assert not calls
+    old = time.time() - cpu.FAILED_NOTE_TTL_S - 60
+    os.utime(one_flag_set, (old, old))
+    with pytest.raises(OSError, match="a new failure"):
+        cpu._load_kernel()
+    assert len(calls) == 1, "the expired note was not retried"
+    assert "a new failure" in one_flag_set.read_text()
+
+
+@pytest.mark.parametrize(
+    ("returncode", "stderr"),
+    [
+        (1, "g++: fatal error: Killed signal terminated program cc1plus"),
+        (1, "cc1plus: out of memory allocating 65536 bytes"),
+        (1, "virtual memory exhausted: Cannot allocate memory"),
+        (1, "fatal error: error writing to /tmp/cc.s: No space left on device"),
+        (1, "internal compiler error: Segmentation fault"),
+        (-9, ""),
+    ],
+    ids=["killed", "oom", "vm-exhausted", "disk-full", "ice", "signal"],
+)
+def test_a_transient_compiler_failure_leaves_no_note(monkeypatch, one_flag_set, returncode, stderr):
+    """A compiler killed or out of memory says nothing about the flags: the next process (here,
+    the next call) tries again."""
+    calls = fake_compiler(monkeypatch, returncode, stderr)
+    for attempt in (1, 2):
+        with pytest.raises(OSError, match="failed"):
+            cpu._load_kernel()
+        assert len(calls) == attempt
+    assert not one_flag_set.exists()
+
+
+def test_a_note_is_keyed_by_the_compiler_the_flags_and_the_source(monkeypatch, tmp_path):
+    """A new compiler (path, size or time stamp), other flags or an edited source is a new key,
+    so a note left by the old ones is not consulted."""
+    monkeypatch.setenv("ADABELIEF_CACHE_DIR", str(tmp_path))
+    fake = tmp_path / "c++"
+    fake.write_bytes(b"#!/bin/sh\n")
+    flags = ("-fopenmp",)
+    before = cpu._library_path(str(fake), flags)
+    assert cpu._library_path(str(fake), ("-march=native",)) != before
+    assert cpu._library_path(str(tmp_path / "c++"), flags) == before
+    os.utime(fake, ns=(0, 123_456_789))  # upgraded in place
+    assert cpu._library_path(str(fake), flags) != before
+    changed = cpu._library_path(str(fake), flags)
+    original = cpu.source()
+    monkeypatch.setattr(cpu, "source", lambda: original + b"\n// edited\n")
+    assert cpu._library_path(str(fake), flags) != changed

@@ -11,6 +11,13 @@ or a step that changes never triggers a compilation. The per-step scalars come f
 
 The ABI (version, dtype codes, state formats, step kinds) is :data:`CPU_ABI`, passed to the
 compiler as macros: this table is the one definition that both sides read.
+
+A flag set the compiler rejects leaves a failure note (``<library>.failed``, the compiler's
+message) beside where its library would be, so later processes try the next set at once. A note
+never outlives its cause: it has the library's key, so a new compiler, other flags or an edited
+source are tried afresh, and it is honoured for :data:`FAILED_NOTE_TTL_S` (a day) only, after
+which the set is tried again. A compiler that was killed or ran out of memory, disk or time
+leaves no note: that failure says nothing about the flags.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from array import array
 from collections.abc import Sequence
 from importlib import resources
@@ -43,6 +51,7 @@ from adabelief.scalars import StepScalars, step_scalars
 __all__ = [
     "CPU_ABI",
     "CPU_DTYPES",
+    "FAILED_NOTE_TTL_S",
     "build_command",
     "cache_dir",
     "cpu_step",
@@ -108,6 +117,17 @@ _COMMON_FLAGS = (
     "-fno-math-errno",
     "-fno-trapping-math",  # lets floor() and selects vectorise; results are unchanged
     "-ffp-contract=off",
+)
+#: How long (seconds) a failure note keeps a flag set from being tried again: one day.
+FAILED_NOTE_TTL_S = 24 * 3600
+#: Words of a compiler failure that is about the machine, not the flags: no note is left.
+_TRANSIENT_FAILURES = (
+    "killed signal",  # g++: "fatal error: Killed signal terminated program cc1plus" (OOM killer)
+    "out of memory",
+    "virtual memory exhausted",
+    "cannot allocate memory",
+    "no space left on device",
+    "internal compiler error",
 )
 #: Tensor types the kernel takes as they are.
 PLAIN_TYPES = frozenset({Tensor, torch.nn.Parameter})
@@ -215,7 +235,7 @@ def _library_path(compiler_path: str, flags: Sequence[str]) -> Path:
 
 
 class _CompileError(OSError):
-    """The compiler rejected the source or the flags (not a timeout or a full disk)."""
+    """The compiler rejected the source or the flags (not a timeout, a kill or a full disk)."""
 
 
 def _build(compiler_path: str, flags: Sequence[str], target: Path) -> None:
@@ -229,17 +249,34 @@ def _build(compiler_path: str, flags: Sequence[str], target: Path) -> None:
         command = build_command(compiler_path, flags, source_path, output)
         result = subprocess.run(command, capture_output=True, text=True, timeout=600)
         if result.returncode != 0:
-            message = (result.stderr or result.stdout).strip().splitlines()[-3:]
-            raise _CompileError(f"{' '.join(command)} failed: {' '.join(message)}")
+            said = (result.stderr or result.stdout).strip()
+            message = f"{' '.join(command)} failed: {' '.join(said.splitlines()[-3:])}"
+            transient = result.returncode < 0 or any(
+                words in said.lower() for words in _TRANSIENT_FAILURES
+            )
+            raise OSError(message) if transient else _CompileError(message)
         os.replace(output, target)
     builds += 1
 
 
+def _failure_note(failed: Path) -> str | None:
+    """The message of the failure note ``failed`` with where it lives and how to retry, or None
+    when there is none or it has expired (then it is deleted: the flag set is tried again)."""
+    try:
+        age = time.time() - failed.stat().st_mtime
+        if age >= FAILED_NOTE_TTL_S:
+            failed.unlink()
+            return None
+        text = failed.read_text(errors="replace").strip()
+    except OSError:  # no note, or another process removed it first
+        return None
+    hours = max(1, math.ceil((FAILED_NOTE_TTL_S - age) / 3600))
+    return f"{text} [noted in {failed}; retried within {hours} h, or now if you delete it]"
+
+
 def _load_kernel() -> _Kernel:
-    """Load a cached library, else build one, trying :data:`_FLAG_SETS` in order. A flag set
-    the compiler rejects leaves a ``.failed`` note beside the library, so later processes do
-    not try it again (the key changes with the compiler, the source and the CPU; delete the
-    cache directory to retry)."""
+    """Load a cached library, else build one, trying :data:`_FLAG_SETS` in order, skipping a
+    flag set with a live failure note (see the module docstring)."""
     if os.environ.get("ADABELIEF_DISABLE_FUSED", "") not in ("", "0"):
         raise OSError("disabled by ADABELIEF_DISABLE_FUSED")
     if sys.platform == "win32":
@@ -256,19 +293,23 @@ def _load_kernel() -> _Kernel:
             except (OSError, AttributeError) as error:
                 errors.append(str(error))
     for flags, path in zip(_FLAG_SETS, paths, strict=True):
+        if path.exists():
+            continue  # it was there but did not load (above)
         failed = path.with_suffix(".failed")
-        if path.exists() or failed.exists():
-            if failed.exists():
-                errors.append(failed.read_text(errors="replace"))
+        note = _failure_note(failed)
+        if note is not None:
+            errors.append(note)
             continue
         try:
             _build(compiler_path, flags, path)
             return _Kernel(path)
         except (OSError, subprocess.SubprocessError, AttributeError) as error:
-            errors.append(str(error))
+            message = str(error)
             if isinstance(error, _CompileError):
                 with contextlib.suppress(OSError):
-                    failed.write_text(str(error))
+                    failed.write_text(message)
+                message = _failure_note(failed) or message
+            errors.append(message)
     raise OSError(errors[0] if errors else "no flag set")
 
 

@@ -19,7 +19,8 @@
 compressed ones are decoded for them here, one parameter at a time (the float32 work copies never
 exceed one tensor), and encoded back: the reference the single-pass paths are tested against.
 A fused path that cannot run here (no C++ compiler, a compiler error) falls back to foreach, or
-to the eager tensor step, with one :class:`FusedFallbackWarning` per process.
+to the eager tensor step; so does the default on CPU, whose fast path is the fused kernel. Either
+way one :class:`FusedFallbackWarning` per process says so, and why.
 """
 
 from __future__ import annotations
@@ -44,21 +45,22 @@ Path = Literal["cpu", "compiled", "tensor", "foreach", "single"]
 
 
 class FusedFallbackWarning(UserWarning):
-    """``fused=True`` could not use its kernel and ran a slower path (issued once per process)."""
+    """The fused kernel (asked for with ``fused=True``, or the default on CPU) is unavailable
+    and a slower path runs instead (issued once per process)."""
 
 
 _warned = False
 
 
 def warn_fallback(reason: str) -> None:
-    """Warn (once per process) that ``fused=True`` runs a slower path, and why."""
+    """Warn (once per process) that the fused kernel is unavailable, and why."""
     global _warned
     if _warned:
         return
     _warned = True
     warnings.warn(
-        f"adabelief: the fused kernel is unavailable ({reason}); fused=True runs a slower "
-        "unfused path instead (this warning is shown once)",
+        f"adabelief: the fused kernel is unavailable ({reason}); AdaBelief steps with a slower "
+        "unfused path instead (this warning is shown once per process)",
         FusedFallbackWarning,
         stacklevel=5,
     )
@@ -70,12 +72,15 @@ def fused_is_default(params: Sequence[Tensor], group: Mapping[str, Any]) -> bool
     builds here with OpenMP (or a single torch thread). It was faster than foreach and
     single-tensor at every size measured (see BENCHMARKS.md). CUDA keeps the foreach default
     until the compiled path is measured on a GPU. The first call may build the kernel (seconds,
-    once per machine)."""
+    once per machine); a kernel that cannot be built is a :class:`FusedFallbackWarning`."""
     if group.get("differentiable") or group.get("capturable") or not params:
         return False
     if torch.compiler.is_compiling() or not cpu.supports(params):
         return False
     lib = cpu.kernel()
+    if lib is None:
+        warn_fallback(cpu.kernel_error() or "unknown error")
+        return False
     # A kernel built without OpenMP (e.g. Apple clang) is single-threaded: unmeasured against
     # torch's multi-threaded kernels, so not the default there.
     return lib is not None and (lib.openmp or torch.get_num_threads() == 1)
