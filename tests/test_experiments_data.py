@@ -15,6 +15,7 @@ from adabelief.experiments.data import (
     CIFAR_MEAN,
     CIFAR_STD,
     WIKITEXT_FILES,
+    DataInvalidError,
     DataNotFoundError,
     check_cifar10,
     check_ptb,
@@ -94,7 +95,7 @@ def test_cifar_missing_or_broken_files(tmp_path: Path) -> None:
         find_cifar_dir(tmp_path)
     write_fake_cifar(tmp_path)
     (tmp_path / "test_batch").unlink()
-    with pytest.raises(DataNotFoundError, match="no CIFAR-10"):
+    with pytest.raises(DataInvalidError, match=r"incomplete CIFAR-10 in .*: test_batch missing"):
         load_cifar10(tmp_path)
     with (tmp_path / "test_batch").open("wb") as handle:
         pickle.dump({b"nothing": 1}, handle)

@@ -4,7 +4,8 @@
 ``adabelief presets`` lists the paper settings and fair-mode search spaces, ``adabelief bench
 ...`` runs the step benchmark (:mod:`adabelief.experiments.bench`).  Heavy imports (the tasks,
 Ray) happen only in the subcommands that need them.  Every bad input ends with one line on
-stderr and exit status 2, never a traceback.
+stderr and exit status 2, never a traceback; the other statuses are listed in ``--help``
+(:data:`EXIT_OK` ... :data:`EXIT_INTERRUPTED`).
 """
 
 from __future__ import annotations
@@ -17,10 +18,22 @@ import textwrap
 from pathlib import Path
 from typing import Any, NoReturn
 
-__all__ = ["main"]
+__all__ = [
+    "EXIT_CLUSTER_LOST",
+    "EXIT_FAILED_RUNS",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "main",
+]
 
 TASK_NAMES = ("toy", "classify", "lm", "transformer", "gan")
-EXIT_OK, EXIT_FAILED_RUNS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+_FAILED_SHOWN = 5
+#: Exit statuses of ``adabelief run``: every planned run finished; some runs failed (each is
+#: named, and kept with its reason under --out/failed/); a bad command line, input or --out, or
+#: an executor that cannot start (nothing ran, nothing was created); the Ray cluster was lost
+#: mid-run (finished runs kept; the same command resumes); interrupted by Ctrl-C or SIGTERM.
+EXIT_OK, EXIT_FAILED_RUNS, EXIT_USAGE, EXIT_CLUSTER_LOST, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 class UsageError(Exception):
@@ -104,12 +117,30 @@ outputs (in --out DIR):
   runs/<key>.json   one file per finished run (the key hashes everything that decides the
                     result: task, settings, data fingerprint, optimizer, hyperparameters, seed,
                     torch threads, device): rerunning a command resumes and skips finished runs
+  failed/<key>.json a run whose latest attempt failed: its settings and the reason (report.md
+                    lists them; manifest.json logs each command with its outcome)
   results.json      every run: task, experiment, optimizer, hyperparameters, seed, curves,
                     metrics, wall time, executor and host
   summary.csv       mean/std per experiment, optimizer, trial and metric
   report.md         per claim, what the runs show (paired comparisons over seeds), where
                     AdaBelief loses, time to target and performance profiles, per-experiment
                     tables; plots/*.png  learning curves, trajectories, GAN samples, profiles
+
+faults:
+  A run that fails (an exception, sys.exit() or a killed worker process in your task, a Ray
+  worker that dies) is named with a one-line reason; the other runs go on, and only that run is
+  tried again by the next command. Ctrl-C or SIGTERM stops the command; a Ray cluster that
+  stops answering for 10 s stops it too, with one line naming the runs kept and the command
+  that resumes. RAY_ADDRESS naming no running head is an error within 20 s. Two commands on the
+  same --out never train one run twice: the second waits for the runs the first is training.
+  Finished runs are never rewritten or lost.
+
+exit status:
+  0    every planned run finished (this time or before)
+  1    some runs failed (named on stderr, kept with their reasons in --out/failed/)
+  2    bad command line, task, --data or --out, or the executor cannot start (nothing created)
+  3    the Ray cluster was lost mid-run (finished runs kept; the same command resumes)
+  130  interrupted by Ctrl-C or SIGTERM (finished runs kept; the same command resumes)
 
 examples:
   adabelief run all --quick --out runs/quick           # about 5.5 minutes on 2 idle CPU cores
@@ -286,7 +317,7 @@ def _command_run(args: argparse.Namespace, argv: list[str]) -> int:
         raise UsageError(f"adabelief run: --data {args.data} is not a folder")
     from adabelief.experiments.data import DataNotFoundError
     from adabelief.experiments.executors import ExecutorError
-    from adabelief.experiments.runner import RunOptions, run_experiments
+    from adabelief.experiments.runner import RunOptions, one_line, run_experiments
     from adabelief.experiments.store import OutputError
     from adabelief.experiments.usertask import TaskLoadError
 
@@ -315,8 +346,9 @@ def _command_run(args: argparse.Namespace, argv: list[str]) -> int:
             "--seeds 3 or more",
             file=sys.stderr,
         )
+    command = "adabelief " + shlex.join(argv)
     try:
-        summary, report = run_experiments(options, "adabelief " + shlex.join(argv))
+        summary, report = run_experiments(options, command)
     except (TaskLoadError, DataNotFoundError, ExecutorError) as exc:
         raise UsageError(f"adabelief run: {exc}") from None
     except OutputError as exc:
@@ -327,11 +359,22 @@ def _command_run(args: argparse.Namespace, argv: list[str]) -> int:
         f"{len(summary.ran)} runs done, {summary.reused} reused from {options.out}, "
         f"{len(summary.failed)} failed"
     )
-    for key, error in list(summary.failed.items())[:3]:
-        last = error.strip().splitlines()[-1] if error.strip() else "unknown error"
-        print(f"failed: {key}: {last}", file=sys.stderr)
-    if len(summary.failed) > 3:
-        print(f"failed: ... and {len(summary.failed) - 3} more", file=sys.stderr)
+    for key, error in list(summary.failed.items())[:_FAILED_SHOWN]:
+        print(f"failed: {key}: {one_line(error)}", file=sys.stderr)
+    if len(summary.failed) > _FAILED_SHOWN:
+        print(
+            f"failed: ... and {len(summary.failed) - _FAILED_SHOWN} more "
+            f"(every reason is in {options.out / 'failed'} and report.md)",
+            file=sys.stderr,
+        )
+    if summary.cluster_lost:
+        print(
+            f"cluster lost: {summary.cluster_lost}; {len(summary.ran)} runs finished before "
+            f"that, kept in {options.out / 'runs'} with {summary.reused} earlier ones; resume "
+            f"with: {command}",
+            file=sys.stderr,
+        )
+        return EXIT_CLUSTER_LOST
     if summary.interrupted:
         print(
             f"interrupted: finished runs are saved in {options.out}/runs; "

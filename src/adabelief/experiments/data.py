@@ -216,10 +216,23 @@ def load_digits(validation_fraction: float = 0.0, test_fraction: float = 0.2) ->
 
 
 def find_cifar_dir(data_dir: Path) -> Path:
-    """The folder under ``data_dir`` holding the CIFAR-10 python pickles (raises if none)."""
-    for candidate in (data_dir, data_dir / "cifar-10-batches-py"):
+    """The folder under ``data_dir`` holding the CIFAR-10 python pickles (raises if none).
+
+    A ``cifar-10-batches-py/`` folder, or a folder with some of the batches, that lacks others
+    is an incomplete copy: :class:`DataInvalidError` naming what is missing (never skipped
+    silently, also when CIFAR-100 is beside it).
+    """
+    subfolder = data_dir / "cifar-10-batches-py"
+    for candidate in (data_dir, subfolder):
         if all((candidate / name).is_file() for name in CIFAR_FILES):
             return candidate
+    for candidate in (subfolder, data_dir):
+        present = [name for name in CIFAR_FILES if (candidate / name).is_file()]
+        if candidate.is_dir() and (candidate == subfolder or present):
+            absent = [name for name in CIFAR_FILES if name not in present]
+            raise DataInvalidError(
+                f"incomplete CIFAR-10 in {candidate}: {', '.join(absent)} missing"
+            )
     raise DataNotFoundError(
         f"no CIFAR-10 python pickles in {data_dir} (expected {', '.join(CIFAR_FILES)} "
         "there or in its cifar-10-batches-py/ folder)"

@@ -27,17 +27,19 @@ import socket
 import threading
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from multiprocessing import get_context
+from multiprocessing.connection import Connection
+from multiprocessing.connection import wait as connection_wait
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 __all__ = [
     "EXECUTORS",
+    "ClusterLostError",
     "Executor",
     "ExecutorError",
     "InProcessExecutor",
@@ -160,6 +162,13 @@ def execute_job(job: Job, executor: str) -> JobResult:
         return JobResult(key, json_safe(record), None)
     except Exception:  # reported by the driver; the run stays missing and is retried next time
         return JobResult(key, None, traceback.format_exc(limit=8))
+    except SystemExit as exc:  # sys.exit() in the task (argparse does it): this run fails
+        where = traceback.format_exc(limit=8).rstrip().rsplit("\n", 1)[0]
+        return JobResult(
+            key,
+            None,
+            f"{where}\nthe task called sys.exit({exc.code!r}) instead of returning its results",
+        )
 
 
 OnResult = Callable[[JobResult], None]
@@ -221,86 +230,257 @@ def _worker_init(parent: int) -> None:
     _exit_with_parent(parent)
 
 
-def _pool_job(job: Job) -> JobResult:
-    return execute_job(job, "local")
+def _worker_main(connection: Connection, parent: int) -> None:
+    """A local worker: run each job the driver sends until it sends ``None`` or goes away."""
+    _worker_init(parent)
+    while True:
+        try:
+            job = connection.recv()
+        except (EOFError, OSError):
+            return
+        if job is None:
+            return
+        result = execute_job(job, "local")
+        try:
+            connection.send(result)
+        except (EOFError, OSError):
+            return
+        except Exception as exc:  # a result that cannot be pickled
+            connection.send(JobResult(result.key, None, f"worker failed: {exc!r}"))
+
+
+def _death_message(exitcode: int | None) -> str:
+    """Why a worker process ended, as the failed run's reason."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            how = f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            how = f"killed by signal {-exitcode}"
+        return f"a worker process died while running it ({how}; out of memory?)"
+    return f"a worker process died while running it (exit status {exitcode})"
+
+
+@dataclass(eq=False)
+class _Worker:
+    """One spawned worker process, its end of the pipe, and the job it is running."""
+
+    process: Any
+    connection: Connection
+    job: Job | None = None
+    finished: int = 0
 
 
 class LocalExecutor(Executor):
-    """``jobs`` spawned worker processes on this machine."""
+    """``jobs`` spawned worker processes on this machine, one job at a time each.
+
+    A worker that dies (killed, out of memory, ``os._exit`` in a task) fails only the run it was
+    running; a fresh worker takes its place for the runs still to do.
+    """
 
     def __init__(self, jobs: int) -> None:
         self.jobs = jobs
-        self._pool: ProcessPoolExecutor | None = None
+        self._workers: list[_Worker] = []
 
-    def _start(self) -> ProcessPoolExecutor:
-        if self._pool is None:
-            self._pool = ProcessPoolExecutor(
-                self.jobs,
-                mp_context=get_context("spawn"),
-                initializer=_worker_init,
-                initargs=(os.getpid(),),
-            )
-        return self._pool
+    def _spawn(self) -> _Worker:
+        context = get_context("spawn")
+        mine, theirs = context.Pipe()
+        process = context.Process(
+            target=_worker_main, args=(theirs, os.getpid()), name="adabelief-worker"
+        )
+        process.start()
+        theirs.close()
+        worker = _Worker(process, mine)
+        self._workers.append(worker)
+        return worker
+
+    def _discard(self, worker: _Worker) -> None:
+        if worker in self._workers:
+            self._workers.remove(worker)
+        if worker.process.is_alive():
+            worker.process.kill()
+        worker.process.join(5)
+        worker.connection.close()
+
+    def _assign(self, worker: _Worker, queue: deque[Job]) -> JobResult | None:
+        """Hand the next job to ``worker``; a result when that fails for good."""
+        job = queue.popleft()
+        try:
+            if not worker.process.is_alive():
+                raise BrokenPipeError
+            worker.connection.send(job)
+        except (OSError, ValueError):
+            self._discard(worker)
+            if worker.finished:  # it died idle: the job never started, give it to another
+                queue.appendleft(job)
+                return None
+            return JobResult(job.key, None, _death_message(worker.process.exitcode))
+        worker.job = job
+        return None
+
+    def _collect(self, worker: _Worker) -> JobResult | None:
+        """The result of a worker that woke up: its run's result, or the run failed by its death."""
+        job = worker.job
+        assert job is not None
+        try:
+            if worker.connection.poll():
+                result = worker.connection.recv()
+                worker.job = None
+                worker.finished += 1
+                return result if isinstance(result, JobResult) else JobResult(job.key, None, "?")
+        except (EOFError, OSError):
+            pass
+        except Exception as exc:  # a result that cannot be unpickled
+            self._discard(worker)
+            return JobResult(job.key, None, f"worker failed: {exc!r}")
+        if worker.process.is_alive():
+            return None
+        worker.process.join(5)
+        self._discard(worker)
+        return JobResult(job.key, None, _death_message(worker.process.exitcode))
 
     def run(self, jobs: list[Job], on_result: OnResult) -> bool:
-        """Execute ``jobs`` in the pool; on Ctrl-C the workers are stopped.
-
-        A worker that dies (killed, out of memory) fails the runs that were still pending in
-        the pool; the next call starts a fresh pool.
-        """
-        pool = self._start()
-        broken = False
+        """Execute ``jobs`` on the workers; on Ctrl-C the workers are stopped."""
+        queue = deque(jobs)
         try:
-            futures = {pool.submit(_pool_job, job): job for job in jobs}
-            pending = set(futures)
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for future in done:
-                    try:
-                        result = future.result()
-                    except BrokenProcessPool:
-                        broken = True
-                        message = "a worker process died (killed, or out of memory?)"
-                        result = JobResult(futures[future].key, None, message)
-                    except Exception as exc:  # e.g. a result that cannot be unpickled
-                        result = JobResult(futures[future].key, None, f"worker failed: {exc!r}")
-                    on_result(result)
+            while True:
+                for worker in [w for w in self._workers if w.job is None]:
+                    if queue and (failed := self._assign(worker, queue)) is not None:
+                        on_result(failed)
+                while queue and len(self._workers) < self.jobs:
+                    if (failed := self._assign(self._spawn(), queue)) is not None:
+                        on_result(failed)
+                busy = [w for w in self._workers if w.job is not None]
+                if not busy:
+                    if queue:
+                        continue
+                    return False
+                ready = set(
+                    connection_wait(
+                        [w.connection for w in busy] + [w.process.sentinel for w in busy]
+                    )
+                )
+                for worker in busy:
+                    if worker.connection in ready or worker.process.sentinel in ready:
+                        result = self._collect(worker)
+                        if result is not None:
+                            on_result(result)
         except KeyboardInterrupt:
             self._terminate()
             return True
-        if broken:
-            self._terminate()
-        return False
 
     def _terminate(self) -> None:
-        pool, self._pool = self._pool, None
-        if pool is None:
-            return
-        for process in list(getattr(pool, "_processes", {}).values()):
-            process.terminate()
-        pool.shutdown(wait=True, cancel_futures=True)
+        for worker in list(self._workers):
+            if worker.process.is_alive():
+                worker.process.terminate()
+        for worker in list(self._workers):
+            self._discard(worker)
 
     def close(self) -> None:
-        """Shut the pool down (its workers finish nothing more)."""
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+        """Stop the workers (idle ones exit on their own; a busy one is terminated)."""
+        for worker in self._workers:
+            if worker.job is None:
+                try:
+                    worker.connection.send(None)
+                except (OSError, ValueError):
+                    pass
+            elif worker.process.is_alive():
+                worker.process.terminate()
+        for worker in list(self._workers):
+            worker.process.join(10)
+            self._discard(worker)
 
 
 def _ray_job(job: Job) -> JobResult:
     return execute_job(job, "ray")
 
 
+def _host_port(address: str) -> tuple[str, int] | None:
+    """``(host, port)`` of a Ray address (``host:port`` or ``ray://host:port``), else ``None``."""
+    text = address.strip()
+    if "://" in text:
+        scheme, _, text = text.partition("://")
+        if scheme != "ray":
+            return None
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def _answers(host: str, port: int, timeout: float) -> str | None:
+    """``None`` when a TCP connection to ``host:port`` opens, else why not."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+
+
+def _probe(address: str, seconds: float) -> None:
+    """Raise :class:`ExecutorError` unless something answers at ``address`` within ``seconds``.
+
+    Ray itself retries an unreachable head for many minutes, printing warnings.
+    """
+    where = _host_port(address)
+    if where is None:
+        return
+    deadline = time.monotonic() + seconds
+    while (why := _answers(*where, timeout=2.0)) is not None:
+        if time.monotonic() > deadline:
+            raise ExecutorError(
+                f"cannot reach the Ray cluster at RAY_ADDRESS={address}: nothing answers on "
+                f"{where[0]}:{where[1]} ({why}) after {seconds:g} s; start its head "
+                "('ray start --head') or correct RAY_ADDRESS"
+            )
+        time.sleep(0.5)
+
+
+def _quiet_raylet_errors() -> None:
+    """Keep the raylet's multi-line error reports (a worker died, ...) off the driver's stderr.
+
+    Ray prints them from a thread even with ``log_to_driver=False``; the runner reports each
+    failed run in one line instead.
+    """
+    try:
+        import ray._private.worker as ray_worker
+    except ImportError:
+        return
+    original = getattr(ray_worker, "print_to_stdstream", None)
+    if original is None or getattr(original, "_adabelief_quiet", False):
+        return
+
+    def print_to_stdstream(data: dict[str, Any], ignore_prefix: bool) -> None:
+        if data.get("pid") != "raylet":
+            original(data, ignore_prefix)
+
+    print_to_stdstream._adabelief_quiet = True  # type: ignore[attr-defined]
+    ray_worker.print_to_stdstream = print_to_stdstream
+
+
+class ClusterLostError(RuntimeError):
+    """The Ray cluster stopped answering while runs were executing (what finished is kept)."""
+
+
 class RayExecutor(Executor):
-    """One Ray task per run, on the cluster named by ``RAY_ADDRESS`` (or a local instance)."""
+    """One Ray task per run, on the cluster named by ``RAY_ADDRESS`` (or a local instance).
+
+    ``RAY_ADDRESS`` is probed first (an unreachable head is a one-line error within
+    :attr:`connect_timeout_s`), and the head is watched while runs execute: when it stops
+    answering for :attr:`lost_after_s`, :meth:`run` raises :class:`ClusterLostError`.
+    """
 
     name = "ray"
+    connect_timeout_s = 20.0
+    lost_after_s = 10.0
 
     def __init__(self, threads: int, device: str) -> None:
         self.threads = threads
         self.device = device
         self._started_ray = False
         self._remote: Any = None
+        self._head: tuple[str, int] | None = None
+        self._address = ""
+        self._lost = False
 
     def __enter__(self) -> RayExecutor:
         try:
@@ -311,7 +491,10 @@ class RayExecutor(Executor):
                 "pip install 'adabelief[ray]'"
             ) from None
         address = os.environ.get("RAY_ADDRESS")
+        _quiet_raylet_errors()
         if not ray.is_initialized():
+            if address:
+                _probe(address, self.connect_timeout_s)
             try:
                 if address:
                     ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
@@ -329,6 +512,12 @@ class RayExecutor(Executor):
                 )
                 raise ExecutorError(f"cannot start or reach {where}: {message}") from None
             self._started_ray = True
+        try:
+            gcs = str(ray.get_runtime_context().gcs_address)
+        except Exception:  # an older Ray, or Ray Client: not watched
+            gcs = ""
+        self._head = _host_port(gcs)
+        self._address = address or gcs or "local"
         resources = ray.cluster_resources()
         gpus = 1 if self.device == "cuda" else 0
         if gpus and resources.get("GPU", 0) < 1:
@@ -345,24 +534,50 @@ class RayExecutor(Executor):
         )
         return self
 
+    def _check_head(self, silent_since: float | None) -> float | None:
+        """When the head stopped answering (``None``: it answers); raises once it is lost."""
+        if self._head is None or _answers(*self._head, timeout=1.0) is None:
+            return None
+        now = time.monotonic()
+        if silent_since is None:
+            return now
+        if now - silent_since >= self.lost_after_s:
+            self._lost = True
+            raise ClusterLostError(
+                f"the Ray cluster at {self._address} stopped answering "
+                f"(no head at {self._head[0]}:{self._head[1]} for {self.lost_after_s:g} s)"
+            )
+        return silent_since
+
     def run(self, jobs: list[Job], on_result: OnResult) -> bool:
-        """Submit every job, collect results as they finish; Ctrl-C cancels the rest."""
+        """Submit every job, collect results as they finish; Ctrl-C cancels the rest.
+
+        Raises :class:`ClusterLostError` when the head stops answering.
+        """
         import ray
 
         pending: dict[Any, Job] = {}
+        silent_since: float | None = None
+        checked = time.monotonic()
         try:
             pending = {self._remote.remote(job): job for job in jobs}
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+                if time.monotonic() - checked >= 1.0 or silent_since is not None:
+                    silent_since = self._check_head(silent_since)
+                    checked = time.monotonic()
                 for ref in done:
                     job = pending.pop(ref)
                     try:
                         result = ray.get(ref)
                     except Exception as exc:  # the task's worker died, or Ray failed
-                        text = str(exc).strip().splitlines()
-                        result = JobResult(
-                            job.key, None, f"Ray task failed: {text[-1] if text else exc!r}"
-                        )
+                        if (silent := self._check_head(None)) is not None:
+                            # the head is gone too: wait to tell a lost cluster from a lost task
+                            pending[ref] = job
+                            silent_since = silent_since or silent
+                            continue
+                        text = [line for line in str(exc).strip().splitlines() if line.strip()]
+                        result = JobResult(job.key, None, f"Ray task failed: {_ray_reason(text)}")
                     on_result(result)
         except KeyboardInterrupt:
             for ref in pending:
@@ -371,12 +586,24 @@ class RayExecutor(Executor):
         return False
 
     def close(self) -> None:
-        """Disconnect (and stop the local instance this executor started)."""
-        if self._started_ray:
+        """Disconnect (and stop the local instance this executor started).
+
+        After a lost cluster nothing is left to disconnect from: Ray's own shutdown would wait
+        for the head.
+        """
+        if self._started_ray and not self._lost:
             import ray
 
             ray.shutdown()
-            self._started_ray = False
+        self._started_ray = False
+
+
+def _ray_reason(lines: list[str]) -> str:
+    """One line from a Ray error: the task's own exception, or why its worker died."""
+    for line in reversed(lines):
+        if "Error" in line.split(":", 1)[0] or "died" in line or "killed" in line:
+            return line.strip()
+    return lines[-1].strip() if lines else "unknown error"
 
 
 def make_executor(kind: str, jobs: int, threads: int, device: str) -> Executor:

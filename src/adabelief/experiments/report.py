@@ -19,7 +19,7 @@ from adabelief.experiments.report_markdown import render_markdown
 from adabelief.experiments.store import RunStore
 from adabelief.experiments.verdicts import assess_claims
 
-__all__ = ["ClaimVerdict", "Report", "ReportError", "build_report"]
+__all__ = ["ClaimVerdict", "Report", "ReportError", "build_report", "failed_runs_markdown"]
 
 
 class ReportError(RuntimeError):
@@ -68,6 +68,34 @@ def build_report(root: Path, make_plots: bool = True) -> Report:
             if o != REFERENCE
         ]
         text = render_markdown(analysis, assessments, others, profiles, plots, profile_plots, root)
+        text += failed_runs_markdown(store)
         path = store.write_text("report.md", text)
     verdicts = tuple(ClaimVerdict(a.statement, a.verdict, a.summary) for a in assessments)
     return Report(path, verdicts, len(analysis.records), analysis.missing, len(analysis.bad_files))
+
+
+def failed_runs_markdown(store: RunStore) -> str:
+    """A "Failed runs" section: every run whose latest attempt failed, with its reason.
+
+    Empty when none failed.  The reasons come from ``failed/<key>.json``, which the runner
+    writes when a run fails and removes when it finishes.
+    """
+    failures = store.failures()
+    if not failures:
+        return ""
+    lines = [
+        "",
+        "## Failed runs",
+        "",
+        f"{len(failures)} runs failed and have no result (the same command tries them again; "
+        f"details in `{store.failed_dir}`):",
+        "",
+    ]
+    for failure in failures:
+        seed = failure.get("seed", "?")
+        trial = "" if failure.get("trial") is None else f", trial {failure['trial']}"
+        lines.append(
+            f"- {failure.get('experiment', '?')}, {failure.get('optimizer', '?')}, seed {seed}"
+            f"{trial} (`{failure.get('key', '?')}`): {failure.get('error', 'unknown error')}"
+        )
+    return "\n".join(lines) + "\n"

@@ -11,7 +11,10 @@ skipped, so rerunning an interrupted command only does what is left.
 
 Runs execute on an :mod:`executor <adabelief.experiments.executors>`: this process, local worker
 processes, or Ray.  The driver writes each finished run's file atomically as its result
-arrives.  Ctrl-C or SIGTERM cancels what is pending and keeps what finished.
+arrives, and each failed run's reason under ``failed/``.  Ctrl-C or SIGTERM cancels what is
+pending and keeps what finished; so does losing the Ray cluster.  Every run being trained is
+locked, so a second command on the same folder waits for the runs the first is training
+instead of training them again.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -32,12 +36,18 @@ from tqdm import tqdm
 
 from adabelief.experiments.analysis import Candidate, choose_trial, study_id
 from adabelief.experiments.data import DataCheck, DataInvalidError, DataNotFoundError
-from adabelief.experiments.executors import Executor, Job, JobResult, make_executor
+from adabelief.experiments.executors import (
+    ClusterLostError,
+    Executor,
+    Job,
+    JobResult,
+    make_executor,
+)
 from adabelief.experiments.registry import DEFAULT_OPTIMIZERS
 from adabelief.experiments.report import Report, build_report
 from adabelief.experiments.search import TUNING_SEED, SearchSpace, search_space, unit_point
 from adabelief.experiments.spec import Experiment, RunSpec
-from adabelief.experiments.store import BadRunFile, RunStore
+from adabelief.experiments.store import BadRunFile, RunLocks, RunStore
 from adabelief.experiments.tasks import TASKS, PlanOptions, Task
 from adabelief.experiments.usertask import TaskLoadError, is_task_reference, load_user_task
 
@@ -45,6 +55,7 @@ __all__ = [
     "PlannedExperiment",
     "RunOptions",
     "RunSummary",
+    "one_line",
     "plan",
     "plan_reruns",
     "resolve_data",
@@ -89,6 +100,20 @@ class RunSummary:
     interrupted: bool = False
     bad_files: list[BadRunFile] = field(default_factory=list)
     report_kept: bool = False
+    #: Runs another command in the same folder was training, waited for.
+    waited: int = 0
+    #: Set (one line) when the Ray cluster was lost mid-run; what finished is kept.
+    cluster_lost: str | None = None
+
+    @property
+    def status(self) -> str:
+        """``finished`` (every planned run has its result), ``failed``, ``interrupted`` or
+        ``cluster lost``."""
+        if self.cluster_lost:
+            return "cluster lost"
+        if self.interrupted:
+            return "interrupted"
+        return "failed" if self.failed else "finished"
 
 
 @dataclass
@@ -332,44 +357,126 @@ class _Progress:
             self.bar.close()
 
 
+def one_line(error: str) -> str:
+    """The last non-blank line of a failed run's error (its traceback ends with the reason)."""
+    lines = [line.strip() for line in error.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "unknown error"
+
+
 def _execute(
     items: list[tuple[PlannedExperiment, RunSpec]],
     options: RunOptions,
     store: RunStore,
+    locks: RunLocks,
     executor: Executor,
     summary: RunSummary,
     progress: _Progress,
+    command: str = "",
 ) -> bool:
-    """Run the specs whose valid record is not on disk; returns whether it was interrupted."""
+    """Run the specs whose valid record is not on disk; returns whether it was interrupted.
+
+    Each run is locked while it trains; a run locked by another command in the same folder is
+    waited for after this command's own runs, then taken from disk (or run, if it failed there).
+    """
     unique: dict[str, tuple[PlannedExperiment, RunSpec]] = {}
     for item, spec in items:
         unique.setdefault(spec.key(), (item, spec))
     summary.planned += len(unique)
-    jobs = []
+    jobs: dict[str, Job] = {}
+    deferred: list[Job] = []
     for key, (item, spec) in unique.items():
         state = store.read(key)
         if isinstance(state, dict):
             summary.reused += 1
             continue
+        job = _job(item, spec, options)
+        if not locks.try_acquire(key):
+            deferred.append(job)
+            continue
+        if isinstance(state := store.read(key), dict):  # finished by another command just now
+            locks.release(key)
+            summary.reused += 1
+            continue
         if isinstance(state, BadRunFile):
             summary.bad_files.append(state)
-        jobs.append(_job(item, spec, options))
-    if not jobs:
+        jobs[key] = job
+    if not jobs and not deferred:
         return False
-    progress.add(len(jobs))
+    progress.add(len(jobs) + len(deferred))
+    everything = {**jobs, **{job.key: job for job in deferred}}
 
     def on_result(result: JobResult) -> None:
-        if result.record is not None:
-            try:
-                store.save(result.record)
-                summary.ran.append(result.key)
-            except OSError as exc:
-                summary.failed[result.key] = f"cannot write {store.run_path(result.key)}: {exc}"
-        else:
-            summary.failed[result.key] = result.error or "unknown error"
-        progress.update()
+        try:
+            if result.record is not None:
+                try:
+                    if not store.has(result.key):  # a finished run is never rewritten
+                        store.save(result.record)
+                    store.clear_failure(result.key)
+                    summary.ran.append(result.key)
+                except OSError as exc:
+                    path = store.run_path(result.key)
+                    summary.failed[result.key] = f"cannot write {path}: {exc}"
+            else:
+                summary.failed[result.key] = result.error or "unknown error"
+            if result.key in summary.failed:
+                _store_failure(store, everything[result.key], summary.failed[result.key], command)
+        finally:
+            locks.release(result.key)
+            progress.update()
 
-    return executor.run(jobs, on_result)
+    if jobs and executor.run(list(jobs.values()), on_result):
+        return True
+    if not deferred:
+        return False
+    summary.waited += len(deferred)
+    print(
+        f"waiting for {len(deferred)} runs that another command is training in {store.root}",
+        file=sys.stderr,
+    )
+    again = []
+    for job in deferred:
+        locks.acquire(job.key)
+        if store.has(job.key):
+            locks.release(job.key)
+            summary.reused += 1
+            progress.update()
+        else:  # the other command failed or stopped: run it here
+            again.append(job)
+    return bool(again) and executor.run(again, on_result)
+
+
+def _log_outcome(store: RunStore, command_id: str, summary: RunSummary) -> None:
+    """Record how the command ended in its manifest entry (best effort: never raises)."""
+    outcome = {
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "status": summary.status,
+        "ran": len(summary.ran),
+        "reused": summary.reused,
+        "failed": {key: one_line(error) for key, error in summary.failed.items()},
+    }
+    if summary.cluster_lost:
+        outcome["cluster_lost"] = summary.cluster_lost
+    try:
+        store.finish_command(command_id, outcome)
+    except OSError:
+        pass
+
+
+def _store_failure(store: RunStore, job: Job, error: str, command: str) -> None:
+    """Keep a failed run's reason in ``failed/<key>.json`` (best effort: never raises)."""
+    failure = {
+        "key": job.key,
+        **job.spec,
+        "experiment_title": job.definition.get("title"),
+        "error": one_line(error),
+        "traceback": error,
+        "failed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": command,
+    }
+    try:
+        store.save_failure(failure)
+    except OSError:
+        pass
 
 
 @contextmanager
@@ -396,18 +503,22 @@ def run_experiments(options: RunOptions, command: str = "") -> tuple[RunSummary,
     loaded, :class:`DataNotFoundError` for unusable ``--data``,
     :class:`~adabelief.experiments.store.OutputError` for an unusable ``--out`` and
     :class:`~adabelief.experiments.executors.ExecutorError` when the executor cannot start,
-    all before anything trains.  The report is rebuilt from every run on disk, unless every
-    run of this command failed and a report exists already: a failing command never replaces a
-    good report.
+    all before anything trains (and before anything is created in ``--out``).  The report is
+    rebuilt from every run on disk, unless the command was interrupted or lost its cluster, or
+    every run of this command failed and a report exists already: a failing command never
+    replaces a good report.  The manifest logs the command with its outcome and failed runs.
     """
     tasks = resolve_tasks(options.tasks)
     data = resolve_data(tasks, options.data_dir)
     planned = plan(options, tasks, data)
     store = RunStore(options.out)
-    store.prepare()
+    store.check()  # created only once the executor is up: a command that cannot start leaves
     summary = RunSummary()
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    command_id = uuid.uuid4().hex[:12]
     progress = _Progress(options.progress)
+    locks = RunLocks(store.runs_dir)
+    logged = False
     try:
         with (
             make_executor(
@@ -415,13 +526,22 @@ def run_experiments(options: RunOptions, command: str = "") -> tuple[RunSummary,
             ) as executor,
             _sigterm_interrupts(),
         ):
-            # Recorded once the executor is up: a command that cannot start leaves no trace.
+            # no trace, not even an empty folder.
+            store.prepare()
             store.update_manifest(
                 _manifest_entries(planned, options, command),
-                {"command": command, "started_at": started, "tasks": [t.name for t in tasks]},
+                {
+                    "id": command_id,
+                    "command": command,
+                    "started_at": started,
+                    "tasks": [t.name for t in tasks],
+                },
             )
+            logged = True
             first = [(item, spec) for item in planned for spec in item.specs]
-            summary.interrupted = _execute(first, options, store, executor, summary, progress)
+            summary.interrupted = _execute(
+                first, options, store, locks, executor, summary, progress, command
+            )
             if options.mode == "fair" and not summary.interrupted:
                 second: list[tuple[PlannedExperiment, RunSpec]] = []
                 for item in planned:
@@ -429,12 +549,19 @@ def run_experiments(options: RunOptions, command: str = "") -> tuple[RunSummary,
                     item.specs.extend(reruns)
                     second.extend((item, spec) for spec in reruns)
                 store.update_manifest(_manifest_entries(planned, options, command))
-                summary.interrupted = _execute(second, options, store, executor, summary, progress)
+                summary.interrupted = _execute(
+                    second, options, store, locks, executor, summary, progress, command
+                )
     except KeyboardInterrupt:
         summary.interrupted = True
+    except ClusterLostError as exc:
+        summary.cluster_lost = str(exc)
     finally:
+        locks.close()
         progress.close()
-    if summary.interrupted:
+    if logged:
+        _log_outcome(store, command_id, summary)
+    if summary.interrupted or summary.cluster_lost:
         return summary, None
     report_path = store.root / "report.md"
     if summary.failed and not summary.ran and report_path.exists():

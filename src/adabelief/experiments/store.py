@@ -4,6 +4,8 @@ Layout of ``--out DIR``::
 
     DIR/manifest.json      the latest plan per task (its run keys) and every command run here
     DIR/runs/<key>.json    one finished run, self-describing (spec, experiment, metrics, curves)
+    DIR/failed/<key>.json  a run whose latest attempt failed: its spec and the reason (removed
+                           when it finishes)
     DIR/results.json       every valid run in runs/
     DIR/summary.csv        mean/std per experiment, optimizer, trial and metric
     DIR/report.md          the claims and the evidence;  DIR/plots/*.png  the figures
@@ -11,12 +13,14 @@ Layout of ``--out DIR``::
 A run whose file exists and is valid is never redone, so an interrupted ``adabelief run``
 resumes where it stopped.  Files are written atomically (temporary file, fsync, rename) with
 the permissions the umask allows, and the manifest's read-modify-write holds an exclusive lock,
-so several processes may share one folder.
+so several processes may share one folder.  Each run being trained is locked
+(:class:`RunLocks`), so two commands on one folder never train the same run twice.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -33,6 +37,7 @@ __all__ = [
     "MANIFEST_VERSION",
     "BadRunFile",
     "OutputError",
+    "RunLocks",
     "RunStore",
     "atomic_write_text",
     "current_umask",
@@ -137,13 +142,87 @@ def validate_record(data: Any, key: str) -> str | None:
     return None
 
 
+class RunLocks:
+    """One exclusive lock per run being trained, shared by every process using the folder.
+
+    Each run locks one byte (chosen by its key) of ``DIR/runs/.locks`` with a POSIX record lock:
+    one open file for any number of runs, released by the system when the process ends however
+    it ends, and honoured across machines where the file system supports ``fcntl`` locks (NFS
+    does).  Without ``fcntl`` (Windows) every lock is granted.
+    """
+
+    def __init__(self, runs_dir: Path) -> None:
+        self.path = runs_dir / ".locks"
+        self._handle: Any = None
+
+    @staticmethod
+    def _offset(key: str) -> int:
+        return int(hashlib.sha256(key.encode()).hexdigest()[:15], 16)
+
+    def _lock(self, key: str, blocking: bool) -> bool:
+        try:
+            import fcntl
+        except ImportError:
+            return True
+        if self._handle is None:
+            self._handle = self.path.open("a")
+        mode = fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB
+        try:
+            fcntl.lockf(self._handle.fileno(), mode, 1, self._offset(key))
+        except OSError:
+            if blocking:
+                raise
+            return False
+        return True
+
+    def try_acquire(self, key: str) -> bool:
+        """Lock ``key`` unless another process holds it (then ``False``)."""
+        return self._lock(key, blocking=False)
+
+    def acquire(self, key: str) -> None:
+        """Lock ``key``, waiting for the process that holds it (Ctrl-C interrupts the wait)."""
+        self._lock(key, blocking=True)
+
+    def release(self, key: str) -> None:
+        """Unlock ``key``."""
+        if self._handle is None:
+            return
+        import fcntl
+
+        fcntl.lockf(self._handle.fileno(), fcntl.LOCK_UN, 1, self._offset(key))
+
+    def close(self) -> None:
+        """Release every lock."""
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            handle.close()
+
+
 class RunStore:
     """Reads and writes one run folder."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.runs_dir = self.root / "runs"
+        self.failed_dir = self.root / "failed"
         self.manifest_path = self.root / "manifest.json"
+
+    def check(self) -> None:
+        """Check, creating nothing, that the folder can be made and written (raises OutputError).
+
+        Run before anything can fail to start, so that a command that cannot start leaves no
+        folder behind; :meth:`prepare` then creates it.
+        """
+        for folder in (self.root, self.runs_dir):
+            if folder.exists() and not folder.is_dir():
+                raise OutputError(f"{folder} is a file, not a folder")
+        existing = self.root
+        while not existing.exists() and existing.parent != existing:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise OutputError(f"{self.root} cannot be created ({existing} is a file)")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise OutputError(f"{self.root} cannot be written (Permission denied)")
 
     def prepare(self) -> None:
         """Create the folder and check that files can be written in it (raises OutputError)."""
@@ -207,6 +286,30 @@ class RunStore:
         atomic_write_text(path, json.dumps(json_safe(record), indent=1, sort_keys=True))
         return path
 
+    def save_failure(self, failure: dict[str, Any]) -> Path:
+        """Store why a run failed (``failure["key"]`` names it), replacing an older failure."""
+        path = self.failed_dir / f"{failure['key']}.json"
+        atomic_write_text(path, json.dumps(json_safe(failure), indent=1, sort_keys=True))
+        return path
+
+    def clear_failure(self, key: str) -> None:
+        """Forget the failure of ``key`` (it finished)."""
+        (self.failed_dir / f"{key}.json").unlink(missing_ok=True)
+
+    def failures(self) -> list[dict[str, Any]]:
+        """The stored failures of runs that have not finished since, sorted by key."""
+        found: list[dict[str, Any]] = []
+        if not self.failed_dir.is_dir():
+            return found
+        for path in sorted(self.failed_dir.glob("*.json")):
+            try:
+                failure = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if isinstance(failure, dict) and not self.has(path.stem):
+                found.append(failure)
+        return found
+
     @contextlib.contextmanager
     def lock(self, name: str) -> Iterator[None]:
         """An exclusive advisory lock on ``DIR/.<name>.lock`` held for the ``with`` block."""
@@ -250,6 +353,15 @@ class RunStore:
             manifest["tasks"].update(tasks)
             if command is not None:
                 manifest["commands"].append(command)
+            atomic_write_text(self.manifest_path, json.dumps(json_safe(manifest), indent=1))
+
+    def finish_command(self, command_id: str, outcome: dict[str, Any]) -> None:
+        """Add ``outcome`` (status, counts, failed runs) to the logged command ``command_id``."""
+        with self.lock("manifest"):
+            manifest = self.read_manifest()
+            for entry in manifest["commands"]:
+                if isinstance(entry, dict) and entry.get("id") == command_id:
+                    entry.update(outcome)
             atomic_write_text(self.manifest_path, json.dumps(json_safe(manifest), indent=1))
 
     def write_json(self, name: str, value: Any) -> Path:
