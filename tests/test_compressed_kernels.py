@@ -344,3 +344,83 @@ def test_grad_scale_power_of_two_or_not(scale, dtype):
             torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-7)
         else:  # the reference rounded g/3 to bfloat16 first; the step divided in float32
             torch.testing.assert_close(p.detach(), q.detach(), rtol=2e-2, atol=1e-3)
+
+
+def grads_with_one_non_finite_element(params, step):
+    """Ordinary gradients, except at step 2: one inf element in the 4096-element tensor and one
+    NaN element in the 6300-element one, as without GradScaler."""
+    grads = grads_for(params, step)
+    if step == 2:
+        grads[0].view(-1)[5] = float("inf")
+        grads[1].view(-1)[1000] = float("nan")
+    return grads
+
+
+PATHS = {
+    "fused": {},
+    "tensor": {"capturable": True},
+    "foreach": {"foreach": True},
+    "single": {"foreach": False},
+}
+
+
+@pytest.mark.parametrize(
+    "path", [pytest.param("fused", marks=needs_kernel), "tensor", "foreach", "single"]
+)
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+@pytest.mark.parametrize("amsgrad", [False, True], ids=["", "amsgrad"])
+def test_a_non_finite_gradient_element_costs_only_what_fp32_state_loses(path, precision, amsgrad):
+    """One inf (or NaN) gradient element loses that element, with float32 state as with
+    compressed state; int8 used to lose its whole 256-element block (the block's scale became
+    inf or NaN). Against a run without the bad element: the other blocks (bf16: all the other
+    elements) are bit-identical, and the bad element's block-mates, whose shared scale no longer
+    sees it, stay finite and within int8's rounding noise."""
+    options = dict(lr=0.01, amsgrad=amsgrad)
+    bad, good = grads_with_one_non_finite_element, grads_for
+    fp32 = optimizer_run(torch.float32, "fp32", 6, PATHS[path], grads=bad, **options)
+    run = optimizer_run(torch.float32, precision, 6, PATHS[path], grads=bad, **options)
+    clean = optimizer_run(torch.float32, precision, 6, PATHS[path], grads=good, **options)
+    for i, (p, state) in enumerate(zip(*run, strict=True)):
+        p, want = p.detach().view(-1), clean[0][i].detach().view(-1)
+        lost = ~fp32[0][i].detach().view(-1).isfinite()
+        assert int(lost.sum()) == (1 if i < 2 else 0), "the test's premise"
+        block = lost.clone()
+        if cs.format_of(state) == "int8":
+            block = cs._padded_blocks(lost).any(dim=1, keepdim=True).expand(-1, cs.BLOCK_SIZE)
+            block = block.reshape(-1)[: p.numel()]
+        assert torch.equal(p[~block], want[~block]), f"param {i}: another block changed"
+        mates = block & ~lost
+        assert p[mates].isfinite().all(), f"param {i}: the loss spread in its block"
+        torch.testing.assert_close(p[mates], want[mates], rtol=0, atol=5e-3)
+        for key, moment in cs.decode_moments(state).items():
+            assert moment.view(-1)[~lost].isfinite().all(), f"param {i}: {key}"
+        for key in [k for k in state if k.endswith("_scale")]:
+            assert state[key].isfinite().all(), f"param {i}: {key}"
+
+
+@needs_kernel
+@pytest.mark.parametrize("amsgrad", [False, True], ids=["", "amsgrad"])
+def test_a_non_finite_gradient_element_is_bit_identical_in_the_kernel(amsgrad):
+    """The kernel's finite block scales and clamped codes are compressed_state.encode's."""
+    options = dict(lr=0.01, amsgrad=amsgrad)
+    bad = grads_with_one_non_finite_element
+    expected = reference_run(torch.float32, "int8", 6, grads=bad, **options)
+    actual = optimizer_run(torch.float32, "int8", 6, {}, grads=bad, **options)
+    assert_bit_identical(actual, expected)
+
+
+def test_int8_encoding_of_non_finite_values():
+    """A block's scale is its largest finite magnitude; inf is stored as the clamp, NaN as 0;
+    the other elements are coded exactly as without them."""
+    work = torch.linspace(-1.0, 2.0, 512)
+    clean_codes, clean_scale = cs.encode(work, "int8", "exp_avg", 7)
+    dirty = work.clone()
+    dirty[3], dirty[4], dirty[300] = float("inf"), float("-inf"), float("nan")
+    codes, scale = cs.encode(dirty, "int8", "exp_avg", 7)
+    assert torch.equal(scale, clean_scale)
+    assert codes[3] == 127 and codes[4] == -127 and codes[300] == 0
+    others = torch.ones(512, dtype=torch.bool)
+    others[[3, 4, 300]] = False
+    assert torch.equal(codes[others], clean_codes[others])
+    roots, root_scale = cs.encode(dirty.abs(), "int8", "exp_avg_var", 7)
+    assert root_scale.isfinite().all() and roots[3] == 255 and roots[300] == 0

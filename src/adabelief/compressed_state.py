@@ -18,7 +18,10 @@ float32 work tensors, run their update and encode them back with :func:`encode_`
   zero (which would turn its step into ``m / eps``). Both round stochastically with the same
   hashed dither: deterministic rounding would freeze the moving averages, whose per-step change
   (``1 - beta`` of the gap) is smaller than half a quantization level. Smaller tensors (biases,
-  norms) keep float32 state.
+  norms) keep float32 state. A block's scale is its largest *finite* magnitude: a non-finite
+  value (one ``inf`` gradient element without GradScaler) is stored as the clamp (``+-127`` or
+  ``255`` for ``+-inf``, ``0`` for NaN), so it costs its own element, as with float32 state,
+  and not the other 255 of its block.
 """
 
 from __future__ import annotations
@@ -129,12 +132,16 @@ def encode(work: Tensor, fmt: str, key: str, step: int | Tensor) -> tuple[Tensor
         # std::sqrt: torch's float32 CPU sqrt is not always, and the codes depend on every bit.
         magnitude, top = blocks.clamp(min=0).double().sqrt().float(), 255
         blocks = magnitude
-    block_max = magnitude.amax(dim=1)
+    # The scale is the largest finite magnitude: a non-finite element (an inf gradient without
+    # GradScaler) gets the clamp, +-top for +-inf and 0 for NaN, and leaves its block's other
+    # elements as they would be without it.
+    block_max = torch.where(magnitude.isfinite(), magnitude, 0.0).amax(dim=1)
     inv = torch.where(block_max > 0, top / block_max, torch.zeros_like(block_max))
     scaled = blocks * inv.unsqueeze(1)
     codes = (scaled + uniform_dither(scaled, step)).floor().clamp(-top if top == 127 else 0, top)
     if top == 255:
         codes = torch.where(scaled > 0, codes.clamp(min=1), codes)
+    codes = codes.nan_to_num(nan=0.0)
     return codes.reshape(-1)[: work.numel()].view(work.shape), block_max
 
 

@@ -383,13 +383,21 @@ inline float inverse_scale(float block_max, float top) {
   return block_max > 0.0f ? (1.0f / block_max) * top : 0.0f;
 }
 
-// The largest magnitude of a block, NaN if any value is NaN (as torch's amax). For non-negative
-// floats the order of the bit patterns is the order of the values, and NaN's patterns lie above
-// infinity's, so an integer maximum (which vectorises) gives both.
+// The largest finite magnitude of a block (0 if none), as compressed_state.encode: inf and NaN
+// are left out, so that one non-finite element (an inf gradient without GradScaler) cannot make
+// the scale of its whole block inf or NaN; its own code is the clamp (+-127 or 255 for +-inf, 0
+// for NaN) and the other elements keep theirs. For non-negative floats the order of the bit
+// patterns is the order of the values, and the non-finite ones are those from infinity's up, so
+// an integer maximum (which vectorises) gives it.
+inline uint32_t finite_magnitude(float value) {
+  const uint32_t magnitude = to_bits(value) & 0x7fffffffu;
+  return magnitude < 0x7f800000u ? magnitude : 0u;
+}
+
 inline float block_absmax(const float* values, int64_t n) {
   uint32_t largest = 0;
   for (int64_t j = 0; j < n; ++j) {
-    const uint32_t magnitude = to_bits(values[j]) & 0x7fffffffu;
+    const uint32_t magnitude = finite_magnitude(values[j]);
     largest = magnitude > largest ? magnitude : largest;
   }
   return from_bits(largest);
@@ -613,12 +621,14 @@ inline __m256 widen_codes(const uint8_t* codes) {
   return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(eight));
 }
 
-// block_absmax of values stored to out, 8 at a time: the running maximum of the magnitudes' bits.
+// block_absmax of values stored to out, 8 at a time: the running maximum of the bits of the
+// finite magnitudes (finite_magnitude: inf and NaN count as 0).
 inline __m256i store_and_max(float* out, F8 values, __m256i running) {
   _mm256_storeu_ps(out, values.v);
   const __m256i magnitude =
       _mm256_and_si256(_mm256_castps_si256(values.v), _mm256_set1_epi32(0x7fffffff));
-  return _mm256_max_epu32(running, magnitude);
+  const __m256i finite = _mm256_cmpgt_epi32(_mm256_set1_epi32(0x7f800000), magnitude);
+  return _mm256_max_epu32(running, _mm256_and_si256(magnitude, finite));
 }
 
 inline float largest(__m256i running) {
