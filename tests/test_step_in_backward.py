@@ -546,6 +546,218 @@ def test_gradients_read_after_backward_are_none():
     assert float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)) == 0.0
 
 
+# ---- one step per optimizer step: several backward passes, nested backward passes -------------
+
+
+def steps_of(optimizer: torch.optim.Optimizer) -> list[int]:
+    return [int(state["step"]) for state in optimizer.state.values()]
+
+
+def test_a_second_backward_before_step_is_refused_before_it_steps():
+    """loss.backward(retain_graph=True); loss.backward(); step(): an ordinary optimizer steps
+    once on the sum; the in-backward one refuses the second pass before stepping again."""
+    a, oa, b, ob = pair({})
+    batch = batches(1)[0]
+    oa.zero_grad()
+    loss_of(a, batch).backward()
+    oa.step()  # the first backward's step, which the in-backward optimizer has taken too
+    ob.zero_grad()
+    loss = loss_of(b, batch)
+    loss.backward(retain_graph=True)
+    with pytest.raises(StepInBackwardError, match=r"second backward pass reached a parameter"):
+        loss.backward()
+    assert steps_of(ob) == [1, 1, 1, 1]
+    assert_same_params(a, b)
+
+
+def test_accumulation_without_accumulating_is_refused_at_the_second_micro_batch():
+    """Two micro-batches per step() (a Trainer's gradient accumulation): refused at the second
+    backward, whose message names accumulating() and step()."""
+    model = make_model()
+    optimizer = AdaBelief(model.parameters(), step_in_backward=True)
+    for round_ in range(2):
+        optimizer.zero_grad()
+        loss_of(model, batches(1)[0]).backward()
+        with pytest.raises(StepInBackwardError, match=r"accumulating\(\).*optimizer\.step\(\)"):
+            loss_of(model, batches(1)[0]).backward()
+        assert steps_of(optimizer) == [round_ + 1] * 4
+        optimizer.zero_grad()  # drops what the refused backward accumulated
+        optimizer.step()
+
+
+def test_a_loop_without_step_is_refused_at_its_second_backward():
+    model = make_model()
+    optimizer = AdaBelief(model.parameters(), step_in_backward=True)
+    loss_of(model, batches(1)[0]).backward()
+    with pytest.raises(StepInBackwardError, match="once per training step"):
+        loss_of(model, batches(1)[0]).backward()
+    assert steps_of(optimizer) == [1] * 4
+
+
+@pytest.mark.parametrize("boundary", ["step", "zero_grad"])
+def test_step_or_zero_grad_ends_the_optimizer_step(boundary):
+    """Either call lets every parameter step once more: the torch.optim loop, and a loop that
+    only calls zero_grad(), train as the ordinary loop with step()."""
+    a, oa, b, ob = pair({})
+    for batch in batches():
+        train(a, oa, [batch])
+        loss_of(b, batch).backward()
+        getattr(ob, boundary)()
+    assert_same_params(a, b)
+    assert steps_of(ob) == [STEPS] * 4
+
+
+def test_a_closure_backward_after_a_backward_outside_step_is_refused():
+    """Lightning's accumulation: the first micro-batch's backward runs outside step(), the
+    last one's inside step(closure); the window ends only when step() returns."""
+    model = make_model()
+    optimizer = AdaBelief(model.parameters(), step_in_backward=True)
+    optimizer.zero_grad()
+    loss_of(model, batches(1)[0]).backward()
+
+    def closure() -> Tensor:
+        loss = loss_of(model, batches(1)[0])
+        loss.backward()
+        return loss
+
+    with pytest.raises(StepInBackwardError, match="second backward pass"):
+        optimizer.step(closure)
+    assert steps_of(optimizer) == [1] * 4
+
+
+def _shared_layer_model(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 2))
+
+
+def _checkpointed_loss(
+    model: nn.Sequential, x: Tensor, reentrant: bool | None, outside: bool = True
+) -> Tensor:
+    """The middle layer applied three times (each in its own checkpoint if ``reentrant`` is
+    not None), and once more outside any checkpoint if ``outside``."""
+    h = torch.tanh(model[0](x))
+    for _ in range(3):
+        if reentrant is None:
+            h = torch.tanh(model[1](h))
+        else:
+            h = torch.utils.checkpoint.checkpoint(
+                lambda t: torch.tanh(model[1](t)), h, use_reentrant=reentrant
+            )
+    return model[2](model[1](h) if outside else h).square().mean()
+
+
+def test_non_reentrant_checkpointing_matches_ordinary_training():
+    """A layer applied in three checkpoints and once outside them: one step per iteration,
+    bit-identical to ordinary training without checkpointing."""
+    a, b = _shared_layer_model(), _shared_layer_model()
+    oa = AdaBelief(a.parameters(), lr=3e-2)
+    ob = AdaBelief(b.parameters(), lr=3e-2, step_in_backward=True)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(4):
+        x = torch.randn(4, 8, generator=g)
+        oa.zero_grad()
+        _checkpointed_loss(a, x, None).backward()
+        oa.step()
+        ob.zero_grad()
+        _checkpointed_loss(b, x, False).backward()
+        ob.step()
+    assert_same_params(a, b)
+    assert_same_state(oa, ob)
+    assert steps_of(ob) == [4] * 6
+
+
+@pytest.mark.parametrize("outside", [False, True], ids=["inside_only", "inside_and_outside"])
+def test_reentrant_checkpointing_is_refused_before_a_second_step(outside):
+    """Each reentrant checkpoint runs its own backward, holding a part of the gradient: the
+    shared layer would step once per checkpoint (and once more for its use outside them).
+    Refused at the first such backward: a layer used only inside checkpoints has not stepped;
+    one used outside them too may have stepped once, on the outer part of its gradient."""
+    model = _shared_layer_model()
+    shared = list(model[1].parameters())
+    optimizer = AdaBelief(model.parameters(), step_in_backward=True)
+    with pytest.raises(StepInBackwardError, match=r"reentrant .*use_reentrant=False"):
+        _checkpointed_loss(model, torch.randn(4, 8), True, outside).backward()
+    steps = {int(optimizer.state[p]["step"]) for p in shared}
+    assert steps == ({0, 1} & steps if outside else {0}) and steps
+
+
+def test_a_backward_run_inside_a_custom_backward_is_refused():
+    layer = nn.Linear(3, 3)
+    optimizer = AdaBelief(layer.parameters(), step_in_backward=True)
+
+    class Reentrant(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, x: Tensor) -> Tensor:
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx: Any, grad: Tensor) -> Tensor:
+            with torch.enable_grad():
+                layer(grad.detach()).sum().backward()
+            return grad
+
+    x = torch.randn(2, 3, requires_grad=True)
+    with pytest.raises(StepInBackwardError, match=r"autograd Function .*Reentrant"):
+        Reentrant.apply(x).sum().backward()
+    assert steps_of(optimizer) == [0, 0]
+
+
+# ---- one in-backward optimizer per parameter --------------------------------------------------
+
+
+def test_a_second_in_backward_optimizer_on_a_parameter_is_refused_before_any_step():
+    model = make_model()
+    first = AdaBelief(model.parameters(), step_in_backward=True)
+    second = AdaBelief(model[2].parameters(), step_in_backward=True)
+    with pytest.raises(StepInBackwardError, match=r"shape \(4,\) is stepped in backward by two"):
+        loss_of(model, batches(1)[0]).backward()
+    assert all(int(s["step"]) == 0 for s in second.state.values())
+    assert int(first.state[model[2].bias]["step"]) == 0
+    first.remove_backward_hooks()  # the way out the message names
+    train(model, second, batches(2))
+    assert steps_of(second) == [2, 2]
+
+
+def test_deleting_the_first_in_backward_optimizer_lets_the_second_step():
+    model = make_model()
+    first = AdaBelief(model.parameters(), step_in_backward=True)
+    second = AdaBelief(model.parameters(), step_in_backward=True)
+    first.cycle = first  # held by a reference cycle only: freed by the collection
+    del first
+    train(model, second, batches(2))
+    assert steps_of(second) == [2] * 4
+
+
+def test_rebinding_the_variable_to_a_new_in_backward_optimizer_keeps_working():
+    """optimizer = AdaBelief(...) again frees the old optimizer and its hooks: the new one
+    trains as a fresh ordinary AdaBelief would from there."""
+    a, oa, b, ob = pair({})
+    data = batches()
+    train(a, oa, data[:3])
+    train(b, ob, data[:3])
+    oa = AdaBelief(a.parameters(), lr=3e-2)
+    ob = AdaBelief(b.parameters(), lr=3e-2, step_in_backward=True)
+    train(a, oa, data[3:])
+    train(b, ob, data[3:])
+    assert_same_params(a, b)
+    assert_same_state(oa, ob)
+
+
+def test_an_ordinary_adabelief_sharing_an_in_backward_parameter_is_refused():
+    """The in-backward optimizer releases the gradient in backward: the ordinary one's step()
+    would silently do nothing for that parameter."""
+    model = make_model()
+    in_backward = AdaBelief(model[0].parameters(), step_in_backward=True)
+    ordinary = AdaBelief(model.parameters())
+    loss_of(model, batches(1)[0]).backward()
+    with pytest.raises(StepInBackwardError, match=r"shape \(96, 64\) .*also stepped in backward"):
+        ordinary.step()
+    in_backward.remove_backward_hooks()
+    ordinary.zero_grad()
+    train(model, ordinary, batches(1))
+    assert steps_of(ordinary) == [1] * 4
+
+
 # ---- FSDP2 works, DDP is refused: two gloo ranks running this file ----------------------------
 
 WORLD_SIZE = 2
