@@ -13,8 +13,12 @@ The function returns floats (metrics) and lists of floats (curves, one value per
 an optional ``"x"`` list gives their positions, ``"step"`` the optimizer steps and ``"time_s"``
 the seconds, for time-to-target).  The runner seeds Python, NumPy and torch with ``seed``
 before calling it.  Seeds, fair mode, statistics, resume and the executor work as for the
-built-in tasks, and the run key includes a fingerprint of the source file that defines the
-function, so editing the task reruns it.  A non-finite score marks the run as diverged.
+built-in tasks, and the run key includes a fingerprint (:func:`source_fingerprint`) of the
+source file that defines the function and of every local module it imports, directly or through
+another local module (a ``.py`` file or package beside it, or in the same package for a
+module-based task; installed packages are not followed), so editing the task or a helper it
+imports reruns it.  Only the runs of the latest version enter the report.  A non-finite score
+marks the run as diverged.
 
 Workers (local processes or Ray) get the file's source from the driver, so a file-based task
 needs no shared filesystem as long as it imports only installed packages; a module-based task
@@ -47,12 +51,91 @@ __all__ = [
     "UserTaskSpec",
     "is_task_reference",
     "load_user_task",
+    "local_sources",
+    "source_fingerprint",
     "task_from_payload",
     "user_task",
 ]
 
 _MARK = "__adabelief_task__"
 _NAME = re.compile(r"[^A-Za-z0-9_]+")
+
+
+def _imported_names(source: str, package: list[str]) -> list[list[str]]:
+    """Dotted module paths ``source`` imports (relative ones resolved against ``package``)."""
+    import ast
+
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return []
+    found: list[list[str]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [alias.name.split(".") for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = (node.module or "").split(".") if node.module else []
+            if node.level:
+                if node.level - 1 > len(package):
+                    continue
+                base = package[: len(package) - (node.level - 1)] + base
+            found.append(base)
+            found += [[*base, alias.name] for alias in node.names]  # from pkg import module
+    return [name for name in found if name and all(name)]
+
+
+def _module_file(root: Path, name: list[str]) -> Path | None:
+    candidate = root.joinpath(*name)
+    for path in (candidate.with_suffix(".py"), candidate / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def local_sources(path: Path, source: str, module: str = "") -> dict[str, str]:
+    """The local modules ``source`` (the file ``path``, module ``module`` or ``""``) imports,
+    directly or through each other: ``{path relative to the import root: text}``.
+
+    The import root is the file's folder for a file task, or the folder holding the top-level
+    package of a module task; a name that is no file under it (an installed or standard
+    module) is not followed.
+    """
+    parts = module.split(".") if module else []
+    root = path.parent
+    for _ in parts[1:]:
+        root = root.parent
+    package = parts[:-1]
+    if path.name == "__init__.py" and parts:
+        package = parts
+    found: dict[str, str] = {}
+    queue = [(source, package)]
+    while queue:
+        text, current = queue.pop()
+        for name in _imported_names(text, current):
+            for depth in range(1, len(name) + 1):
+                file = _module_file(root, name[:depth])
+                if file is None or file.resolve() == path.resolve():
+                    continue
+                key = file.relative_to(root).as_posix()
+                if key in found:
+                    continue
+                try:
+                    found[key] = file.read_text(encoding="utf-8")
+                except (OSError, UnicodeDecodeError):
+                    found[key] = ""
+                inner = name[:depth] if file.name == "__init__.py" else name[: depth - 1]
+                queue.append((found[key], inner))
+    return found
+
+
+def source_fingerprint(source: str, path: Path | None, module: str = "") -> str:
+    """SHA-256 (16 hex digits) of a task's source and of the local modules it imports."""
+    digest = hashlib.sha256(source.encode())
+    if path is not None:
+        for name, text in sorted(local_sources(path, source, module).items()):
+            digest.update(f"\0{name}\0".encode())
+            digest.update(text.encode())
+    return digest.hexdigest()[:16]
 
 
 class TaskLoadError(ValueError):
@@ -264,7 +347,9 @@ class UserTask(Task):
         self.source = source
         self.path = path
         self.spec: UserTaskSpec = getattr(function, _MARK)
-        self.fingerprint = hashlib.sha256(source.encode()).hexdigest()[:16]
+        module_file = getattr(sys.modules.get(module), "__file__", None)
+        where = Path(path) if path is not None else (Path(module_file) if module_file else None)
+        self.fingerprint = source_fingerprint(source, where, "" if path is not None else module)
         self.name = name or _NAME.sub("_", function.__name__)  # type: ignore[misc]
 
     def payload(self) -> dict[str, Any]:
