@@ -7,16 +7,30 @@ which are the runs that can be compared with each other.
 * **paper mode** (runs without a trial): each optimizer is represented by its preset; if the
   folder holds runs of several hyperparameter sets for one optimizer (the preset changed), the
   set with the most seeds is used and the others are counted as not shown.
-* **fair mode** (runs of trials): every optimizer is judged on its first ``N`` trials, with
-  ``N`` the number of trials every optimizer has on disk.  The trial with the best
-  ``Experiment.selection`` value at the tuning seed wins (a missing, failed or diverged trial
-  ranks last); the winner's runs at every seed are what is reported and compared.
+* **fair mode** (runs of trials): every optimizer is judged on the first ``N`` trials, with
+  ``N`` the trial count of the latest plan of the task (from the manifest; without one, the
+  most trials any optimizer has on disk).  :func:`choose_trial`, which the runner also uses to
+  pick the trials it reruns, takes the trial with the best ``Experiment.selection`` value at
+  the tuning seed; a missing, failed or diverged trial ranks last, so it never cuts the trial
+  count of the other optimizers.  The winner's runs at every seed are reported and compared.
 
-A diverged run counts in the "diverged" column and is left out of every mean, test and
-time-to-target.
+A diverged run counts in the "diverged" column and is left out of every mean; in a paired
+comparison it is a lost pair (:func:`~adabelief.experiments.stats.paired_comparison`), and in a
+ranking it comes last.
+
+A user task's runs carry the fingerprint of its source (and of the local modules it imports):
+only the runs of its most recent fingerprint are analysed; runs of older versions stay on disk
+and are counted in :attr:`Analysis.superseded`.
+
+Convergence: a run's ``late_improvement`` (see :func:`adabelief.experiments.stats.late_improvement`)
+is the relative improvement of its smoothed validation curve over the last eighth of its
+budget.  An optimizer whose median over seeds exceeds
+:data:`~adabelief.experiments.stats.CONVERGENCE_TOLERANCE` was still improving, and every
+comparison it enters is *budget-limited* (:meth:`ExperimentResult.budget_limited`).
 
 Time to target (after AlgoPerf): the *target* of an experiment is the level of its target
-curve that every seed of the best optimizer (best mean score) reached.  A run's time to target
+curve that every seed of the best optimizer reached, the best being chosen on the experiment's
+selection metric (validation data where the experiment has any; diverged runs rank last).  A run's time to target
 is the optimizer steps (and seconds) at the first evaluation where its curve reached the target.
 The performance profile (Dolan and More) of an optimizer is ``rho(tau)``, the fraction of
 experiments where its median steps to target are within a factor ``tau`` of the fastest
@@ -35,7 +49,13 @@ from typing import Any
 from adabelief.experiments.registry import known_optimizers
 from adabelief.experiments.search import TUNING_SEED
 from adabelief.experiments.spec import Experiment, Metric, RunSpec, canonical_json, digest
-from adabelief.experiments.stats import PairedComparison, Summary, paired_comparison, summarize
+from adabelief.experiments.stats import (
+    CONVERGENCE_TOLERANCE,
+    PairedComparison,
+    Summary,
+    paired_comparison,
+    summarize,
+)
 from adabelief.experiments.store import BadRunFile, RunStore
 
 __all__ = [
@@ -139,6 +159,26 @@ class OptimizerResult:
         """Per-seed values of the chosen candidate."""
         return [self.chosen.value(metric, s) for s in seeds]
 
+    def diverged_at(self, seeds: list[int]) -> list[bool]:
+        """Per seed, whether the chosen candidate's run diverged."""
+        return [bool(self.chosen.records.get(s, {}).get("diverged")) for s in seeds]
+
+    def late_improvement(self) -> float | None:
+        """Median over seeds of the runs' ``late_improvement`` (None when not recorded)."""
+        values = [
+            v
+            for record in self.chosen.records.values()
+            if not record.get("diverged")
+            and (v := _finite(record.get("metrics", {}).get("late_improvement"))) is not None
+        ]
+        return statistics.median(values) if values else None
+
+    @property
+    def still_improving(self) -> bool:
+        """Whether the median run was still improving at the end of its budget."""
+        late = self.late_improvement()
+        return late is not None and late > CONVERGENCE_TOLERANCE
+
 
 @dataclass(frozen=True)
 class RunsToTarget:
@@ -226,20 +266,36 @@ class ExperimentResult:
             ref.values(metric.name, self.seeds),
             oth.values(metric.name, self.seeds),
             metric.higher_is_better,
+            ref.diverged_at(self.seeds),
+            oth.diverged_at(self.seeds),
         )
 
-    def best_optimizer(self) -> str | None:
-        """The optimizer with the best mean score (None if no optimizer has one)."""
-        score = self.experiment.score
-        means = {
-            o.optimizer: self.summary(o.optimizer, score.name).mean
-            for o in self.optimizers
-            if self.summary(o.optimizer, score.name).n > 0
-        }
-        if not means:
-            return None
-        pick = max if score.higher_is_better else min
-        return pick(means, key=lambda name: means[name])
+    def budget_limited(self, other: str, reference: str = REFERENCE) -> bool:
+        """Whether ``reference`` or ``other`` was still improving when its budget ended."""
+        return any(
+            row is not None and row.still_improving
+            for row in (self.get(reference), self.get(other))
+        )
+
+    def ranking(self, metric: Metric | None = None) -> list[str]:
+        """Optimizers from best to worst on ``metric`` (default: the selection metric).
+
+        Runs that diverged or are missing rank last: fewer of them first, then the mean.
+        """
+        metric = metric or self.experiment.selection
+        return [
+            row.optimizer
+            for row in sorted(
+                self.optimizers, key=lambda r: r.chosen.selection_rank(metric, self.seeds)
+            )
+        ]
+
+    def best_optimizer(self, metric: Metric | None = None) -> str | None:
+        """The best optimizer on ``metric`` (default: the selection metric, i.e. validation
+        data where the experiment has any); None if no optimizer has a value."""
+        metric = metric or self.experiment.selection
+        ranked = [name for name in self.ranking(metric) if self.summary(name, metric.name).n > 0]
+        return ranked[0] if ranked else None
 
 
 @dataclass(frozen=True)
@@ -273,6 +329,8 @@ class Analysis:
     manifest: dict[str, Any]
     #: Planned runs (latest plans) of studies that have no finished run at all.
     unplanned_missing: int = 0
+    #: Per user task (``task/experiment``), runs of older versions of its source left out.
+    superseded: dict[str, int] = field(default_factory=dict)
 
     @property
     def missing(self) -> int:
@@ -305,7 +363,7 @@ def _first_reach(
 
 def _time_to_target(result: ExperimentResult) -> TimeToTarget | None:
     curve = result.experiment.target
-    best = result.best_optimizer()
+    best = result.best_optimizer()  # chosen on the selection (validation) metric
     if curve is None or best is None:
         return None
     best_row = result.get(best)
@@ -365,6 +423,18 @@ def performance_profiles(results: list[ExperimentResult]) -> list[Profile]:
     return profiles
 
 
+def _planned_trials(manifest: dict[str, Any]) -> dict[str, int]:
+    """Per study, the fair-mode trial count of the latest plan that names it."""
+    trials: dict[str, int] = {}
+    for entry in manifest.get("tasks", {}).values():
+        if not isinstance(entry, dict) or not isinstance(entry.get("trials"), int):
+            continue
+        for item in entry.get("experiments", []):
+            if isinstance(item, dict) and isinstance(item.get("study"), str):
+                trials[item["study"]] = int(entry["trials"])
+    return trials
+
+
 def _plan_counts(manifest: dict[str, Any], on_disk: set[str]) -> tuple[dict[str, list[str]], int]:
     """Planned keys per study in the latest plan of each task, and planned keys of no study."""
     per_study: dict[str, list[str]] = {}
@@ -394,7 +464,10 @@ def _pick_paper(optimizer: str, group: list[Candidate]) -> OptimizerResult:
 
 
 def _study_result(
-    experiment: Experiment, study: str, records: list[dict[str, Any]]
+    experiment: Experiment,
+    study: str,
+    records: list[dict[str, Any]],
+    planned_trials: int | None = None,
 ) -> ExperimentResult:
     first = RunSpec.from_json(records[0])
     candidates: dict[tuple[str, int | None, str], Candidate] = {}
@@ -423,7 +496,9 @@ def _study_result(
             per_optimizer.setdefault(candidate.optimizer, {}).setdefault(
                 candidate.trial, []
             ).append(candidate)
-        trials = min(max(by_trial) + 1 for by_trial in per_optimizer.values())
+        # The plan's trial count: a trial that failed (no run on disk) ranks last in its
+        # optimizer's choice and cuts nobody's trials.
+        trials = planned_trials or max(max(by_trial) + 1 for by_trial in per_optimizer.values())
         for optimizer in optimizers:
             by_trial = per_optimizer[optimizer]
             considered = [
@@ -495,20 +570,49 @@ def _label_studies(results: list[ExperimentResult]) -> None:
                 result.label = f"{result.label}, settings {result.study}"
 
 
+def _current_sources(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Drop the runs of a user task made with an older version of its source.
+
+    A user task's experiment settings carry ``source_fingerprint``; the version of the most
+    recently finished run of each ``task/experiment`` is the current one.
+    """
+    latest: dict[str, tuple[str, str]] = {}
+    for record in records:
+        fingerprint = record.get("settings", {}).get("source_fingerprint")
+        if not isinstance(fingerprint, str):
+            continue
+        name = f"{record.get('task')}/{record.get('experiment')}"
+        finished = str(record.get("finished_at", ""))
+        if name not in latest or finished > latest[name][0]:
+            latest[name] = (finished, fingerprint)
+    kept: list[dict[str, Any]] = []
+    superseded: dict[str, int] = {}
+    for record in records:
+        fingerprint = record.get("settings", {}).get("source_fingerprint")
+        name = f"{record.get('task')}/{record.get('experiment')}"
+        if isinstance(fingerprint, str) and fingerprint != latest[name][1]:
+            superseded[name] = superseded.get(name, 0) + 1
+        else:
+            kept.append(record)
+    return kept, superseded
+
+
 def analyze(store: RunStore) -> Analysis:
     """Results of every study formed by the valid runs in ``store`` (see the module notes)."""
     records, bad = store.scan()
     manifest = store.read_manifest()
+    records, superseded = _current_sources(records)
     by_study: dict[str, list[dict[str, Any]]] = {}
     for record in records:
         by_study.setdefault(study_id(RunSpec.from_json(record)), []).append(record)
+    trials = _planned_trials(manifest)
     on_disk = {str(r["key"]) for r in records}
     planned, loose = _plan_counts(manifest, on_disk)
     results = []
     for study, group in by_study.items():
         group.sort(key=lambda r: str(r.get("finished_at", "")), reverse=True)
         experiment = Experiment.from_json(group[0]["definition"])
-        result = _study_result(experiment, study, group)
+        result = _study_result(experiment, study, group, trials.get(study))
         keys = set(planned.get(study, []))
         result.planned = len(keys | {str(r["key"]) for r in group})
         result.missing = len(keys - on_disk)
@@ -518,4 +622,4 @@ def analyze(store: RunStore) -> Analysis:
             loose += len(set(planned_keys) - on_disk)
     results.sort(key=lambda r: (_task_rank(r.experiment.task), r.experiment.name, r.mode, r.study))
     _label_studies(results)
-    return Analysis(results, records, bad, manifest, loose)
+    return Analysis(results, records, bad, manifest, loose, superseded)

@@ -25,15 +25,19 @@ from adabelief.experiments.analysis import (
 from adabelief.experiments.paper_results import PaperComparison
 from adabelief.experiments.report_format import fmt, fmt_p, hparams_text, mean_std
 from adabelief.experiments.search import TUNING_SEED
-from adabelief.experiments.stats import ALPHA, PairedComparison
+from adabelief.experiments.stats import ALPHA, CONVERGENCE_TOLERANCE, PairedComparison
 from adabelief.experiments.verdicts import (
     ClaimAssessment,
     Evidence,
     PaperTable,
+    comparison_word,
     comparisons_available,
     losses,
     metric_named,
     paper_table,
+    quick_vs_full,
+    seed_note,
+    selection_words,
 )
 
 __all__ = ["render_markdown"]
@@ -45,30 +49,71 @@ def _task_for(name: str) -> Any:
     return TASKS.get(name)
 
 
+def effect_text(comparison: PairedComparison) -> str:
+    """AdaBelief's advantage (positive = better) with its 95% confidence interval, or why
+    there is none."""
+    c = comparison
+    if not math.isfinite(c.advantage):
+        return "- (no finite pair)"
+    text = f"{c.advantage:+.3g}"
+    if c.constant:
+        text += f" on every seed (no spread: no interval over {c.n - c.a_diverged - c.b_diverged})"
+    elif c.interval is not None:
+        text += f" [{c.interval[0]:+.3g}, {c.interval[1]:+.3g}]"
+    else:
+        text += " (one finite pair: no interval)"
+    if c.a_diverged or c.b_diverged:
+        text += ", finite pairs only"
+    return text
+
+
+def _t_text(c: PairedComparison) -> str:
+    if c.t_p_value is not None:
+        return fmt_p(c.t_p_value)
+    if c.constant:
+        return "not used (differences equal)"
+    if c.a_diverged or c.b_diverged:
+        return "not used (divergences)"
+    return "undefined"
+
+
 def _evidence_table(evidence: Iterable[Evidence]) -> list[str]:
     lines = [
-        "| experiment | metric | AdaBelief | other | mean diff (AdaBelief - other) "
-        "| paired t p | sign test (wins-losses) | verdict |",
-        "|---|---|---|---|---|---|---|---|",
+        "| experiment | metric | AdaBelief | other | AdaBelief's advantage [95% CI] "
+        "| paired t p | sign test (wins-losses) | diverged (AdaBelief / other) | verdict |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for e in evidence:
         c = e.comparison
-        se = f" ± {fmt(c.standard_error, 2)}" if math.isfinite(c.standard_error) else ""
-        t_p = fmt_p(c.t_p_value) if c.t_p_value is not None else "undefined"
+        reference, other = e.result.get(REFERENCE), e.result.get(e.other)
+        div_a = sum(reference.diverged_at(e.result.seeds)) if reference else 0
+        div_b = sum(other.diverged_at(e.result.seeds)) if other else 0
         lines.append(
             f"| {e.result.name} | {e.metric.label} "
             f"| {mean_std(e.result, REFERENCE, e.metric.name)} "
             f"| {e.other}: {mean_std(e.result, e.other, e.metric.name)} "
-            f"| {fmt(c.mean_difference)}{se} | {t_p} "
-            f"| {c.wins}-{c.losses} (p {fmt_p(c.sign_p_value)}) | **{c.verdict}** |"
+            f"| {effect_text(c)} | {_t_text(c)} "
+            f"| {c.wins}-{c.losses} (p {fmt_p(c.sign_p_value)}) | {div_a} / {div_b} "
+            f"| **{e.word}** |"
         )
-    return [*lines, ""]
+    lines.append("")
+    note = seed_note(evidence)
+    if note:
+        lines += [note, ""]
+    if any(e.budget_limited for e in evidence):
+        lines += [
+            "_Budget-limited: AdaBelief or its rival was still improving at the end of its "
+            "budget (median late improvement above the convergence rule's tolerance, see "
+            "'How to read this'); such a comparison is shown but its better / worse does not "
+            "count in the verdict._",
+            "",
+        ]
+    return lines
 
 
-def _short(comparison: PairedComparison) -> str:
-    word = {"no significant difference": "n.s.", "too few seeds": "n<2"}.get(
-        comparison.verdict, comparison.verdict
-    )
+def _short(comparison: PairedComparison, budget_limited: bool = False) -> str:
+    word = comparison_word(comparison, budget_limited)
+    word = {"no significant difference": "n.s.", "too few seeds": "n<2"}.get(word, word)
     return f"{word} (p {fmt_p(comparison.p_value)})" if comparison.n > 1 else word
 
 
@@ -87,7 +132,11 @@ def _matrix(
             cells = []
             for other in others:
                 comparison = result.compare(metric, other)
-                cells.append("-" if comparison is None or comparison.n == 0 else _short(comparison))
+                cells.append(
+                    "-"
+                    if comparison is None or comparison.n == 0
+                    else _short(comparison, result.budget_limited(other))
+                )
             rows.append(f"| {result.name} | {metric.label} | " + " | ".join(cells) + " |")
     if not rows or not others:
         return []
@@ -166,17 +215,29 @@ def _losses_section(results: list[ExperimentResult]) -> list[str]:
             "",
         ]
     lines += [
-        "Every comparison where another optimizer's mean beat AdaBelief's (significant ones "
-        "first):",
+        "Every comparison where AdaBelief diverged and the other did not, or where another "
+        "optimizer's mean beat AdaBelief's (divergences first, then significant ones):",
         "",
     ]
     for loss in found:
+        c = loss.comparison
+        if loss.diverged:
+            seeds = c.a_diverged + c.both_diverged
+            lines.append(
+                f"- **{loss.result.name}, {loss.metric.label}: AdaBelief diverged on {seeds} "
+                f"of {c.n} seeds** ({loss.other} diverged on {c.b_diverged + c.both_diverged}); "
+                f"{loss.other} {mean_std(loss.result, loss.other, loss.metric.name)} vs "
+                f"AdaBelief {mean_std(loss.result, REFERENCE, loss.metric.name)} on the runs "
+                f"that finished (sign test {c.wins}-{c.losses}, p {fmt_p(c.sign_p_value)}, "
+                f"{c.verdict})"
+            )
+            continue
         tag = "significant" if loss.significant else "not significant"
         lines.append(
             f"- {loss.result.name}, {loss.metric.label}: {loss.other} "
             f"{mean_std(loss.result, loss.other, loss.metric.name)} vs AdaBelief "
             f"{mean_std(loss.result, REFERENCE, loss.metric.name)} "
-            f"(paired p {fmt_p(loss.comparison.p_value)}, {tag})"
+            f"(paired p {fmt_p(c.p_value)}, {tag})"
         )
     return [*lines, ""]
 
@@ -184,7 +245,8 @@ def _losses_section(results: list[ExperimentResult]) -> list[str]:
 _TARGET_RULE = (
     "Rule: an experiment's target is the level of its target curve (validation accuracy or "
     "perplexity, distance to the optimum, sample quality) that every seed of the best "
-    "optimizer (best mean score) reached at some evaluation. A run's time to target is the "
+    "optimizer reached at some evaluation; the best optimizer is chosen on the experiment's "
+    "selection metric (validation data where it has any), its diverged runs ranking last. A run's time to target is the "
     "optimizer steps, and the seconds of training, at its first evaluation that reached the "
     "target; a run that diverged or never reached it counts as infinitely slow. Medians are "
     "over seeds. The performance profile (Dolan & Moré, as in AlgoPerf) of an optimizer is "
@@ -256,8 +318,9 @@ def _trials_lines(result: ExperimentResult) -> list[str]:
     lines = [
         f"Fair-mode search: every optimizer got the same {result.trials} trials (points of a "
         "scrambled Halton sequence mapped into its own search space), each run at seed "
-        f"{TUNING_SEED} and judged on {experiment.selection.label}; the winner (bold) was "
-        "rerun at every seed and is what the table and the comparisons use.",
+        f"{TUNING_SEED} and judged on {selection_words(experiment)}; a trial that failed or "
+        "diverged ranks last. The winner (bold) was rerun at every seed and is what the table "
+        "and the comparisons use.",
         "",
     ]
     if experiment.selection.name == experiment.score.name:
@@ -354,6 +417,7 @@ def _experiment_section(result: ExperimentResult, plots: list[Path], root: Path)
         m.label + (" ↑" if m.higher_is_better else " ↓") for m in metrics
     ]
     header.append("diverged")
+    header.append("late improvement (median)")
     paper_column = bool(experiment.paper) and not experiment.paper_key  # runs of older versions
     if paper_column:
         header.append(f"paper: {experiment.score.label}")
@@ -365,6 +429,12 @@ def _experiment_section(result: ExperimentResult, plots: list[Path], root: Path)
         )
         cells = [row.optimizer, label] + [mean_std(result, row.optimizer, m.name) for m in metrics]
         cells.append(f"{chosen.diverged}/{len(chosen.records)}")
+        late = row.late_improvement()
+        cells.append(
+            "-"
+            if late is None
+            else f"{late:+.1%}" + (" (still improving)" if row.still_improving else "")
+        )
         if paper_column:
             cells.append(fmt(experiment.paper.get(row.optimizer)))
         lines.append("| " + " | ".join(cells) + " |")
@@ -415,7 +485,8 @@ def _mode_lines(results: list[ExperimentResult]) -> list[str]:
                 f"every optimizer got the same number of quasi-random trials ({', '.join(map(str, trials))}) "
                 "from its own search space (learning rate, eps, weight decay and beta1; for SGD "
                 "learning rate, momentum and weight decay), each run once and judged on "
-                "validation data; the best trial was rerun at every seed and scored on test data"
+                "the data named below; the best trial was rerun at every seed and scored on test "
+                "data"
             )
         else:
             how = (
@@ -424,7 +495,37 @@ def _mode_lines(results: list[ExperimentResult]) -> list[str]:
                 "conclusions with `--mode fair`, which tunes every optimizer the same way"
             )
         lines.append(f"- **{mode} mode**, {scale} scale: {listed}. In this mode {how}.")
+        chosen_on = "; ".join(
+            dict.fromkeys(
+                f"`{r.name}`: {selection_words(r.experiment)}"
+                for items in tasks.values()
+                for r in items
+            )
+        )
+        what = "Trials and epochs" if mode == "fair" else "Epochs (where a run keeps its best)"
+        lines.append(f"  {what} were selected on: {chosen_on}.")
     return lines
+
+
+def _quick_full_section(results: list[ExperimentResult]) -> list[str]:
+    """Quick-budget verdicts beside default-budget ones, where the folder has both."""
+    rows = quick_vs_full(results)
+    if not rows:
+        return []
+    lines = [
+        "## Quick budget against the default budget",
+        "",
+        "Every claim comparison of an experiment run at both budgets (same mode):",
+        "",
+        "| experiment | mode | claim | metric | vs | quick | default budget | agree |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row.experiment} | {row.mode} | {row.claim} | {row.metric} | {row.other} "
+            f"| {row.quick} | {row.full} | {'yes' if row.agree else '**no**'} |"
+        )
+    return [*lines, ""]
 
 
 def _environment(records: list[dict[str, Any]]) -> list[str]:
@@ -486,6 +587,11 @@ def render_markdown(
     )
     if bad:
         covers += f" **{len(bad)} run files are not valid runs and are left out** (listed below)."
+    for task, count in sorted(analysis.superseded.items()):
+        covers += (
+            f" {count} runs of older versions of `{task}` (its source or a local module it "
+            "imports changed since) are on disk and left out."
+        )
     lines = [
         "# AdaBelief paper claims: evidence from this machine",
         "",
@@ -515,6 +621,7 @@ def render_markdown(
     for number, assessment in enumerate(assessments, 1):
         lines += _claim_section(number, assessment, results, others)
     lines += _losses_section(results)
+    lines += _quick_full_section(results)
     lines += _target_section(results, profiles, profile_plots, root)
     lines += ["## Results per experiment", ""]
     for index, result in enumerate(results):
@@ -539,8 +646,21 @@ def render_markdown(
         "direction of the claims on this machine, not the paper's numbers. The paper's numbers "
         "appear beside experiments that match a paper setting (CIFAR-10, CIFAR-100, Penn "
         "Treebank, the CIFAR-10 GANs, the Transformer).",
-        "- Diverged runs count in the 'diverged' column and are left out of means, tests and "
-        "times to target.",
+        "- A diverged run counts in the 'diverged' column and is left out of means; in a paired "
+        "comparison it loses its pair (both diverged: a tie), so the sign test decides, and "
+        "AdaBelief diverging where its rival did not is a loss (*worse (diverged)*) that no "
+        "verdict calls supported or consistent. It never reaches a target.",
+        "- Paired differences equal up to rounding (relative spread below 1e-9) are constant: "
+        "the t-test is not used and the sign test decides, which with n decided pairs cannot go "
+        "below p = 2/2^n (0.25 with 3 seeds; 6 seeds are needed to reach p < 0.05). The "
+        "effect size is AdaBelief's mean advantage (positive = better) with its 95% Student-t "
+        "confidence interval over the finite pairs.",
+        "- Convergence rule: a run's *late improvement* is the relative improvement of its "
+        "validation curve (smoothed by a trailing mean over K/8 evaluations) from the last "
+        "evaluation at or before 7/8 of its steps to the end (after the last learning-rate "
+        "drop of the step schedules). An optimizer whose median over "
+        f"seeds exceeds {CONVERGENCE_TOLERANCE:.0%} was still improving; its comparisons are "
+        "*budget-limited*: shown, but not counted as better or worse in a claim's verdict.",
         "",
         "## Environment",
         "",

@@ -6,29 +6,51 @@ distribution from scipy when available) and an exact two-sided sign test.  Diffe
 oriented so that a positive ``advantage`` always means A did better.
 
 The t statistic ``mean(d) / (std(d) / sqrt(n))`` is undefined when every paired difference is
-the same (``std(d) = 0``, e.g. a one-image test set): then only the sign test is used, which
-needs 6 seeds or more to reach p < 0.05.
+the same, and meaningless when they differ only by floating-point rounding (one more test image
+right on every seed, accuracy ``100 * correct / n``): differences whose spread is within
+:data:`CONSTANT_TOLERANCE` of the values' magnitude count as constant, and only the sign test is
+used then.  The exact two-sided sign test cannot go below ``2 / 2**n``: it needs
+:func:`sign_test_seeds_needed` (6) seeds or more to reach p < 0.05.
+
+A *divergence* is a loss: a seed where A diverged and B did not is a pair B wins (and the
+reverse); a seed where both diverged is a tie.  Such pairs have no numeric difference, so when
+any pair is decided by a divergence the sign test over every pair decides the p-value, and the
+mean difference, its interval and the t-test cover the finite pairs only.
+
+The effect size is the mean paired difference in the metric's units with its 95% confidence
+interval (Student t over the finite pairs); it has no interval with fewer than two pairs or
+constant differences.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 __all__ = [
     "ALPHA",
+    "CONFIDENCE",
+    "CONSTANT_TOLERANCE",
+    "CONVERGENCE_TOLERANCE",
+    "LATE_FROM",
     "PairedComparison",
     "Summary",
+    "late_improvement",
     "paired_comparison",
     "sign_test_p",
+    "sign_test_seeds_needed",
     "student_t_p",
     "summarize",
 ]
 
 #: Significance level used for the words "better" / "worse" in the report.
 ALPHA = 0.05
+#: Paired differences whose spread is within this fraction of the values' magnitude are equal.
+CONSTANT_TOLERANCE = 1e-9
+#: Coverage of the effect size's confidence interval.
+CONFIDENCE = 0.95
 
 
 @dataclass(frozen=True)
@@ -61,6 +83,22 @@ def sign_test_p(wins: int, losses: int) -> float:
     return min(1.0, 2 * tail)
 
 
+def sign_test_seeds_needed(alpha: float = ALPHA) -> int:
+    """The fewest pairs with which the exact two-sided sign test can reach ``p < alpha``."""
+    n = 1
+    while 2.0 / 2**n >= alpha:
+        n += 1
+    return n
+
+
+def _t_quantile(probability: float, dof: int) -> float | None:
+    try:
+        from scipy import stats as scipy_stats
+    except ImportError:
+        return None
+    return float(scipy_stats.t.ppf(probability, dof))
+
+
 def student_t_p(t: float, dof: int) -> float | None:
     """Two-sided p-value of Student's t with ``dof`` degrees of freedom.
 
@@ -81,7 +119,11 @@ class PairedComparison:
 
     ``mean_difference`` is mean(A - B) in the metric's units; ``advantage`` is the same number
     with its sign flipped for lower-is-better metrics.  ``p_value`` is the paired t-test when it
-    can be computed (scipy installed, differences not all identical), else the sign test.
+    can be computed (scipy installed, finite differences that vary, no pair decided by a
+    divergence), else the sign test.  ``n`` counts every pair (divergences included);
+    ``a_diverged`` / ``b_diverged`` count the seeds where one side diverged and the other did
+    not, ``both_diverged`` those where both did.  ``interval`` is the 95% confidence interval of
+    ``advantage`` (``None`` when it cannot be computed).
     """
 
     n: int
@@ -93,6 +135,11 @@ class PairedComparison:
     losses: int
     ties: int
     sign_p_value: float
+    a_diverged: int = 0
+    b_diverged: int = 0
+    both_diverged: int = 0
+    interval: tuple[float, float] | None = None
+    constant: bool = False
 
     @property
     def p_value(self) -> float:
@@ -100,37 +147,93 @@ class PairedComparison:
         return self.t_p_value if self.t_p_value is not None else self.sign_p_value
 
     @property
+    def sign_test_only(self) -> bool:
+        """Whether the sign test alone gave the p-value."""
+        return self.t_p_value is None
+
+    @property
+    def sign_test_floor(self) -> float:
+        """The smallest p-value the sign test can give with these pairs (``2 / 2**n``)."""
+        decided = self.wins + self.losses
+        return min(1.0, 2.0 / 2**decided) if decided else 1.0
+
+    @property
     def verdict(self) -> str:
-        """``"better"``, ``"worse"``, ``"no significant difference"`` or ``"too few seeds"``."""
+        """``"better"``, ``"worse"``, ``"worse (diverged)"``, ``"no significant difference"``
+        or ``"too few seeds"``.
+
+        ``"worse (diverged)"``: A diverged on more seeds than B and the test did not already
+        call it worse; a divergence is never a draw.
+        """
+        if self.a_diverged > self.b_diverged and not (
+            self.n >= 2 and self.p_value < ALPHA and self.losses > self.wins
+        ):
+            return "worse (diverged)"
         if self.n < 2:
             return "too few seeds"
-        if self.p_value < ALPHA and self.advantage > 0:
+        direction = float(self.wins - self.losses) if self.sign_test_only else self.advantage
+        if self.p_value < ALPHA and direction > 0:
             return "better"
-        if self.p_value < ALPHA and self.advantage < 0:
+        if self.p_value < ALPHA and direction < 0:
             return "worse"
         return "no significant difference"
 
 
+def _is_constant(diffs: list[float], pairs: list[tuple[float, float]]) -> bool:
+    """Whether the differences are equal up to rounding (relative to the values' size)."""
+    scale = max([1.0, *(abs(v) for pair in pairs for v in pair)])
+    return max(diffs) - min(diffs) <= CONSTANT_TOLERANCE * scale
+
+
 def paired_comparison(
-    a: Sequence[float | None], b: Sequence[float | None], higher_is_better: bool
+    a: Sequence[float | None],
+    b: Sequence[float | None],
+    higher_is_better: bool,
+    a_diverged: Sequence[bool] | None = None,
+    b_diverged: Sequence[bool] | None = None,
 ) -> PairedComparison:
-    """Compare paired samples ``a[i]`` and ``b[i]``; pairs with a missing value are dropped."""
-    pairs = [
-        (float(x), float(y))
-        for x, y in zip(a, b, strict=True)
-        if x is not None and y is not None and math.isfinite(x) and math.isfinite(y)
-    ]
+    """Compare paired samples ``a[i]`` and ``b[i]`` (see the module notes).
+
+    ``a_diverged[i]`` / ``b_diverged[i]`` mark seeds where that side diverged (its value is then
+    ignored); a pair with a missing value on a side that did not diverge is dropped.
+    """
+    a_div = list(a_diverged) if a_diverged is not None else [False] * len(a)
+    b_div = list(b_diverged) if b_diverged is not None else [False] * len(b)
+    pairs: list[tuple[float, float]] = []
+    only_a = only_b = both = 0
+    for x, y, x_div, y_div in zip(a, b, a_div, b_div, strict=True):
+        x_ok = x is not None and math.isfinite(x)
+        y_ok = y is not None and math.isfinite(y)
+        if x_div and y_div:
+            both += 1
+        elif x_div and (y_ok or y_div):
+            only_a += 1
+        elif y_div and x_ok:
+            only_b += 1
+        elif x_ok and y_ok:
+            pairs.append((float(x), float(y)))  # type: ignore[arg-type]
     diffs = [x - y for x, y in pairs]
     sign = 1.0 if higher_is_better else -1.0
-    n = len(diffs)
-    wins = sum(1 for d in diffs if sign * d > 0)
-    losses = sum(1 for d in diffs if sign * d < 0)
+    wins = sum(1 for d in diffs if sign * d > 0) + only_b
+    losses = sum(1 for d in diffs if sign * d < 0) + only_a
+    n = len(diffs) + only_a + only_b + both
     if n == 0:
         return PairedComparison(0, math.nan, math.nan, math.nan, None, 0, 0, 0, 1.0)
-    mean = statistics.fmean(diffs)
-    se = statistics.stdev(diffs) / math.sqrt(n) if n > 1 else math.nan
-    # Identical differences (se == 0) leave t undefined: the sign test alone decides then.
-    t_p = student_t_p(mean / se, n - 1) if n > 1 and se > 0 else None
+    mean = statistics.fmean(diffs) if diffs else math.nan
+    constant = len(diffs) > 1 and _is_constant(diffs, pairs)
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
+    if constant:
+        se = 0.0
+    # Constant differences leave t undefined, and a pair decided by a divergence has no
+    # difference to average: the sign test over every pair decides then.
+    t_usable = len(diffs) > 1 and se > 0 and only_a == only_b == 0
+    t_p = student_t_p(mean / se, len(diffs) - 1) if t_usable else None
+    interval = None
+    if len(diffs) > 1 and se > 0:
+        quantile = _t_quantile(0.5 + CONFIDENCE / 2, len(diffs) - 1)
+        if quantile is not None:
+            low, high = sign * mean - quantile * se, sign * mean + quantile * se
+            interval = (low, high)
     return PairedComparison(
         n=n,
         mean_difference=mean,
@@ -141,4 +244,53 @@ def paired_comparison(
         losses=losses,
         ties=n - wins - losses,
         sign_p_value=sign_test_p(wins, losses),
+        a_diverged=only_a,
+        b_diverged=only_b,
+        both_diverged=both,
+        interval=interval,
+        constant=constant,
     )
+
+
+#: A run whose smoothed validation curve improved by more than this fraction over the last
+#: eighth of its budget was still improving (its comparisons are budget-limited).
+CONVERGENCE_TOLERANCE = 0.01
+#: Where the convergence rule's window starts, as a fraction of the run's steps: after the last
+#: learning-rate drop of the step schedules (at 72-75% of the budget).
+LATE_FROM = 7 / 8
+
+
+def late_improvement(
+    values: Iterable[float | None], steps: Iterable[float | None], higher_is_better: bool
+) -> float | None:
+    """Relative improvement of the smoothed curve over the last eighth of the budget.
+
+    The curve (one value per evaluation, at optimizer step ``steps[i]``) is smoothed by a
+    trailing mean over ``max(1, K // 8)`` evaluations, ``K`` the number of evaluations.  The
+    result is ``(end - q) / |q|`` for a higher-is-better curve (``(q - end) / |q|`` otherwise),
+    ``end`` the smoothed value at the last evaluation and ``q`` the smoothed value at the last
+    evaluation at or before :data:`LATE_FROM` (7/8) of the final step: positive means still
+    improving.  The window is the last eighth rather than the last quarter so that the jump of
+    a step schedule's last decay (at 75% in the paper's CIFAR schedule) is not read as progress.
+    ``None`` with fewer than two finite evaluations, or when ``q`` is 0.
+    """
+    points = [
+        (float(s), float(v))
+        for s, v in zip(steps, values, strict=False)
+        if s is not None and v is not None and math.isfinite(v) and math.isfinite(s)
+    ]
+    if len(points) < 2:
+        return None
+    window = max(1, len(points) // 8)
+    smoothed = [
+        sum(v for _, v in points[max(0, i - window + 1) : i + 1]) / (i + 1 - max(0, i - window + 1))
+        for i in range(len(points))
+    ]
+    start_step = LATE_FROM * points[-1][0]
+    before = [i for i, (s, _) in enumerate(points) if s <= start_step]
+    index = before[-1] if before else 0
+    start, end = smoothed[index], smoothed[-1]
+    if start == 0:
+        return None
+    change = (end - start) if higher_is_better else (start - end)
+    return change / abs(start)

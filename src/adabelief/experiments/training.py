@@ -8,6 +8,8 @@
   every evaluation also records the optimizer steps and seconds so far (time-to-target).
 * :func:`inverse_sqrt_schedule` - linear warm-up then ``1/sqrt(step)`` decay (Transformers).
 * :class:`StepClock` - counts optimizer steps and training seconds.
+* :func:`late_improvement` - the convergence rule: how much a run's smoothed validation curve
+  still improved over the last eighth of its budget (stored in every run's metrics).
 * :func:`train_classifier_epoch` / :func:`evaluate_classifier` - classification epoch and eval,
   used by the classification task and by the GAN task's feature network.
 """
@@ -28,8 +30,10 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from adabelief.experiments.spec import Metric
+from adabelief.experiments.stats import CONVERGENCE_TOLERANCE, late_improvement
 
 __all__ = [
+    "CONVERGENCE_TOLERANCE",
     "FitResult",
     "StepClock",
     "configure_torch",
@@ -37,6 +41,7 @@ __all__ = [
     "fit",
     "inverse_sqrt_schedule",
     "is_finite",
+    "late_improvement",
     "minibatches",
     "optimizer_step",
     "seed_everything",

@@ -3,13 +3,25 @@
 For each claim, every experiment that informs it contributes paired comparisons (over seeds) of
 AdaBelief against the claim's rivals in that experiment (:meth:`Experiment.rivals`: Adam for
 speed and GANs, SGD for generalization, Adam and AdamW for the Transformer), on the claim's
-metric.  Only comparisons over two seeds or more count: with one seed nothing is tested.
+metric.  Only comparisons over two seeds or more count: with one seed nothing is tested, except
+that a divergence always counts.
 
-* ``supported``: AdaBelief significantly better somewhere and significantly worse nowhere;
+A comparison's word comes from :attr:`PairedComparison.verdict`: *better* / *worse* by the paired
+test at p < 0.05, *worse (diverged)* when AdaBelief diverged on more seeds than the rival (a
+diverged run loses its pair, so a divergence is never a draw).  A *budget-limited* comparison
+(:meth:`ExperimentResult.budget_limited`: one of the two optimizers was still improving when its
+budget ended) is shown with that label, and its better / worse does not count in the claim's
+verdict; the verdict then names how many budget-limited comparisons it left out.  This module is
+the one place these rules live: the Markdown, the CSV and the CLI all show its words.
+
+* ``supported``: AdaBelief significantly better somewhere and worse nowhere;
 * ``consistent (no significant difference)``: no significant difference anywhere;
-* ``mixed``: significantly worse somewhere, but not everywhere;
-* ``not supported``: significantly worse in every comparison;
-* ``not tested``: no comparison with two seeds or more.
+* ``mixed``: worse somewhere (significantly, or by diverging), but not everywhere;
+* ``not supported``: worse in every comparison;
+* ``not tested``: no comparison with two seeds or more and no divergence.
+
+A claim where AdaBelief diverged and its rival did not is therefore never *supported*,
+*consistent* or *not tested*.
 
 Claim 3 (GAN stability) also looks at the spread of the score across seeds: a supported or
 consistent verdict becomes ``mixed`` when AdaBelief's spread exceeds Adam's in most GAN
@@ -31,7 +43,7 @@ from adabelief.experiments.paper_results import (
     paper_experiment,
 )
 from adabelief.experiments.spec import CLAIMS, Experiment, Metric
-from adabelief.experiments.stats import PairedComparison
+from adabelief.experiments.stats import PairedComparison, sign_test_seeds_needed
 
 __all__ = [
     "CLAIM_RULES",
@@ -40,13 +52,19 @@ __all__ = [
     "Evidence",
     "Loss",
     "PaperTable",
+    "QuickFullRow",
     "Stability",
     "assess_claims",
     "claim_verdict",
     "collect",
+    "comparison_word",
+    "counts_as",
     "losses",
     "metric_named",
     "paper_table",
+    "quick_vs_full",
+    "seed_note",
+    "selection_words",
     "tally",
 ]
 
@@ -95,6 +113,35 @@ class Evidence:
     metric: Metric
     other: str
     comparison: PairedComparison
+    budget_limited: bool = False
+
+    @property
+    def word(self) -> str:
+        """The comparison's verdict as shown (see :func:`comparison_word`)."""
+        return comparison_word(self.comparison, self.budget_limited)
+
+
+_DECIDED = ("better", "worse")
+
+
+def comparison_word(comparison: PairedComparison, budget_limited: bool = False) -> str:
+    """The verdict of one comparison as the report shows it: the paired verdict, labelled
+    ``(budget-limited)`` when it is better / worse and an optimizer was still improving."""
+    word = comparison.verdict
+    return f"{word} (budget-limited)" if budget_limited and word in _DECIDED else word
+
+
+def counts_as(comparison: PairedComparison, budget_limited: bool = False) -> str:
+    """What a comparison counts as in a claim's verdict: ``better``, ``worse``, ``even`` (no
+    significant difference, or a budget-limited better / worse) or ``untested``."""
+    word = comparison.verdict
+    if word == "worse (diverged)":
+        return "worse"
+    if comparison.n < 2:
+        return "untested"
+    if word in _DECIDED and not budget_limited:
+        return word
+    return "even"
 
 
 @dataclass(frozen=True)
@@ -154,8 +201,13 @@ class Loss:
 
     @property
     def significant(self) -> bool:
-        """Whether the paired test calls AdaBelief worse."""
-        return self.comparison.verdict == "worse"
+        """Whether the paired test calls AdaBelief worse, or AdaBelief diverged more often."""
+        return self.comparison.verdict in ("worse", "worse (diverged)")
+
+    @property
+    def diverged(self) -> bool:
+        """Whether AdaBelief diverged on seeds where the other optimizer did not."""
+        return self.comparison.a_diverged > 0
 
 
 def metric_named(experiment: Experiment, attribute_or_name: str) -> Metric | None:
@@ -166,31 +218,92 @@ def metric_named(experiment: Experiment, attribute_or_name: str) -> Metric | Non
     return next((m for m in experiment.metrics if m.name == attribute_or_name), None)
 
 
+def selection_words(experiment: Experiment) -> str:
+    """Which data picked the trials and epochs of ``experiment``, in the report's words."""
+    if experiment.selection.name != experiment.score.name:
+        return f"validation data ({experiment.selection.label})"
+    return f"the reported metric itself ({experiment.score.label}), not held-out validation data"
+
+
 def claim_verdict(evidence: Iterable[Evidence]) -> str:
     """Summarise paired comparisons into a verdict word (see the module notes)."""
     evidence = list(evidence)
-    tested = [e.comparison.verdict for e in evidence if e.comparison.n >= 2]
+    counted = [counts_as(e.comparison, e.budget_limited) for e in evidence]
+    tested = [c for c in counted if c != "untested"]
+    left_out = sum(1 for e in evidence if e.budget_limited and e.comparison.verdict in _DECIDED)
     if not tested:
         if any(e.comparison.n == 1 for e in evidence):
             return "not tested (one seed: nothing to test)"
         return "not tested"
     worse, better = tested.count("worse"), tested.count("better")
     if worse == 0:
-        return "supported" if better else "consistent (no significant difference)"
-    if worse == len(tested):
-        return "not supported"
-    return "mixed"
+        verdict = "supported" if better else "consistent (no significant difference)"
+    elif worse == len(tested):
+        verdict = "not supported"
+    else:
+        verdict = "mixed"
+    if left_out:
+        verdict += (
+            f" ({left_out} budget-limited comparison{'s' if left_out > 1 else ''} not counted)"
+        )
+    return verdict
+
+
+_WORDS = (
+    "better",
+    "better (budget-limited)",
+    "no significant difference",
+    "worse (budget-limited)",
+    "worse",
+    "worse (diverged)",
+    "too few seeds",
+)
 
 
 def tally(evidence: list[Evidence]) -> str:
     """``"2 better, 1 no significant difference"`` over the comparisons."""
-    verdicts = [e.comparison.verdict for e in evidence]
-    parts = [
-        f"{verdicts.count(word)} {word}"
-        for word in ("better", "no significant difference", "worse", "too few seeds")
-        if verdicts.count(word)
-    ]
+    words = [e.word for e in evidence]
+    parts = [f"{words.count(word)} {word}" for word in _WORDS if words.count(word)]
     return ", ".join(parts) if parts else "no comparisons"
+
+
+def divergences(evidence: list[Evidence]) -> tuple[int, int, int]:
+    """Diverged runs of AdaBelief (each experiment once) and of its rivals, and runs compared
+    per side: ``(adabelief, rivals, adabelief runs)``."""
+    reference = rivals = runs = 0
+    seen: set[int] = set()
+    for e in evidence:
+        if id(e.result) not in seen:
+            seen.add(id(e.result))
+            row = e.result.get(REFERENCE)
+            if row is not None:
+                flags = row.diverged_at(e.result.seeds)
+                reference += sum(flags)
+                runs += sum(1 for s in e.result.seeds if s in row.chosen.records)
+        other = e.result.get(e.other)
+        if other is not None:
+            rivals += sum(other.diverged_at(e.result.seeds))
+    return reference, rivals, runs
+
+
+def seed_note(evidence: Iterable[Evidence]) -> str | None:
+    """Where the sign test decided a comparison but has too few seeds to ever reach p < 0.05:
+    the sentence that says so, and how many seeds it would need (None when nowhere)."""
+    needed = sign_test_seeds_needed()
+    short = [
+        e
+        for e in evidence
+        if e.comparison.sign_test_only and 0 < e.comparison.wins + e.comparison.losses < needed
+    ]
+    if not short:
+        return None
+    names = ", ".join(dict.fromkeys(f"{e.result.name} vs {e.other}" for e in short))
+    fewest = min(e.comparison.wins + e.comparison.losses for e in short)
+    return (
+        f"The sign test decided {names}: with {fewest} decided pair{'s' if fewest > 1 else ''} "
+        f"it cannot go below p = {2 / 2**fewest:.3g}, so it can never call a difference "
+        f"significant at p < 0.05; that needs {needed} seeds or more (`--seeds {needed}`)."
+    )
 
 
 def collect(results: list[ExperimentResult], claim: str, metric_of: str) -> list[Evidence]:
@@ -205,7 +318,8 @@ def collect(results: list[ExperimentResult], claim: str, metric_of: str) -> list
         for other in result.experiment.rivals(claim):
             comparison = result.compare(metric, other)
             if comparison is not None and comparison.n > 0:
-                evidence.append(Evidence(result, metric, other, comparison))
+                limited = result.budget_limited(other)
+                evidence.append(Evidence(result, metric, other, comparison, limited))
     return evidence
 
 
@@ -245,6 +359,12 @@ def _assess(results: list[ExperimentResult], claim: str) -> ClaimAssessment:
     if not evidence:
         return ClaimAssessment(claim, verdict, "no paired runs", rule, ())
     summary = f"vs {_rivals_text(evidence)}: {tally(evidence)} (of {len(evidence)})"
+    reference_div, rival_div, runs = divergences(evidence)
+    if reference_div or rival_div:
+        summary += (
+            f"; diverged runs: AdaBelief {reference_div} of {runs}, "
+            f"{_rivals_text(evidence)} {rival_div}"
+        )
     stability = _stability(results) if claim == "gan" else None
     if stability is not None:
         if verdict in ("supported", "consistent (no significant difference)"):
@@ -274,10 +394,67 @@ def losses(results: list[ExperimentResult]) -> list[Loss]:
         for metric in dict.fromkeys(metrics):
             for row in result.optimizers:
                 comparison = result.compare(metric, row.optimizer)
-                if comparison is None or comparison.n == 0 or not comparison.advantage < 0:
+                if comparison is None or comparison.n == 0:
                     continue
-                found.append(Loss(result, metric, row.optimizer, comparison))
-    return sorted(found, key=lambda loss: (not loss.significant, loss.comparison.p_value))
+                lost = comparison.advantage < 0 or comparison.losses > comparison.wins
+                if lost or comparison.a_diverged > comparison.b_diverged:
+                    found.append(Loss(result, metric, row.optimizer, comparison))
+    return sorted(
+        found,
+        key=lambda loss: (not loss.diverged, not loss.significant, loss.comparison.p_value),
+    )
+
+
+@dataclass(frozen=True)
+class QuickFullRow:
+    """One comparison at the quick budget beside the same comparison at the default budget."""
+
+    experiment: str
+    mode: str
+    claim: str
+    metric: str
+    other: str
+    quick: str
+    full: str
+
+    @property
+    def agree(self) -> bool:
+        """Whether both budgets count the comparison the same way."""
+        return self.quick.split(" (")[0] == self.full.split(" (")[0]
+
+
+def quick_vs_full(results: list[ExperimentResult]) -> list[QuickFullRow]:
+    """For every experiment with a quick and a default-budget study in one mode, the claim
+    comparisons side by side (the words of :func:`comparison_word`)."""
+    rows = []
+    groups: dict[tuple[str, str, str], dict[bool, ExperimentResult]] = {}
+    for result in results:
+        key = (result.experiment.task, result.experiment.name, result.mode)
+        groups.setdefault(key, {}).setdefault(result.quick, result)
+    for (task, name, mode), pair in groups.items():
+        if len(pair) < 2:
+            continue
+        quick, full = pair[True], pair[False]
+        for claim in quick.experiment.claims:
+            rule = CLAIM_RULES.get(claim)
+            if rule is None:
+                continue
+            quick_evidence = collect([quick], claim, rule.metrics[0])
+            full_evidence = {e.other: e for e in collect([full], claim, rule.metrics[0])}
+            for e in quick_evidence:
+                other = full_evidence.get(e.other)
+                rows.append(
+                    QuickFullRow(
+                        f"{task}/{name}",
+                        mode,
+                        claim,
+                        e.metric.label,
+                        e.other,
+                        e.word,
+                        other.word if other is not None else "not run",
+                    )
+                )
+    return rows
 
 
 def comparisons_available(results: list[ExperimentResult]) -> bool:

@@ -4,9 +4,12 @@ Without ``--data``: a small CNN on scikit-learn's bundled 8x8 digits.  With ``--
 CIFAR-10 and/or CIFAR-100 python pickles: the paper's VGG11 / ResNet34 / DenseNet121 with its
 schedule, on each dataset found (CIFAR-100 with its 100 fine labels).
 
-Paper mode trains on the whole training set and reports the best test accuracy over epochs (the
-paper's protocol).  Fair mode holds out 10% of the training data, picks the learning rate and the
-epoch on it, and reports the test accuracy at the best validation epoch.
+The digits experiment always holds out 10% of its training data: it picks the epoch (and, in
+fair mode, the trial) on it and is judged on the test accuracy at the best validation epoch; its
+best test accuracy over epochs (the epoch chosen on test data) is shown beside it, labelled.
+On CIFAR, paper mode trains on the whole training set and reports the best test accuracy over
+epochs (the paper's protocol, to set beside the paper's numbers; the report says the epoch was
+chosen on test data); fair mode holds out 10% as for digits.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from adabelief.experiments.tasks.base import PlanOptions, Task
 from adabelief.experiments.training import (
     evaluate_classifier,
     fit,
+    late_improvement,
     seed_everything,
     train_classifier_epoch,
 )
@@ -111,14 +115,24 @@ class ClassifyTask(Task):
         base = preset.settings_for(options.quick)
         if options.tiny:
             base.update(_TINY if options.data_dir else {"epochs": 2, "milestones": [1]})
-        fair = options.mode == "fair"
-        base["validation_fraction"] = VALIDATION_FRACTION if fair else 0.0
+        # Digits is judged on validation data in every mode; CIFAR's paper mode keeps the
+        # paper's protocol (best test epoch) to stand beside the paper's numbers.
+        validated = options.mode == "fair" or base["dataset"] == "digits"
+        base["validation_fraction"] = VALIDATION_FRACTION if validated else 0.0
+        best_test = Metric(
+            "best_test_acc",
+            "best test accuracy (%) (epoch chosen on test data, as the paper)",
+            True,
+        )
         score = (
             Metric("test_acc_at_best_val", "test accuracy (%) at the best validation epoch", True)
-            if fair
-            else Metric("best_test_acc", "best test accuracy (%)", True)
+            if validated
+            else best_test
         )
-        selection = Metric("best_val_acc", "best validation accuracy (%)", True) if fair else score
+        selection = (
+            Metric("best_val_acc", "best validation accuracy (%)", True) if validated else score
+        )
+        extra_best = (best_test,) if validated else ()
         experiments = []
         for model in base.pop("models"):
             settings = {**base, "model": model}
@@ -137,6 +151,7 @@ class ClassifyTask(Task):
                     selection=selection,
                     speed=Metric("train_loss_auc", "mean training loss over training", False),
                     extra=(
+                        *extra_best,
                         Metric("final_test_acc", "final test accuracy (%)", True),
                         Metric("final_train_acc", "final training accuracy (%)", True),
                         Metric("generalization_gap", "final train - test accuracy (points)", False),
@@ -149,7 +164,7 @@ class ClassifyTask(Task):
                     ),
                     target=(
                         Metric("val_acc", "validation accuracy (%)", True)
-                        if fair
+                        if validated
                         else Metric("test_acc", "test accuracy (%)", True)
                     ),
                     paper=reported_values(paper_key) if paper_key else {},
@@ -227,6 +242,14 @@ class ClassifyTask(Task):
                 result.best.get("test_acc") if finished and has_validation else None
             ),
             "best_val_epoch": float(result.best_epoch) if result.best_epoch else None,
+            # Convergence rule on the validation curve (the test curve without a validation split).
+            "late_improvement": late_improvement(
+                curves.get("val_acc" if has_validation else "test_acc", []),
+                curves.get("step", []),
+                higher_is_better=True,
+            )
+            if finished
+            else None,
         }
         curves["x"] = curves.pop("epoch", [])
         return RunOutput(metrics=metrics, curves=curves, diverged=result.diverged)

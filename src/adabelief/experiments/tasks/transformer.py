@@ -44,6 +44,7 @@ from adabelief.experiments.tasks.base import PlanOptions, Task
 from adabelief.experiments.training import (
     StepClock,
     inverse_sqrt_schedule,
+    late_improvement,
     optimizer_step,
     seed_everything,
 )
@@ -253,6 +254,9 @@ class TransformerTask(Task):
                 train_loss_auc=statistics.fmean(losses),
                 test_accuracy=test_accuracy if math.isfinite(test_accuracy) else None,
                 final_train_loss=losses[-1],
+                late_improvement=late_improvement(
+                    curves["val_ppl"], curves["step"], higher_is_better=False
+                ),
             )
         return RunOutput(
             metrics=metrics,
