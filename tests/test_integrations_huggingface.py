@@ -190,3 +190,108 @@ def test_bad_options_are_refused_with_the_field_to_use(tmp_path):
         optimizer_cls_and_kwargs(args, epsilon=1e-8)
     with pytest.raises(TypeError, match="TrainingArguments"):
         optimizer_cls_and_kwargs({"learning_rate": 1e-3})
+
+
+# ---- the step in backward: accumulation and clipping --------------------------------------------
+
+
+def in_backward_trainer(out: Path, optimizer: Any, **overrides: Any) -> Any:
+    """A Trainer of a fresh tiny BERT for 2 optimizer steps of 2 micro-batches each, with
+    ``optimizers=(optimizer(model), None)``."""
+    settings = dict(max_steps=2, gradient_accumulation_steps=2, per_device_train_batch_size=2)
+    model = tiny_bert()
+    return transformers.Trainer(
+        model=model,
+        args=training_args(out, **{**settings, **overrides}),
+        train_dataset=TinyClassification(),
+        optimizers=(optimizer(model), None),
+    )
+
+
+@pytest.mark.slow
+def test_step_in_backward_follows_the_trainers_gradient_accumulation(tmp_path):
+    """optimizer_cls_and_kwargs(args, step_in_backward=True): the micro-batches that do not end
+    an optimizer step only accumulate; the result is the ordinary step's, bit for bit."""
+    from adabelief.integrations.huggingface import TrainerAdaBelief
+
+    results = []
+    for step_in_backward in (False, True):
+        args = training_args(
+            tmp_path / str(step_in_backward),
+            max_steps=2,
+            gradient_accumulation_steps=2,
+            per_device_train_batch_size=2,
+            max_grad_norm=0.0,
+        )
+        trainer = transformers.Trainer(
+            model=tiny_bert(),
+            args=args,
+            train_dataset=TinyClassification(),
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(
+                args, step_in_backward=step_in_backward
+            ),
+        )
+        trainer.train()
+        optimizer = unwrap(trainer.optimizer)
+        assert isinstance(optimizer, TrainerAdaBelief) is step_in_backward
+        assert steps_taken(optimizer) == {2}
+        assert trainer.state.global_step == 2
+        results.append([p.detach().clone() for p in trainer.model.parameters()])
+    for ordinary, in_backward in zip(*results, strict=True):
+        assert torch.equal(ordinary, in_backward)
+
+
+def test_step_in_backward_refuses_the_trainers_gradient_clipping(tmp_path):
+    args = training_args(tmp_path)  # max_grad_norm=1.0, the Trainer's default
+    with pytest.raises(ValueError, match=r"max_grad_norm=1\.0.*max_grad_norm=0"):
+        optimizer_cls_and_kwargs(args, step_in_backward=True)
+    args = training_args(tmp_path, max_grad_norm=0.0)
+    cls, _ = optimizer_cls_and_kwargs(args, step_in_backward=True)
+    assert issubclass(cls, adabelief.AdaBelief)
+
+
+@pytest.mark.slow
+def test_a_ready_in_backward_optimizer_with_accumulation_is_refused_then_follows(tmp_path):
+    """optimizers=(AdaBelief(step_in_backward=True), None) with accumulation: the second
+    micro-batch's backward raises before any parameter steps twice; after
+    follow_gradient_accumulation(optimizer) it trains two steps."""
+    from adabelief.backward_step import StepInBackwardError
+    from adabelief.integrations.huggingface import follow_gradient_accumulation
+
+    made: list[Any] = []
+
+    def make(model: Any, follow: bool) -> Any:
+        optimizer = adabelief.AdaBelief(model.parameters(), lr=1e-2, step_in_backward=True)
+        made.append(optimizer)
+        return follow_gradient_accumulation(optimizer) if follow else optimizer
+
+    trainer = in_backward_trainer(
+        tmp_path / "a", optimizer=lambda m: make(m, False), max_grad_norm=0.0
+    )
+    with pytest.raises(StepInBackwardError, match=r"second backward pass.*accumulating\(\)"):
+        trainer.train()
+    assert steps_taken(made[0]) == {1}
+    made[0].remove_backward_hooks()
+    trainer = in_backward_trainer(
+        tmp_path / "b", optimizer=lambda m: make(m, True), max_grad_norm=0.0
+    )
+    trainer.train()
+    assert steps_taken(made[1]) == {2}
+
+
+@pytest.mark.slow
+def test_a_ready_in_backward_optimizer_with_the_default_clipping_is_refused(tmp_path):
+    """The Trainer clips to max_grad_norm=1.0 by default: with an in-backward optimizer that
+    clipping would find no gradient; step() refuses it, naming the setting."""
+    from adabelief.backward_step import StepInBackwardError
+
+    made: list[Any] = []
+
+    def make(model: Any) -> Any:
+        made.append(adabelief.AdaBelief(model.parameters(), lr=1e-2, step_in_backward=True))
+        return made[-1]
+
+    trainer = in_backward_trainer(tmp_path, optimizer=make, gradient_accumulation_steps=1)
+    with pytest.raises(StepInBackwardError, match=r"max_grad_norm=1\.0\).*max_grad_norm=0"):
+        trainer.train()
+    assert steps_taken(made[0]) == {1}  # the first backward's step, then the refusal

@@ -120,3 +120,71 @@ def test_lightning_cli_refuses_a_bad_value(tmp_path, monkeypatch):
     args += [f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=1"]
     with pytest.raises(ValueError, match="Invalid lr"):
         LightningCLI(RegressionForCLI, args=args, save_config_kwargs={"overwrite": True})
+
+
+# ---- the step in backward: accumulation and clipping --------------------------------------------
+
+
+class InBackwardRegression(Regression):
+    """Regression whose AdaBelief steps in backward (or not), with its step-wise scheduler."""
+
+    def __init__(self, step_in_backward: bool = True) -> None:
+        torch.manual_seed(0)  # the same weights for either way of stepping
+        super().__init__(lr=1e-2)
+        self.step_in_backward = step_in_backward
+        self.made: list[adabelief.AdaBelief] = []
+
+    def configure_optimizers(self) -> Any:
+        optimizer = adabelief.AdaBelief(
+            self.parameters(), lr=self.hparams.lr, step_in_backward=self.step_in_backward
+        )
+        self.made.append(optimizer)
+        return optimizer
+
+
+def _fit(root: Path, model: Regression, callbacks: list[Any] = (), **overrides: Any) -> Any:
+    settings = {**trainer_settings(root), **overrides}
+    trainer = L.Trainer(**settings, callbacks=list(callbacks))
+    trainer.fit(model)
+    return trainer
+
+
+@pytest.mark.slow
+def test_step_in_backward_callback_follows_accumulate_grad_batches(tmp_path):
+    """With the StepInBackward callback, accumulate_grad_batches=2 trains as the ordinary step
+    does, bit for bit: one step per two micro-batches."""
+    from adabelief.integrations.lightning import StepInBackward
+
+    ordinary, in_backward = InBackwardRegression(False), InBackwardRegression(True)
+    _fit(tmp_path / "a", ordinary, accumulate_grad_batches=2)
+    trainer = _fit(tmp_path / "b", in_backward, [StepInBackward()], accumulate_grad_batches=2)
+    assert trainer.global_step == STEPS
+    assert steps_taken(in_backward.made[0]) == steps_taken(ordinary.made[0]) == {STEPS}
+    for p, q in zip(ordinary.parameters(), in_backward.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert in_backward.made[0]._backward.accumulate_when is None  # released at the end
+
+
+@pytest.mark.slow
+def test_accumulate_grad_batches_without_the_callback_is_refused(tmp_path):
+    from adabelief.backward_step import StepInBackwardError
+
+    model = InBackwardRegression(True)
+    with pytest.raises(StepInBackwardError, match=r"second backward pass.*frameworks\.md"):
+        _fit(tmp_path, model, accumulate_grad_batches=2)
+    assert steps_taken(model.made[0]) == {1}  # never twice in one optimizer step
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("with_callback", [False, True], ids=["bare", "callback"])
+def test_gradient_clip_val_is_refused_before_any_step(tmp_path, with_callback):
+    """Lightning would clip the global norm after backward, where no gradient is left: refused
+    before the first in-backward step, by the callback or by step(closure) itself."""
+    from adabelief.backward_step import StepInBackwardError
+    from adabelief.integrations.lightning import StepInBackward
+
+    model = InBackwardRegression(True)
+    callbacks = [StepInBackward()] if with_callback else []
+    with pytest.raises(StepInBackwardError, match=r"gradient_clip_val=1\.0.*gradient_clip_val"):
+        _fit(tmp_path, model, callbacks, gradient_clip_val=1.0)
+    assert steps_taken(model.made[0]) == {0}
