@@ -152,10 +152,11 @@ def _model_data() -> tuple[np.ndarray, np.ndarray]:
     return x, y.astype(np.float32)
 
 
-def _make_model(opt: Any) -> Any:
-    model = keras.Sequential(
-        [keras.Input((8,)), keras.layers.Dense(16, activation="tanh"), keras.layers.Dense(1)]
-    )
+def _make_model(opt: Any, model: Any = None) -> Any:
+    if model is None:
+        model = keras.Sequential(
+            [keras.Input((8,)), keras.layers.Dense(16, activation="tanh"), keras.layers.Dense(1)]
+        )
     model.set_weights(
         [
             (0.3 * np.sin(np.arange(w.size) * 1.3 + i)).reshape(w.shape).astype(np.float32)
@@ -410,6 +411,47 @@ def test_config_round_trip() -> None:
     again = keras.optimizers.deserialize(keras.optimizers.serialize(opt))
     assert type(again) is AdaBelief and again.get_config() == cfg
     assert keras.saving.get_registered_name(AdaBelief) == "adabelief>AdaBelief"
+
+
+def test_exclude_from_weight_decay_survives_keras_save_and_load(tmp_path: Any) -> None:
+    """Keras' own AdamW loses exclude_from_weight_decay in a .keras file, so a resumed run decays
+    what it should not; here it is in the config (variables by path), and resuming continues
+    exactly like no interruption."""
+    x, y = _model_data()
+    kw = dict(batch_size=16, shuffle=False, verbose=0)
+
+    def model_excluding() -> Any:
+        model = keras.Sequential(
+            [
+                keras.Input((8,)),
+                keras.layers.Dense(16, activation="tanh", name="hidden"),
+                keras.layers.Dense(1, name="out"),
+            ]
+        )
+        opt = AdaBelief(learning_rate=0.02, weight_decay=0.5)
+        opt.exclude_from_weight_decay(var_list=[model.get_layer("out").kernel], var_names=["bias"])
+        return _make_model(opt, model)
+
+    full = model_excluding()
+    full.fit(x, y, epochs=4, **kw)
+    part = model_excluding()
+    part.fit(x, y, epochs=2, **kw)
+    path = tmp_path / "excluded.keras"
+    part.save(path)
+    loaded = keras.saving.load_model(path)
+    out_kernel = loaded.get_layer("out").kernel
+    assert loaded.optimizer.get_config()["exclude_from_weight_decay"] == {
+        "var_names": ["bias"],
+        "var_paths": [part.get_layer("out").kernel.path],
+    }
+    assert not loaded.optimizer._use_weight_decay(out_kernel)
+    assert not loaded.optimizer._use_weight_decay(loaded.get_layer("hidden").bias)
+    assert loaded.optimizer._use_weight_decay(loaded.get_layer("hidden").kernel)
+    loaded.fit(x, y, epochs=2, **kw)
+    for resumed, uninterrupted in zip(loaded.get_weights(), full.get_weights(), strict=True):
+        np.testing.assert_allclose(resumed, uninterrupted, rtol=1e-6, atol=1e-7)
+    # A config without exclusions stays as before.
+    assert "exclude_from_weight_decay" not in AdaBelief().get_config()
 
 
 def test_weight_decay_none_disables_decay() -> None:

@@ -85,7 +85,8 @@ class AdaBelief(keras.optimizers.Optimizer):
         weight_decay: decay coefficient; ``0.0`` or ``None`` disable it. Unlike Keras' own
             optimizers it follows ``weight_decouple``/``fixed_decay`` below, is applied before
             the moments with this step's learning rate, and honours
-            ``exclude_from_weight_decay``.
+            ``exclude_from_weight_decay``, which, unlike in Keras' own optimizers, is saved
+            with the optimizer (see :meth:`exclude_from_weight_decay`).
         amsgrad: use the running maximum of ``s`` (also in the rectified step).
         weight_decouple: decoupled decay ``theta *= 1 - lr*wd`` (AdamW style); ``False`` adds
             ``wd*theta`` to the gradient (L2).
@@ -157,6 +158,32 @@ class AdaBelief(keras.optimizers.Optimizer):
         # Per-step scalars by compute dtype, shared by the variables of one update (see
         # `_backend_update_step`); None outside an update.
         self._scalar_cache: dict[str, StepScalars] | None = None
+        # What exclude_from_weight_decay was given, in the form get_config saves.
+        self._excluded_names: list[str] = []
+        self._excluded_paths: list[str] = []
+
+    def exclude_from_weight_decay(
+        self, var_list: list[Any] | None = None, var_names: list[str] | None = None
+    ) -> None:
+        """Exclude variables from weight decay, as Keras' own method (before the optimizer is
+        built): ``var_list`` the variables themselves, ``var_names`` patterns searched in the
+        variables' names. Unlike Keras' AdamW, both are kept by :meth:`get_config` (the
+        variables as their paths, such as ``"sequential/dense/kernel"``), so a model saved to
+        ``.keras`` and loaded again resumes with the same decay. A loaded model's paths may
+        lack the outer model's name (``"dense/kernel"``), so a saved path matches a variable
+        when one path ends with the other, component by component."""
+        super().exclude_from_weight_decay(var_list=var_list, var_names=var_names)
+        self._excluded_names = sorted(set(var_names or ()))
+        self._excluded_paths = sorted({_variable_path(v) for v in var_list or ()})
+
+    def _use_weight_decay(self, variable: Any) -> bool:
+        path = _variable_path(variable).split("/")
+        for excluded in self._excluded_paths:  # after loading there are no ids, only paths
+            parts = excluded.split("/")
+            n = min(len(parts), len(path))
+            if parts[-n:] == path[-n:]:
+                return False
+        return bool(super()._use_weight_decay(variable))
 
     def _add_state(self, variable: Any, name: str) -> Any:
         """A zero state variable like ``variable``, float32 if ``variable`` is 16-bit."""
@@ -279,4 +306,25 @@ class AdaBelief(keras.optimizers.Optimizer):
                 "maximize": self.maximize,
             }
         )
+        if self._excluded_names or self._excluded_paths:
+            config["exclude_from_weight_decay"] = {
+                "var_names": list(self._excluded_names),
+                "var_paths": list(self._excluded_paths),
+            }
         return config
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], custom_objects: Any = None) -> AdaBelief:
+        """The optimizer of :meth:`get_config`, with its ``exclude_from_weight_decay``."""
+        config = dict(config)
+        excluded = config.pop("exclude_from_weight_decay", None)
+        optimizer = super().from_config(config, custom_objects=custom_objects)
+        if excluded:
+            optimizer.exclude_from_weight_decay(var_names=excluded.get("var_names") or None)
+            optimizer._excluded_paths = sorted(excluded.get("var_paths", ()))
+        return optimizer
+
+
+def _variable_path(variable: Any) -> str:
+    """A variable's path (``"dense/kernel"``), which survives saving; its name if it has none."""
+    return str(getattr(variable, "path", None) or variable.name)
