@@ -177,13 +177,22 @@ def framework_clipping_message(what: str, fix: str) -> str:
 
 
 def _nested_backward() -> str | None:
-    """What runs the current backward inside another one (None if nothing does): a custom
-    autograd Function's backward on the Python stack, as reentrant activation checkpointing
-    (``torch.utils.checkpoint(..., use_reentrant=True)``) runs one per checkpointed segment.
-    The engine calls hooks on the thread that runs the inner backward, below that Function."""
+    """What runs the current backward inside another one (None if nothing does): a call of the
+    autograd engine made by a custom autograd Function's backward, as reentrant activation
+    checkpointing (``torch.utils.checkpoint(..., use_reentrant=True)``) makes one per
+    checkpointed segment. On the Python stack of the hook: the engine's entry point
+    (``_engine_run_backward``) below that Function's backward. A Function's backward that calls
+    the hooks itself, with no engine call between (FSDP2's post-backward, after its
+    reduce-scatter), is not a nested backward."""
+    if _ENGINE_RUN_BACKWARD is None:  # another torch: no way to tell, so nothing is refused
+        return None
     frame: FrameType | None = sys._getframe(1)
+    engine_below = False
     while frame is not None:
-        if frame.f_code is _BACKWARD_APPLY:
+        code = frame.f_code
+        if code is _ENGINE_RUN_BACKWARD:
+            engine_below = True
+        elif code is _BACKWARD_APPLY and engine_below:
             ctx = frame.f_locals.get("self")
             cls = getattr(ctx, "_forward_cls", None)
             if cls is not None and cls.__module__ == "torch.utils.checkpoint":
@@ -195,6 +204,8 @@ def _nested_backward() -> str | None:
 
 
 _BACKWARD_APPLY = BackwardCFunction.apply.__code__
+_engine_entry = getattr(torch.autograd.graph, "_engine_run_backward", None)
+_ENGINE_RUN_BACKWARD = getattr(_engine_entry, "__code__", None)
 
 #: How far up the stack ``step()`` looks for a training framework's loop, and in which files.
 _FRAMEWORK_FRAMES = 24
