@@ -15,6 +15,7 @@ jnp = jax.numpy
 from adabelief.optax import (  # noqa: E402
     ScaleByAdaBeliefState,
     adabelief,
+    check_hyperparams,
     scale_by_adabelief,
     step_scalars,
 )
@@ -336,6 +337,30 @@ def test_eps_zero_is_refused_with_the_reason(factory: str) -> None:
             scale_by_adabelief(eps=0)
         else:  # eps arrives as a (concrete) array at init
             optax.inject_hyperparams(adabelief)(learning_rate=1e-3, eps=0.0).init(params)
+
+
+def test_injected_hyperparameters_are_validated_where_concrete() -> None:
+    """Under jax.jit an injected value is a tracer and cannot be checked (documented in
+    docs/optax.md); eagerly the factories check it, and between jitted steps, where the state's
+    values are concrete, check_hyperparams does, also inside a chain."""
+    params = {"x": jnp.ones(3)}
+    tx = optax.inject_hyperparams(adabelief)(learning_rate=1e-3, b1=0.9, eps=1e-16)
+    state = tx.init(params)
+    check_hyperparams(state)  # valid: nothing to say
+    bad = state._replace(hyperparams={**state.hyperparams, "b1": jnp.asarray(0.0)})
+    jax.jit(tx.update)(params, bad, params)  # traced: not checked (the limitation)
+    with pytest.raises(ValueError, match=r"^Invalid b1: 0\.0 \(b1 = 0 makes"):
+        tx.update(params, bad, params)  # eager: the factory checks the concrete value
+    with pytest.raises(ValueError, match=r"^Invalid b1: 0\.0 \(b1 = 0 makes"):
+        check_hyperparams(bad)
+    for name, value in [("eps", 0.0), ("learning_rate", -1.0), ("b2", 1.0)]:
+        chained = optax.chain(optax.clip(1.0), tx)
+        chain_state = chained.init(params)
+        inner = chain_state[1]
+        inner = inner._replace(hyperparams={**inner.hyperparams, name: jnp.asarray(value)})
+        with pytest.raises(ValueError, match=rf"^Invalid {name}: "):
+            check_hyperparams((chain_state[0], inner))
+    jax.jit(check_hyperparams)(bad)  # inside jit: traced values are skipped
 
 
 def test_adabelief_optax_imports_no_other_framework() -> None:

@@ -45,6 +45,7 @@ __all__ = [
     "StepScalars",
     "adabelief",
     "add_scaled_params",
+    "check_hyperparams",
     "scale_by_adabelief",
     "step_scalars",
 ]
@@ -72,6 +73,40 @@ def _check(check: Callable[[str, Any], float], name: str, value: Any) -> None:
     ``jax.jit``): its value is then unknown until the step runs."""
     if not isinstance(value, jax.core.Tracer):
         check(name, value)
+
+
+#: The check of each hyperparameter that optax.inject_hyperparams may inject, by name.
+_HYPERPARAMETER_CHECKS: dict[str, Callable[[str, Any], float]] = {
+    "learning_rate": check_nonnegative,
+    "b1": check_beta1,
+    "b2": check_beta2,
+    "eps": check_eps,
+    "weight_decay": check_nonnegative,
+}
+
+
+def check_hyperparams(state: optax.OptState) -> None:
+    """Validate the hyperparameters that :func:`optax.inject_hyperparams` keeps in ``state``
+    (found anywhere in it, e.g. inside an :func:`optax.chain`), with the checks of
+    :func:`adabelief`.
+
+    The factories validate every concrete value, but under :func:`jax.jit` they see tracers,
+    whose values are unknown until the step runs, so an injected value (set in
+    ``state.hyperparams``, or computed by a schedule) is not checked there. Between jitted
+    steps the state's values are concrete: call this there, for example after changing one.
+    Traced values are skipped.
+
+    Raises:
+        ValueError: naming the hyperparameter and its value, as the factories do.
+    """
+    hyperparams = getattr(state, "hyperparams", None)
+    if isinstance(hyperparams, dict):
+        for name, check in _HYPERPARAMETER_CHECKS.items():
+            if name in hyperparams:
+                _check(check, name, hyperparams[name])
+    if isinstance(state, (tuple, list)):
+        for child in state:
+            check_hyperparams(child)
 
 
 #: jax.numpy as the array namespace of :mod:`adabelief._array_scalars` and
