@@ -349,6 +349,7 @@ class AdaBelief(Optimizer):
         self._backward.end_window()  # each parameter may step in backward once more
         return loss
 
+    @torch._disable_dynamo  # as torch.optim.Optimizer.zero_grad
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As :meth:`torch.optim.Optimizer.zero_grad`; it also ends the optimizer step for the
         in-backward groups, as :meth:`step` does (each parameter steps in backward at most once
