@@ -116,10 +116,13 @@ class AdaBelief(Optimizer):
             gradient is accumulated, and set its ``.grad`` to None at once, so the gradients of
             the model are never all held (saves up to 4 bytes per float32 parameter). The same
             kernel as an ordinary step, with the group's current options. ``step()`` and
-            ``zero_grad()`` then do nothing for these parameters; mark the backward passes that
-            only accumulate with :meth:`accumulating`. Not with anything that needs every
-            gradient before any step (global gradient-norm clipping, GradScaler, DDP); see
-            :mod:`adabelief.backward_step` and docs/step-in-backward.md.
+            ``zero_grad()`` then only end the optimizer step for these parameters: each steps
+            at most once between two calls of either (a second backward pass raises); mark
+            the backward passes that only accumulate with :meth:`accumulating`. Not with
+            anything that needs every gradient before any step (global gradient-norm clipping,
+            GradScaler, DDP), nor with reentrant activation checkpointing, nor with a second
+            optimizer on the same parameters; see :mod:`adabelief.backward_step` and
+            docs/step-in-backward.md.
 
     State per parameter: ``step`` (0-dim tensor), ``exp_avg``, ``exp_avg_var`` and, with AMSGrad,
     ``max_exp_avg_var``; the moments are float32 for float16 and bfloat16 parameters (with
@@ -321,8 +324,11 @@ class AdaBelief(Optimizer):
         Raises:
             StepInBackwardError: with ``step_in_backward``, under GradScaler, when a hooked
                 parameter holds a gradient (accumulated under :meth:`accumulating` and not
-                applied, or written after its in-backward step, as DDP does), and for a closure
-                inside :meth:`accumulating`.
+                applied, or written after its in-backward step, as DDP does), for a closure
+                inside :meth:`accumulating`, and under a training framework that clips the
+                gradients (``transformers.Trainer``'s ``max_grad_norm``, Lightning's
+                ``gradient_clip_val``); for an ordinary group, when another live optimizer steps
+                one of its parameters in backward.
         """
         loss = None
         if closure is not None:
