@@ -38,6 +38,7 @@ from adabelief.experiments.verdicts import (
     quick_vs_full,
     seed_note,
     selection_words,
+    verdict_legend,
 )
 
 __all__ = ["render_markdown"]
@@ -610,12 +611,7 @@ def render_markdown(
         )
     lines += [
         "",
-        f"Verdicts: *better*/*worse* = paired two-sided t-test over seeds at p < {ALPHA} (the "
-        "sign test where every paired difference is the same); *supported* = better somewhere "
-        "and worse nowhere; *consistent* = no significant difference anywhere (which is what "
-        "'like Adam' / 'like SGD' predicts, but also what too few seeds produce); *mixed* = "
-        "worse somewhere; *not supported* = worse everywhere; *not tested* = no comparison "
-        "with two seeds or more.",
+        verdict_legend(),
         "",
     ]
     for number, assessment in enumerate(assessments, 1):
@@ -642,8 +638,10 @@ def render_markdown(
         "- Runs are comparable only with the same settings, data, torch thread count and "
         "device: each such group is a separate experiment here (labelled when one experiment "
         "appears several times).",
-        "- Quick mode uses small models, bundled datasets and short schedules; it checks the "
-        "direction of the claims on this machine, not the paper's numbers. The paper's numbers "
+        "- Quick mode uses small models and bundled datasets, each trained through its whole "
+        "schedule (warm-up and decay scaled with the budget); the convergence rule below says "
+        "where that budget still cut a run short. It checks the direction of the claims on this "
+        "machine, not the paper's numbers. The paper's numbers "
         "appear beside experiments that match a paper setting (CIFAR-10, CIFAR-100, Penn "
         "Treebank, the CIFAR-10 GANs, the Transformer).",
         "- A diverged run counts in the 'diverged' column and is left out of means; in a paired "

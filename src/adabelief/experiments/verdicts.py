@@ -66,6 +66,7 @@ __all__ = [
     "seed_note",
     "selection_words",
     "tally",
+    "verdict_legend",
 ]
 
 
@@ -216,6 +217,24 @@ def metric_named(experiment: Experiment, attribute_or_name: str) -> Metric | Non
         value = getattr(experiment, attribute_or_name)
         return value if isinstance(value, Metric) else None
     return next((m for m in experiment.metrics if m.name == attribute_or_name), None)
+
+
+def verdict_legend() -> str:
+    """One paragraph saying how the verdict words are decided (the rules of this module)."""
+    from adabelief.experiments.stats import ALPHA
+
+    return (
+        f"Verdicts: *better*/*worse* = paired two-sided t-test over seeds at p < {ALPHA} (the "
+        "sign test where the paired differences are equal up to rounding or a run diverged); "
+        "*worse (diverged)* = AdaBelief diverged on more seeds than its rival, a loss whatever "
+        "the p-value; *budget-limited* = an optimizer was still improving when its budget "
+        "ended, so that comparison's better/worse is shown but not counted; *supported* = "
+        "better somewhere and worse nowhere; *consistent* = no significant difference anywhere "
+        "(which is what 'like Adam' / 'like SGD' predicts, but also what too few seeds "
+        "produce); *mixed* = worse somewhere (significantly or by diverging); *not supported* "
+        "= worse everywhere; *not tested* = no comparison with two seeds or more and no "
+        "divergence."
+    )
 
 
 def selection_words(experiment: Experiment) -> str:
