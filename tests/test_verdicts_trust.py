@@ -151,6 +151,11 @@ def test_a_failed_trial_never_cuts_the_other_optimizers_trials(tmp_path: Path) -
     assert chosen is not None and chosen.chosen.trial == 3 and len(chosen.trials) == 4
     # The runner's choice over the planned trials (one missing) is the same function's.
     assert choose_trial(chosen.trials, SYNTHETIC.selection).trial == 3
+    sgd = result.get("sgd")
+    assert sgd is not None and [c.trial for c in sgd.trials] == [0, 1, 2, 3]
+    assert sgd.chosen.trial == 0
+    text = build_report(tmp_path, make_plots=False).path.read_text()
+    assert "trial 3: - → failed or missing (no run on disk: ranks last)" in text
 
 
 def test_planned_trial_count_comes_from_the_manifest(tmp_path: Path) -> None:

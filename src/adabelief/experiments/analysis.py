@@ -510,6 +510,11 @@ def _study_result(
             unused = sum(1 for v in by_trial.values() for c in v if id(c) not in used)
             if not considered:
                 continue
+            # A planned trial with no run on disk (it failed) is shown, and ranks last.
+            considered += [
+                Candidate(optimizer, index, {}) for index in range(trials) if index not in by_trial
+            ]
+            considered.sort(key=lambda c: c.trial or 0)
             chosen = choose_trial(considered, experiment.selection)
             rows.append(
                 OptimizerResult(optimizer, chosen, considered, spaces.get(optimizer), unused)

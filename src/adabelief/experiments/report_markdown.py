@@ -344,7 +344,7 @@ def _trials_lines(result: ExperimentResult) -> list[str]:
             value = candidate.value(experiment.selection.name, TUNING_SEED)
             record = candidate.records.get(TUNING_SEED)
             outcome = (
-                "missing"
+                "failed or missing (no run on disk: ranks last)"
                 if record is None
                 else ("diverged" if record.get("diverged") else fmt(value))
             )
