@@ -79,8 +79,16 @@ def check_group(group: dict[str, Any]) -> None:
         )
 
 
-def _describe(param: Tensor) -> str:
-    return f"parameter of shape {tuple(param.shape)}"
+def _describe(param: Tensor, owner: _Owner | None = None) -> str:
+    """``parameter of shape (4, 3)``, and where ``owner`` holds it: ``(param_groups[0]
+    ["params"][2])``, which names it to a user who built the groups."""
+    where = ""
+    if owner is not None:
+        for g, group in enumerate(owner.param_groups):
+            for i, p in enumerate(group["params"]):
+                if p is param:
+                    where = f' (param_groups[{g}]["params"][{i}] of this optimizer)'
+    return f"parameter of shape {tuple(param.shape)}{where}"
 
 
 def written_after_step_message(param: Tensor) -> str:
@@ -120,10 +128,10 @@ CLOSURE_WHILE_ACCUMULATING_MESSAGE = (
 )
 
 
-def stepped_twice_message(param: Tensor) -> str:
+def stepped_twice_message(param: Tensor, owner: _Owner | None = None) -> str:
     """Why a second in-backward step of a parameter in one optimizer step is refused."""
     return (
-        f"AdaBelief(step_in_backward=True): a second backward pass reached a {_describe(param)} "
+        f"AdaBelief(step_in_backward=True): a second backward pass reached a {_describe(param, owner)} "
         "since the last optimizer.step() or zero_grad(), and would step it a second time (an "
         "ordinary optimizer steps once, on the sum of the gradients). For gradient "
         "accumulation, run every backward but the last inside optimizer.accumulating() (the "
@@ -132,10 +140,10 @@ def stepped_twice_message(param: Tensor) -> str:
     )
 
 
-def nested_backward_message(param: Tensor, cause: str) -> str:
+def nested_backward_message(param: Tensor, cause: str, owner: _Owner | None = None) -> str:
     """Why a gradient that reaches a parameter in a backward run inside a backward is refused."""
     return (
-        f"AdaBelief(step_in_backward=True): a {_describe(param)} received a gradient in a "
+        f"AdaBelief(step_in_backward=True): a {_describe(param, owner)} received a gradient in a "
         f"backward pass run inside another backward pass ({cause}); that pass holds only part "
         "of its gradient, and each such pass would step it. Use non-reentrant activation "
         "checkpointing, torch.utils.checkpoint.checkpoint(..., use_reentrant=False), which "
@@ -144,20 +152,20 @@ def nested_backward_message(param: Tensor, cause: str) -> str:
     )
 
 
-def two_optimizers_message(param: Tensor) -> str:
+def two_optimizers_message(param: Tensor, owner: _Owner | None = None) -> str:
     """Why a parameter hooked by two live in-backward optimizers is refused."""
     return (
-        f"AdaBelief(step_in_backward=True): a {_describe(param)} is stepped in backward by two "
+        f"AdaBelief(step_in_backward=True): a {_describe(param, owner)} is stepped in backward by two "
         "live optimizers; the first steps it and releases its gradient, so the second would "
         "never step it. Keep one: call remove_backward_hooks() on the other, or delete every "
         "reference to it (rebinding the variable, optimizer = AdaBelief(...), frees the old one)."
     )
 
 
-def shared_with_ordinary_message(param: Tensor) -> str:
+def shared_with_ordinary_message(param: Tensor, owner: _Owner | None = None) -> str:
     """Why an ordinary step of a parameter that an in-backward optimizer steps is refused."""
     return (
-        f"AdaBelief: a {_describe(param)} of this optimizer is also stepped in backward by a "
+        f"AdaBelief: a {_describe(param, owner)} is also stepped in backward by a "
         "live AdaBelief(step_in_backward=True), which releases its gradient there, so this "
         "step() would never see it. Step each parameter with one optimizer: leave it out of one "
         "of them, or call remove_backward_hooks() on the in-backward one (or delete it)."
@@ -413,9 +421,9 @@ class BackwardStep:
         if task != self._task:
             self._begin_task(task)
         if self._nested is not None:
-            raise StepInBackwardError(nested_backward_message(param, self._nested))
+            raise StepInBackwardError(nested_backward_message(param, self._nested, owner))
         if key in self._window:
-            raise StepInBackwardError(stepped_twice_message(param))
+            raise StepInBackwardError(stepped_twice_message(param, owner))
         self._accumulated.discard(key)
         with torch.no_grad():
             owner._step_params(group, [param])
@@ -439,7 +447,7 @@ class BackwardStep:
         if _live_owners(param, exclude=self):
             gc.collect()
             if self._owner() is not None and _live_owners(param, exclude=self):
-                raise StepInBackwardError(two_optimizers_message(param))
+                raise StepInBackwardError(two_optimizers_message(param, self._owner()))
         self._contested.discard(id(param))
 
     def _queue_final_check(self) -> None:
@@ -472,7 +480,7 @@ class BackwardStep:
                 if id(p) in hooked and _live_owners(p, exclude=self):
                     gc.collect()
                     if _live_owners(p, exclude=self):
-                        raise StepInBackwardError(shared_with_ordinary_message(p))
+                        raise StepInBackwardError(shared_with_ordinary_message(p, owner))
 
     def check_step(
         self, grad_scale: Tensor | None, found_inf: Tensor | None, newly_hooked: list[Tensor]
