@@ -97,8 +97,8 @@ def local_sources(path: Path, source: str, module: str = "") -> dict[str, str]:
     directly or through each other: ``{path relative to the import root: text}``.
 
     The import root is the file's folder for a file task, or the folder holding the top-level
-    package of a module task; a name that is no file under it (an installed or standard
-    module) is not followed.
+    package of a module task (which follows only its own package); a name that is no file
+    under the root (an installed or standard module) is not followed.
     """
     parts = module.split(".") if module else []
     root = path.parent
@@ -112,6 +112,8 @@ def local_sources(path: Path, source: str, module: str = "") -> dict[str, str]:
     while queue:
         text, current = queue.pop()
         for name in _imported_names(text, current):
+            if parts and name[0] != parts[0]:
+                continue  # a module task follows only its own top-level package
             for depth in range(1, len(name) + 1):
                 file = _module_file(root, name[:depth])
                 if file is None or file.resolve() == path.resolve():
