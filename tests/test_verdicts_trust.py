@@ -338,3 +338,16 @@ def test_report_sets_quick_verdicts_beside_default_ones(tmp_path: Path) -> None:
         "| synthetic/general | paper | generalization | score | sgd | better | worse | **no** |"
         in section
     )
+
+
+def test_a_module_task_fingerprints_its_own_package_only(tmp_path: Path) -> None:
+    from adabelief.experiments.usertask import local_sources
+
+    package = tmp_path / "mypkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "helpers.py").write_text("VALUE = 1\n")
+    (tmp_path / "other.py").write_text("X = 1\n")  # beside the package, not in it
+    source = "import other\nfrom . import helpers\nfrom mypkg.helpers import VALUE\n"
+    found = local_sources(package / "task.py", source, "mypkg.task")
+    assert sorted(found) == ["mypkg/__init__.py", "mypkg/helpers.py"]
