@@ -351,3 +351,27 @@ def test_a_module_task_fingerprints_its_own_package_only(tmp_path: Path) -> None
     source = "import other\nfrom . import helpers\nfrom mypkg.helpers import VALUE\n"
     found = local_sources(package / "task.py", source, "mypkg.task")
     assert sorted(found) == ["mypkg/__init__.py", "mypkg/helpers.py"]
+
+
+def test_runner_and_report_pick_the_same_trial_when_one_crashed(tmp_path: Path) -> None:
+    from adabelief.experiments.runner import plan, plan_reruns
+    from adabelief.experiments.tasks import TASKS
+    from test_experiments_runner import options_for
+
+    options = options_for(tmp_path, mode="fair", trials=4, seeds=2, optimizers=("adabelief", "sgd"))
+    item = plan(options, [TASKS["toy"]], {"toy": None})[0]
+    store = RunStore(tmp_path)
+    selection = item.experiment.selection.name
+    for spec in item.specs:
+        if spec.optimizer == "sgd" and spec.trial == 3:
+            continue  # this trial crashed: no run on disk
+        good = {"adabelief": 3, "sgd": 1}[spec.optimizer] == spec.trial
+        metrics = {name.name: 1.0 for name in item.experiment.metrics}
+        metrics[selection] = 1.0 if good else 50.0  # toy metrics: lower is better
+        store.save({"key": spec.key(), **spec.to_json(), "definition": item.experiment.to_json(),
+                    "metrics": metrics, "curves": {}, "artifacts": {}, "diverged": False,
+                    "finished_at": "2026-01-01T00:00:00"})  # fmt: skip
+    reruns = {spec.optimizer: spec.trial for spec in plan_reruns(item, store, options)}
+    assert reruns == {"adabelief": 3, "sgd": 1}
+    (result,) = [r for r in analyze(store).results if r.experiment.name == item.experiment.name]
+    assert {row.optimizer: row.chosen.trial for row in result.optimizers} == reruns
