@@ -188,3 +188,19 @@ def test_gradient_clip_val_is_refused_before_any_step(tmp_path, with_callback):
     with pytest.raises(StepInBackwardError, match=r"gradient_clip_val=1\.0.*gradient_clip_val"):
         _fit(tmp_path, model, callbacks, gradient_clip_val=1.0)
     assert steps_taken(model.made[0]) == {0}
+
+
+@pytest.mark.slow
+def test_the_issues_lightning_run_is_refused_before_any_second_step(tmp_path):
+    """accumulate_grad_batches=2, gradient_clip_val=1.0, max_steps=2, no callback: this once
+    took 4 steps against global_step 2 and clipped nothing. Now the second micro-batch's
+    step(closure) refuses the clipping, before its backward; with the callback, nothing steps."""
+    from adabelief.backward_step import StepInBackwardError
+    from adabelief.integrations.lightning import StepInBackward
+
+    for callbacks, steps in (([], {1}), ([StepInBackward()], {0})):
+        model = InBackwardRegression(True)
+        with pytest.raises(StepInBackwardError, match="gradient_clip_val"):
+            _fit(tmp_path, model, callbacks, accumulate_grad_batches=2, gradient_clip_val=1.0,
+                 max_steps=2)  # fmt: skip
+        assert steps_taken(model.made[0]) == steps
