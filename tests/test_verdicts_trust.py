@@ -6,6 +6,7 @@ Every test builds run records in code (no training) unless it says otherwise.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import math
@@ -293,7 +294,7 @@ def test_a_comparison_still_improving_is_budget_limited(tmp_path: Path) -> None:
         _save(store, "adabelief", seed, 0.9 + seed / 100, experiment=GENERAL,
               metrics={"late_improvement": 0.2})  # fmt: skip
         _save(store, "sgd", seed, 0.5 + seed / 90, experiment=GENERAL,
-              metrics={"late_improvement": 0.0})  # fmt: skip
+              metrics={"late_improvement": 0.0, "speed": 0.5 + seed / 50})  # fmt: skip
     (result,) = analyze(store).results
     assert result.budget_limited("sgd")
     (evidence,) = collect([result], "generalization", "score")
@@ -303,6 +304,12 @@ def test_a_comparison_still_improving_is_budget_limited(tmp_path: Path) -> None:
     assert verdict.startswith("consistent") and "1 budget-limited comparison not counted" in verdict
     text = build_report(tmp_path, make_plots=False).path.read_text()
     assert "**better (budget-limited)**" in text and "+20.0% (still improving)" in text
+    loses = text.split("## Where AdaBelief loses")[1].split("##")[0]
+    assert "budget-limited)" in loses  # sgd trains faster: listed with the label
+    with (tmp_path / "comparisons.csv").open() as handle:
+        (row,) = [r for r in csv.DictReader(handle) if r["claim"] == "generalization"]
+    assert row["verdict"] == "better (budget-limited)" and row["budget_limited"] == "1"
+    assert float(row["ci_low"]) < float(row["advantage"]) < float(row["ci_high"])
 
 
 def test_quick_presets_keep_the_schedule_shape() -> None:

@@ -1,4 +1,5 @@
-"""Turn a run folder into ``results.json``, ``summary.csv``, plots and ``report.md``.
+"""Turn a run folder into ``results.json``, ``summary.csv``, ``comparisons.csv``, plots and
+``report.md``.
 
 The report covers every valid run file on disk (see :mod:`adabelief.experiments.analysis` for
 how runs are grouped and selected) and says which runs it shows and which files it could not
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from adabelief.experiments.analysis import REFERENCE, analyze, performance_profiles
 from adabelief.experiments.plots import write_plots
-from adabelief.experiments.report_csv import summary_csv
+from adabelief.experiments.report_csv import comparisons_csv, summary_csv
 from adabelief.experiments.report_markdown import render_markdown
 from adabelief.experiments.store import RunStore
 from adabelief.experiments.verdicts import assess_claims
@@ -47,7 +48,8 @@ class Report:
 
 
 def build_report(root: Path, make_plots: bool = True) -> Report:
-    """Rebuild ``results.json``, ``summary.csv``, the plots and ``report.md`` in ``root``.
+    """Rebuild ``results.json``, ``summary.csv``, ``comparisons.csv``, the plots and
+    ``report.md`` in ``root``.
 
     Raises :class:`ReportError` when ``root`` holds no runs and no manifest.
     """
@@ -62,6 +64,7 @@ def build_report(root: Path, make_plots: bool = True) -> Report:
         profiles = performance_profiles(results)
         plots, profile_plots = write_plots(results, profiles, root) if make_plots else ({}, {})
         assessments = assess_claims(results)
+        store.write_text("comparisons.csv", comparisons_csv(assessments))
         others = [
             o
             for o in dict.fromkeys(r.optimizer for res in results for r in res.optimizers)

@@ -234,6 +234,8 @@ def _losses_section(results: list[ExperimentResult]) -> list[str]:
             )
             continue
         tag = "significant" if loss.significant else "not significant"
+        if loss.result.budget_limited(loss.other):
+            tag += ", budget-limited"
         lines.append(
             f"- {loss.result.name}, {loss.metric.label}: {loss.other} "
             f"{mean_std(loss.result, loss.other, loss.metric.name)} vs AdaBelief "
