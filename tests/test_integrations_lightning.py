@@ -192,15 +192,16 @@ def test_gradient_clip_val_is_refused_before_any_step(tmp_path, with_callback):
 
 @pytest.mark.slow
 def test_the_issues_lightning_run_is_refused_before_any_second_step(tmp_path):
-    """accumulate_grad_batches=2, gradient_clip_val=1.0, max_steps=2, no callback: this once
-    took 4 steps against global_step 2 and clipped nothing. Now the second micro-batch's
-    step(closure) refuses the clipping, before its backward; with the callback, nothing steps."""
+    """accumulate_grad_batches=2, gradient_clip_val=1.0, max_steps=2: this once took 4 steps
+    against global_step 2 and clipped nothing. Now the clipping is refused before any step: by
+    the callback when training starts, or without it by the first micro-batch's backward (on
+    CPU, where its hooks see Lightning's loop on the stack)."""
     from adabelief.backward_step import StepInBackwardError
     from adabelief.integrations.lightning import StepInBackward
 
-    for callbacks, steps in (([], {1}), ([StepInBackward()], {0})):
+    for callbacks in ([], [StepInBackward()]):
         model = InBackwardRegression(True)
         with pytest.raises(StepInBackwardError, match="gradient_clip_val"):
             _fit(tmp_path, model, callbacks, accumulate_grad_batches=2, gradient_clip_val=1.0,
                  max_steps=2)  # fmt: skip
-        assert steps_taken(model.made[0]) == steps
+        assert steps_taken(model.made[0]) == {0}

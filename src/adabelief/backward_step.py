@@ -312,6 +312,9 @@ class BackwardStep:
         self._task = -1
         #: What runs ``_task`` inside another backward (see :func:`_nested_backward`), or None.
         self._nested: str | None = None
+        #: A training framework's gradient clipping found on the stack of ``_task``'s first
+        #: hook (see :func:`framework_clipping`), or None: refused before the first step.
+        self._clipping: str | None = None
         #: ids of the parameters stepped in backward since the last ``step()``/``zero_grad()``
         #: (the optimizer step's window): each steps at most once in it.
         self._window: set[int] = set()
@@ -422,6 +425,8 @@ class BackwardStep:
             self._begin_task(task)
         if self._nested is not None:
             raise StepInBackwardError(nested_backward_message(param, self._nested, owner))
+        if self._clipping is not None:
+            raise StepInBackwardError(self._clipping)
         if key in self._window:
             raise StepInBackwardError(stepped_twice_message(param, owner))
         self._accumulated.discard(key)
@@ -434,10 +439,16 @@ class BackwardStep:
 
     def _begin_task(self, task: int) -> None:
         """The first in-backward step of the backward (graph task) ``task``: is it run inside
-        another backward, and queue the check at its end."""
-        self._task, self._stepped, self._nested = task, [], None
+        another backward, or by a training framework that will clip the gradients after it;
+        queue the check at its end.
+
+        The stack shows the framework's loop where autograd runs the hooks on the thread that
+        called backward (CPU); elsewhere ``step()`` refuses the clipping, after this step."""
+        self._task, self._stepped, self._nested, self._clipping = task, [], None, None
         if task != -1:
             self._nested = _nested_backward()
+            if self._nested is None:
+                self._clipping = framework_clipping()
             Variable._execution_engine.queue_callback(self._queue_final_check)
 
     def _settle_contest(self, param: Tensor) -> None:

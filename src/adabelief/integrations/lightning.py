@@ -17,8 +17,8 @@ parameter with the accumulated sum: the result of the ordinary step with
 
 ``Trainer(gradient_clip_val=...)`` cannot work with the step in backward: Lightning clips the
 global gradient norm after backward, where the in-backward step has left no gradient. The
-callback refuses it when training starts; without the callback, ``optimizer.step`` refuses it
-before the first in-backward step. Clip per parameter in a post-accumulate-grad hook instead
+callback refuses it when training starts; without the callback, the first backward (on CPU)
+or ``optimizer.step`` refuses it. Clip per parameter in a post-accumulate-grad hook instead
 (docs/step-in-backward.md).
 """
 
