@@ -198,7 +198,9 @@ def is_task_reference(text: str) -> bool:
 
 def _one_line(exc: BaseException, path: Path | None) -> str:
     """``Type: message (line N)`` with the line in the user's file where it happened."""
-    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    # A SyntaxError's str() already ends in "(file, line N)": use its bare message instead.
+    raw = str(exc.msg or "") if isinstance(exc, SyntaxError) else str(exc)
+    message = raw.strip().splitlines()[0] if raw.strip() else ""
     text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
     line = getattr(exc, "lineno", None) if isinstance(exc, SyntaxError) else None
     if line is None and path is not None:
