@@ -163,6 +163,8 @@ def execute_job(job: Job, executor: str) -> JobResult:
     except Exception:  # reported by the driver; the run stays missing and is retried next time
         return JobResult(key, None, traceback.format_exc(limit=8))
     except SystemExit as exc:  # sys.exit() in the task (argparse does it): this run fails
+        if executor == "ray":  # Ray stops its workers with SystemExit: let Ray see it
+            raise
         where = traceback.format_exc(limit=8).rstrip().rsplit("\n", 1)[0]
         return JobResult(
             key,
@@ -566,18 +568,20 @@ class RayExecutor(Executor):
                 if time.monotonic() - checked >= 1.0 or silent_since is not None:
                     silent_since = self._check_head(silent_since)
                     checked = time.monotonic()
+                if silent_since is not None:
+                    time.sleep(0.5)  # the head is silent: no busy loop over held-back results
                 for ref in done:
                     job = pending.pop(ref)
                     try:
                         result = ray.get(ref)
                     except Exception as exc:  # the task's worker died, or Ray failed
-                        if (silent := self._check_head(None)) is not None:
-                            # the head is gone too: wait to tell a lost cluster from a lost task
-                            pending[ref] = job
-                            silent_since = silent_since or silent
-                            continue
                         text = [line for line in str(exc).strip().splitlines() if line.strip()]
                         result = JobResult(job.key, None, f"Ray task failed: {_ray_reason(text)}")
+                    if result.error is not None and (silent := self._check_head(None)):
+                        # the head is gone too: wait to tell a lost cluster from a failed run
+                        pending[ref] = job
+                        silent_since = silent_since or silent
+                        continue
                     on_result(result)
         except KeyboardInterrupt:
             for ref in pending:
