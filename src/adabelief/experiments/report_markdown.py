@@ -143,7 +143,8 @@ def _matrix(
         return []
     return [
         "AdaBelief against every optimizer (better / worse: paired t-test p < "
-        f"{ALPHA}, or the sign test where the differences do not vary; n.s.: not significant):",
+        f"{ALPHA}, or the sign test where the differences are equal up to rounding or a run "
+        "diverged; worse (diverged): AdaBelief diverged more often; n.s.: not significant):",
         "",
         "| experiment | metric | " + " | ".join(f"vs {o}" for o in others) + " |",
         "|---|---|" + "---|" * len(others),
