@@ -16,7 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from adabelief.experiments.cli import EXIT_FAILED_RUNS, EXIT_OK, EXIT_USAGE, main
+from adabelief.experiments.cli import (
+    EXIT_CLUSTER_LOST,
+    EXIT_FAILED_RUNS,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    main,
+)
 from cli_output import one_error_line
 from test_cifar100 import write_fake_cifar100
 from test_experiments_data import write_fake_cifar
@@ -262,3 +269,18 @@ def test_two_commands_on_one_folder_never_train_a_run_twice(tmp_path: Path) -> N
         assert len((tmp_path / f"trained-{seed}").read_text().split()) == 1
     assert "3 runs done, 0 reused" in out_first
     assert "0 runs done, 3 reused" in out_second
+
+
+# --- exit statuses ------------------------------------------------------------------------------
+
+
+def test_help_documents_every_exit_status_and_the_faults(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["run", "--help"]) == EXIT_OK
+    text = capsys.readouterr().out
+    statuses = text.split("exit status:", 1)[1].split("examples:", 1)[0]
+    codes = [int(line.split()[0]) for line in statuses.splitlines() if line.strip()]
+    assert codes == [EXIT_OK, EXIT_FAILED_RUNS, EXIT_USAGE, EXIT_CLUSTER_LOST, EXIT_INTERRUPTED]
+    assert len(set(codes)) == len(codes)
+    assert "faults:" in text and "never train one run twice" in text

@@ -8,13 +8,17 @@ thread count (``RunSpec.threads``), hence the same metrics.
 
 * :class:`InProcessExecutor` (``--executor local --jobs 1``) runs jobs one after the other.
 * :class:`LocalExecutor` (``--executor local``, the default) runs ``jobs`` spawned worker
-  processes.  Workers ignore Ctrl-C (the driver stops them) and exit on their own within half a
-  second when the driver dies, also from SIGKILL.
+  processes, one job at a time each.  Workers ignore Ctrl-C (the driver stops them) and exit on
+  their own within half a second when the driver dies, also from SIGKILL.  A worker that dies
+  fails only the run it held; a fresh worker takes over.
 * :class:`RayExecutor` (``--executor ray``) connects to the cluster named by ``RAY_ADDRESS``, or
   starts a local Ray instance when it is unset.  Each run is one Ray task asking for
-  ``num_cpus`` = its thread count and one GPU with ``--device cuda``.
+  ``num_cpus`` = its thread count and one GPU with ``--device cuda``.  An unreachable
+  ``RAY_ADDRESS`` is an :class:`ExecutorError` within seconds; a head lost mid-run raises
+  :class:`ClusterLostError`.
 
-Ctrl-C (or SIGTERM) cancels what is pending; what finished is kept.
+A task that raises or calls ``sys.exit()`` fails its own run, never the command.  Ctrl-C (or
+SIGTERM) cancels what is pending; what finished is kept.
 """
 
 from __future__ import annotations
