@@ -191,8 +191,9 @@ def test_eps_zero_or_negative_is_refused_with_the_reason(eps, where):
         assert "must be > 0" in message and "(g - m)^2" in message and "0/0 = NaN" in message
 
 
-def test_eps_zero_would_give_nan():
-    """Why it is refused: with eps=0 (set past the check) a zero gradient makes NaN."""
+def test_eps_zero_would_give_nan_or_unbounded_steps():
+    """Why it is refused: with eps=0 (set past the check) a zero gradient makes NaN, and a
+    constant gradient, whose belief tends to 0, takes ever larger steps (Adam's would not)."""
     torch.optim.Adam(params(), eps=0.0)  # torch accepts it
     p = torch.nn.Parameter(torch.ones(3))
     opt = AdaBelief([p], rectify=False)
@@ -200,3 +201,13 @@ def test_eps_zero_would_give_nan():
     p.grad = torch.zeros(3)
     opt.step()
     assert torch.isnan(p).all()
+    q = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    opt = AdaBelief([q], lr=1e-3, betas=(0.9, 0.9), rectify=False)
+    opt.param_groups[0]["eps"] = 0.0
+    moves = []
+    for _ in range(200):
+        before = q.detach().clone()
+        q.grad = torch.ones(1, dtype=torch.float64)
+        opt.step()
+        moves.append(float((before - q.detach()).abs()))
+    assert moves[-1] > 1e3 * moves[10]  # Adam's step at a constant gradient stays ~lr

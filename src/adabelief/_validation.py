@@ -6,11 +6,12 @@ integer ``size`` (NumPy, JAX), and ``item()``. Each check raises ``ValueError`` 
 option and the value, and returns the value as a float. Messages follow ``torch.optim.Adam``
 where it has one (``"Tensor lr must be 1-element"``).
 
-``eps <= 0`` is refused (:func:`check_eps`), unlike ``torch.optim.Adam``, whose ``eps`` only keeps
-a denominator off zero: AdaBelief adds ``eps`` to the belief itself, ``s = EMA((g - m)^2) + eps``,
-and the belief is exactly 0 wherever the gradient has always equalled its moving average (a
-gradient that is exactly 0, as for an unused embedding row), so ``eps = 0`` makes the step
-``0 / 0 = NaN`` there.
+``eps <= 0`` is refused (:func:`check_eps`), unlike ``torch.optim.Adam``, whose second moment
+``EMA(g^2)`` stays near ``g^2``: AdaBelief's belief ``s = EMA((g - m)^2) + eps`` tends to 0
+wherever the gradient is predictable (``m`` catches up with a constant gradient), and ``eps``,
+added to it at every step and to the denominator, is all that bounds the step ``m / (sqrt(s) +
+eps)``. With ``eps = 0`` a constant gradient's step grows without bound, and a gradient that is
+exactly 0 (an unused embedding row) gives ``0 / 0 = NaN``.
 
 ``beta1 = 0`` is refused: the first moment is then the gradient itself, ``m = g``, so the belief
 ``s = EMA((g - m)^2) + eps`` holds nothing but the accumulated ``eps``, and the bias-corrected
@@ -88,11 +89,11 @@ def check_eps(name: str, value: object) -> float:
     number = check_nonnegative(name, value)
     if number == 0.0:
         raise ValueError(
-            f"Invalid {name}: {value} (must be > 0: AdaBelief adds {name} to the belief "
-            f"s = EMA((g - m)^2) + {name}, which is exactly 0 wherever the gradient has always "
-            f"equalled its moving average, for example a gradient that is exactly 0, so "
-            f"{name} = 0 makes the step 0/0 = NaN there; unlike Adam's, AdaBelief's {name} is "
-            f"part of the state, not only a guard; use a small positive value such as 1e-16)"
+            f"Invalid {name}: {value} (must be > 0: unlike Adam's EMA(g^2), AdaBelief's belief "
+            f"s = EMA((g - m)^2) + {name} tends to 0 wherever the gradient is predictable, and "
+            f"{name} is all that keeps the step m / (sqrt(s) + {name}) bounded: with {name} = 0 "
+            f"a constant gradient's step grows without bound and a gradient that is exactly 0 "
+            f"gives 0/0 = NaN; use a small positive value such as the default 1e-16)"
         )
     return number
 
