@@ -22,15 +22,26 @@ float32 work tensors, run their update and encode them back with :func:`encode_`
   value (one ``inf`` gradient element without GradScaler) is stored as the clamp (``+-127`` or
   ``255`` for ``+-inf``, ``0`` for NaN), so it costs its own element, as with float32 state,
   and not the other 255 of its block.
+
+DTensor parameters (FSDP2) keep the same format over the same global blocks: the codes are a
+DTensor with the parameter's placements, the block scales a replicated DTensor of the whole
+tensor's blocks. A block that straddles two shards gets its scale from an all-reduce (max) of the
+partial maxima, so the stored state, and the training, are those of the unsharded tensor on any
+mesh, and a checkpoint loads at any world size. This needs each rank's shard to be a contiguous
+range of the flattened tensor (placements ``Shard(0)`` or ``Replicate()``, as FSDP2's default);
+a DTensor with other placements keeps float32 state under ``"int8"``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 STATE_PRECISIONS = ("fp32", "bf16", "int8")
 #: Elements that share one float32 scale in the int8 format.
@@ -56,6 +67,9 @@ def storage_format(param: Tensor, precision: str) -> str:
         return "fp32"
     if precision == "int8" and param.numel() < MIN_QUANTIZED_NUMEL:
         return "fp32"
+    sharded = _dtensor(param)
+    if precision == "int8" and sharded is not None and not _contiguous_shards(sharded):
+        return "fp32"
     return precision
 
 
@@ -73,12 +87,86 @@ def _blocks(numel: int) -> int:
     return -(-numel // BLOCK_SIZE)
 
 
+def _dtensor(t: Tensor) -> DTensor | None:
+    """``t`` if it is a DTensor, else None (without importing torch.distributed for plain
+    tensors)."""
+    if type(t) in (Tensor, torch.nn.Parameter) or not torch.distributed.is_available():
+        return None
+    from torch.distributed.tensor import DTensor
+
+    return t if isinstance(t, DTensor) else None
+
+
+def _contiguous_shards(t: DTensor) -> bool:
+    """Whether each rank's shard of ``t`` is a contiguous range of the flattened tensor: every
+    placement ``Replicate()`` or exactly ``Shard(0)`` (FSDP2's default), on a contiguous
+    tensor."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    placements_ok = all(
+        isinstance(p, Replicate) or (type(p) is Shard and p.dim == 0) for p in t.placements
+    )
+    return placements_ok and t.is_contiguous()
+
+
+class _Shard(NamedTuple):
+    """Where a DTensor's local shard lies in the global block grid of the int8 format."""
+
+    tensor: DTensor  #: the DTensor
+    local: Tensor  #: its local shard
+    head: int  #: its first element's position in its block
+    first: int  #: the index of that block
+    blocks: int  #: blocks of the whole tensor
+
+
+def _shard_of(t: DTensor) -> _Shard:
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if not _contiguous_shards(t):
+        raise ValueError(
+            f"int8 state of a DTensor needs placements Shard(0) or Replicate(), not {t.placements}"
+        )
+    _, offsets = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    row = t.numel() // t.shape[0] if t.dim() and t.shape[0] else 0
+    offset = offsets[0] * row if t.dim() else 0
+    return _Shard(t, t.to_local(), offset % BLOCK_SIZE, offset // BLOCK_SIZE, _blocks(t.numel()))
+
+
+def _like(t: DTensor, local: Tensor) -> Tensor:
+    """``local`` as the local shard of a DTensor placed as ``t``."""
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(
+        local, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride()
+    )
+
+
+def _replicated(t: DTensor, full: Tensor) -> Tensor:
+    """``full`` (the same on every rank) as a replicated DTensor on ``t``'s mesh."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    placements = [Replicate()] * t.device_mesh.ndim
+    return DTensor.from_local(
+        full, t.device_mesh, placements, run_check=False, shape=full.shape, stride=full.stride()
+    )
+
+
 def new_moment(param: Tensor, key: str, fmt: str) -> dict[str, Tensor]:
-    """Zero state for moment ``key`` of ``param`` in format ``fmt`` (with its scales, for int8)."""
+    """Zero state for moment ``key`` of ``param`` in format ``fmt`` (with its scales, for int8).
+    For a DTensor ``param`` the state is DTensor: the codes placed as ``param``, the int8 scales
+    replicated."""
     if fmt == "bf16":
         return {key: torch.zeros_like(param, dtype=torch.bfloat16)}
     if fmt == "int8":
         code_dtype = torch.int8 if key == "exp_avg" else torch.uint8
+        sharded = _dtensor(param)
+        if sharded is not None:
+            local = sharded.to_local()
+            scale = torch.zeros(_blocks(param.numel()), dtype=torch.float32, device=local.device)
+            return {
+                key: torch.zeros_like(param, dtype=code_dtype),
+                key + "_scale": _replicated(sharded, scale),
+            }
         return {
             key: torch.zeros(param.shape, dtype=code_dtype, device=param.device),
             key + "_scale": torch.zeros(
@@ -89,10 +177,12 @@ def new_moment(param: Tensor, key: str, fmt: str) -> dict[str, Tensor]:
     return {key: torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)}
 
 
-def _padded_blocks(flat: Tensor) -> Tensor:
-    pad = (-flat.numel()) % BLOCK_SIZE
-    if pad:
-        flat = torch.nn.functional.pad(flat, (0, pad))
+def _padded_blocks(flat: Tensor, head: int = 0) -> Tensor:
+    """``flat`` in rows of :data:`BLOCK_SIZE`, zero-padded: ``head`` zeros before it (its first
+    element's position in its block) and as many as the last block needs after it."""
+    tail = (-(head + flat.numel())) % BLOCK_SIZE
+    if head or tail:
+        flat = torch.nn.functional.pad(flat, (head, tail))
     return flat.view(-1, BLOCK_SIZE)
 
 
@@ -100,12 +190,24 @@ def decode(stored: Tensor, scale: Tensor | None, key: str) -> Tensor:
     """A float32 work copy of a stored moment."""
     if scale is None:
         return stored.float()
-    blocks = _padded_blocks(stored.reshape(-1).float())
+    sharded = _dtensor(stored)
+    if sharded is not None:
+        shard = _shard_of(sharded)
+        local_scale = _dtensor(scale)
+        full_scale = local_scale.to_local() if local_scale is not None else scale
+        return _like(sharded, _decode_blocks(shard.local, full_scale, key, shard.head, shard.first))
+    return _decode_blocks(stored, scale, key, 0, 0)
+
+
+def _decode_blocks(stored: Tensor, scale: Tensor, key: str, head: int, first: int) -> Tensor:
+    n = stored.numel()
+    blocks = _padded_blocks(stored.reshape(-1).float(), head)
+    scale = scale[first : first + blocks.shape[0]]
     if key == "exp_avg":
         values = blocks * (scale.unsqueeze(1) / 127.0)
     else:
         values = (blocks * (scale.unsqueeze(1) / 255.0)).square_()
-    return values.reshape(-1)[: stored.numel()].view(stored.shape)
+    return values.reshape(-1)[head : head + n].view(stored.shape)
 
 
 def moment_format(stored: Tensor, scale: Tensor | None) -> str:
@@ -121,10 +223,28 @@ def encode(work: Tensor, fmt: str, key: str, step: int | Tensor) -> tuple[Tensor
     (values to copy into the stored tensor, new block scales or None). ``step`` (an int or an
     integer 0-dim tensor) seeds the hashed dither of the stochastic rounding."""
     if fmt == "bf16":
+        sharded = _dtensor(work)
+        if sharded is not None:  # the bit manipulations on the local shard, as on a plain tensor
+            return _like(sharded, stochastic_round_to_bf16(sharded.to_local(), step)), None
         return stochastic_round_to_bf16(work, step), None
     if fmt != "int8":
         return work, None
-    blocks = _padded_blocks(work.reshape(-1).float())
+    sharded = _dtensor(work)
+    if sharded is not None:
+        shard = _shard_of(sharded)
+        codes, block_max = _encode_blocks(shard.local, key, step, shard)
+        return _like(sharded, codes), _replicated(sharded, block_max)
+    return _encode_blocks(work, key, step, None)
+
+
+def _encode_blocks(
+    work: Tensor, key: str, step: int | Tensor, shard: _Shard | None
+) -> tuple[Tensor, Tensor]:
+    """The codes and block scales of ``work``; for the local shard of a DTensor (``shard``), the
+    scales of all the tensor's blocks, reduced over the mesh (max), so that a block split
+    between ranks is scaled as in the unsharded tensor."""
+    head = shard.head if shard is not None else 0
+    blocks = _padded_blocks(work.reshape(-1).float(), head)
     if key == "exp_avg":
         magnitude, top = blocks.abs(), 127
     else:
@@ -136,13 +256,32 @@ def encode(work: Tensor, fmt: str, key: str, step: int | Tensor) -> tuple[Tensor
     # GradScaler) gets the clamp, +-top for +-inf and 0 for NaN, and leaves its block's other
     # elements as they would be without it.
     block_max = torch.where(magnitude.isfinite(), magnitude, 0.0).amax(dim=1)
+    all_blocks = block_max
+    if shard is not None:
+        block_max, all_blocks = _reduce_block_max(block_max, shard)
     inv = torch.where(block_max > 0, top / block_max, torch.zeros_like(block_max))
     scaled = blocks * inv.unsqueeze(1)
     codes = (scaled + uniform_dither(scaled, step)).floor().clamp(-top if top == 127 else 0, top)
     if top == 255:
         codes = torch.where(scaled > 0, codes.clamp(min=1), codes)
     codes = codes.nan_to_num(nan=0.0)
-    return codes.reshape(-1)[: work.numel()].view(work.shape), block_max
+    return codes.reshape(-1)[head : head + work.numel()].view(work.shape), all_blocks
+
+
+def _reduce_block_max(local_max: Tensor, shard: _Shard) -> tuple[Tensor, Tensor]:
+    """(the scales of the local blocks, the scales of all blocks): the local maxima placed in
+    the tensor's block grid and all-reduced (max) over the mesh dimensions that shard it."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import Shard
+
+    mesh = shard.tensor.device_mesh
+    full = torch.zeros(shard.blocks, dtype=torch.float32, device=local_max.device)
+    # The zeros of the padding and of the other ranks' blocks never win: the maxima are >= 0.
+    full[shard.first : shard.first + local_max.numel()] = local_max
+    for dim, placement in enumerate(shard.tensor.placements):
+        if isinstance(placement, Shard):
+            dist.all_reduce(full, op=dist.ReduceOp.MAX, group=mesh.get_group(dim))
+    return full[shard.first : shard.first + local_max.numel()], full
 
 
 def encode_(stored: Tensor, scale: Tensor | None, work: Tensor, key: str, step: int) -> None:

@@ -228,8 +228,11 @@ def _run_float_kernel(path: Path, tensors: GroupTensors, hp: Hyperparameters) ->
 
 def _local_shards(tensors: GroupTensors) -> GroupTensors | None:
     """``tensors`` with each DTensor replaced by its local shard (``to_local()``, which shares its
-    memory), or None when a tensor is another subclass or a shard's shape differs from its
-    parameter's."""
+    memory), or None when a tensor is another subclass, a shard's shape differs from its
+    parameter's, or a moment is int8 (its block scales span the shards: see
+    :mod:`adabelief.compressed_state`)."""
+    if any(scale is not None for entry in tensors.scales for scale in entry):
+        return None
     columns = []
     for column in [*tensors.columns(), tensors.state_steps]:
         local = []
