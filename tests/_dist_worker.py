@@ -7,8 +7,8 @@ the single-process references) and run as a script, once per rank, by the test's
         --paths default,single --kinds ddp,zero,fsdp,kernel
 
 One process group (gloo, CPU, a FileStore rendezvous) runs the two-rank scenarios of the given
-paths and kinds (DDP, ZeroRedundancyOptimizer, FSDP2 + torch.distributed.checkpoint, AdaBelief on
-bare DTensors); each scenario's outcome, or its traceback, goes to ``DIR/rank{R}.pt`` for the test
+paths and kinds (DDP, ZeroRedundancyOptimizer, FSDP2 + torch.distributed.checkpoint in each
+``state_precision``, AdaBelief on bare DTensors); each scenario's outcome, or its traceback, goes to ``DIR/rank{R}.pt`` for the test
 to check.
 """
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import itertools
 import traceback
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -67,6 +68,11 @@ CONFIGS: dict[str, dict[str, Any]] = {
     },
 }
 
+#: The storage formats of the FSDP2 scenarios. fp32 trains :func:`make_model`; the compressed
+#: ones the wider :func:`make_mlp`, whose hidden weights are int8 (not float32: at least
+#: MIN_QUANTIZED_NUMEL elements) in blocks that straddle the shards.
+STATE_PRECISIONS = ("fp32", "bf16", "int8")
+
 #: Options of the bare-DTensor kernel checks (on top of the path).
 KERNEL_LR = 5e-2  # large enough that one step more or less is far outside bfloat16 rounding
 KERNEL_OPTIONS: dict[str, dict[str, Any]] = {
@@ -80,10 +86,20 @@ KERNEL_OPTIONS: dict[str, dict[str, Any]] = {
     },
     "capturable-tensor-lr": {"lr": "tensor", "capturable": True, "weight_decay": 0.1},
 }
-KERNEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "complex64": torch.complex64}
 KERNEL_PLACEMENTS = ("shard0", "replicate")
 KERNEL_STEPS = 7
 KERNEL_SHAPE = (5, 3)  # 5 rows: uneven shards over 2 ranks
+#: int8 blocks of 256 elements over rows of 129: the shards (19 and 18 rows) split a block.
+KERNEL_INT8_SHAPE = (37, 129)
+#: The bare-DTensor cases: parameter dtype, state_precision, shape.
+KERNEL_CASES: dict[str, tuple[torch.dtype, str, tuple[int, ...]]] = {
+    "float32": (torch.float32, "fp32", KERNEL_SHAPE),
+    "bfloat16": (torch.bfloat16, "fp32", KERNEL_SHAPE),
+    "complex64": (torch.complex64, "fp32", KERNEL_SHAPE),
+    "float32-bf16": (torch.float32, "bf16", KERNEL_SHAPE),
+    "float32-int8": (torch.float32, "int8", KERNEL_INT8_SHAPE),
+    "bfloat16-int8": (torch.bfloat16, "int8", KERNEL_INT8_SHAPE),
+}
 
 
 def fused_unavailable_reason() -> str | None:
@@ -95,8 +111,8 @@ def fused_unavailable_reason() -> str | None:
     return None
 
 
-def optimizer_kwargs(path: str, config: dict[str, Any]) -> dict[str, Any]:
-    kwargs = {**config, **PATHS[path]}
+def optimizer_kwargs(path: str, config: dict[str, Any], precision: str = "fp32") -> dict[str, Any]:
+    kwargs = {**config, **PATHS[path], "state_precision": precision}
     if kwargs.get("lr") == "tensor":
         kwargs["lr"] = torch.tensor(KERNEL_LR)
     return kwargs
@@ -110,6 +126,25 @@ def make_model() -> nn.Sequential:
     model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
     torch.random.set_rng_state(generator_state)
     return model
+
+
+def make_mlp() -> nn.Sequential:
+    """A 5-layer MLP (5 -> 67 -> 67 -> 67 -> 67 -> 3), the same in every process: its three
+    67x67 weights (4489 elements) have int8 state, in blocks that cross rows and shards."""
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(4321)
+    widths = (5, 67, 67, 67, 67, 3)
+    layers: list[nn.Module] = []
+    for i, (fan_in, fan_out) in enumerate(itertools.pairwise(widths)):
+        layers += [nn.Linear(fan_in, fan_out)] + ([nn.Tanh()] if i < len(widths) - 2 else [])
+    model = nn.Sequential(*layers)
+    torch.random.set_rng_state(generator_state)
+    return model
+
+
+def model_for(precision: str) -> nn.Sequential:
+    """The model of the FSDP2 scenarios in ``precision``."""
+    return make_model() if precision == "fp32" else make_mlp()
 
 
 def batches(steps: int = STEPS) -> list[tuple[Tensor, Tensor]]:
@@ -141,18 +176,22 @@ def train(
         optimizer.zero_grad(set_to_none=True)
 
 
-def reference_params(path: str, config: str, steps: int = STEPS) -> list[Tensor]:
+def reference_params(
+    path: str, config: str, steps: int = STEPS, precision: str = "fp32"
+) -> list[Tensor]:
     """Single-process training on the full global batches."""
-    model = make_model()
-    optimizer = adabelief.AdaBelief(model.parameters(), **optimizer_kwargs(path, CONFIGS[config]))
+    model = model_for(precision)
+    optimizer = adabelief.AdaBelief(
+        model.parameters(), **optimizer_kwargs(path, CONFIGS[config], precision)
+    )
     train(model, optimizer, batches()[:steps])
     return [p.detach().clone() for p in model.parameters()]
 
 
-def kernel_inputs(dtype: torch.dtype) -> tuple[Tensor, list[Tensor]]:
+def kernel_inputs(case: str) -> tuple[Tensor, list[Tensor]]:
     """Initial parameter and per-step gradients of the bare-tensor kernel checks."""
     generator = torch.Generator().manual_seed(7)
-    shape = KERNEL_SHAPE
+    dtype, _, shape = KERNEL_CASES[case]
 
     def draw() -> Tensor:
         if dtype.is_complex:
@@ -167,18 +206,22 @@ def kernel_inputs(dtype: torch.dtype) -> tuple[Tensor, list[Tensor]]:
 def kernel_run(
     path: str,
     options: str,
-    dtype: torch.dtype,
+    case: str,
     wrap: Callable[[Tensor], Tensor] = lambda t: t,
-) -> Tensor:
+) -> tuple[Tensor, dict[str, Tensor]]:
     """Run the optimizer on one parameter with given gradients; ``wrap`` turns a full tensor
-    into the tensor the optimizer sees (identity for the reference, a DTensor in the worker)."""
-    initial, grads = kernel_inputs(dtype)
+    into the tensor the optimizer sees (identity for the reference, a DTensor in the worker).
+    Returns the parameter and its state."""
+    initial, grads = kernel_inputs(case)
     param = nn.Parameter(wrap(initial.clone()))
-    optimizer = adabelief.AdaBelief([param], **optimizer_kwargs(path, KERNEL_OPTIONS[options]))
+    precision = KERNEL_CASES[case][1]
+    optimizer = adabelief.AdaBelief(
+        [param], **optimizer_kwargs(path, KERNEL_OPTIONS[options], precision)
+    )
     for grad in grads:
         param.grad = wrap(grad.clone())
         optimizer.step()
-    return param.detach()
+    return param.detach(), dict(optimizer.state[param])
 
 
 def scenario_names(paths: Iterable[str] = PATHS) -> Iterator[tuple[str, str]]:
@@ -187,8 +230,14 @@ def scenario_names(paths: Iterable[str] = PATHS) -> Iterator[tuple[str, str]]:
             yield path, config
 
 
-def checkpoint_dir(workdir: Path, world_size: int, path: str, config: str) -> Path:
-    return workdir / f"ckpt-world{world_size}-{path}-{config}"
+def fsdp_scenario_names(paths: Iterable[str] = PATHS) -> Iterator[tuple[str, str, str]]:
+    for path, config in scenario_names(paths):
+        for precision in STATE_PRECISIONS:
+            yield path, config, precision
+
+
+def checkpoint_dir(workdir: Path, world_size: int, path: str, config: str, precision: str) -> Path:
+    return workdir / f"ckpt-world{world_size}-{path}-{config}-{precision}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,12 +291,13 @@ def _zero(rank: int, world_size: int, path: str, config: str) -> dict[str, Any]:
     return result
 
 
-def _fsdp_model(mesh: Any = None) -> nn.Module:
+def _fsdp_model(precision: str, mesh: Any = None) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
-    model = make_model()
-    for layer in (model[0], model[2]):
-        fully_shard(layer, mesh=mesh)
+    model = model_for(precision)
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
 
@@ -264,35 +314,46 @@ def load_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, director
     )
 
 
-def _fsdp(rank: int, world_size: int, path: str, config: str, workdir: Path) -> dict[str, Any]:
+def _fsdp(
+    rank: int, world_size: int, path: str, config: str, precision: str, workdir: Path
+) -> dict[str, Any]:
     """Uninterrupted FSDP2 training with a DCP checkpoint at RESUME_AT; resumed from that
     checkpoint (2 -> 2) and from the one-process checkpoint the test wrote (1 -> 2)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
     from torch.distributed.tensor import DTensor
 
-    kwargs = optimizer_kwargs(path, CONFIGS[config])
+    from adabelief import compressed_state
+
+    kwargs = optimizer_kwargs(path, CONFIGS[config], precision)
     data = batches()
-    model = _fsdp_model()
+    model = _fsdp_model(precision)
     optimizer = adabelief.AdaBelief(model.parameters(), **kwargs)
     train(model, optimizer, data[:RESUME_AT], rank, world_size)
     states = list(optimizer.state.values())
     sharded_state = bool(states) and all(
-        isinstance(s["exp_avg"], DTensor) and isinstance(s["exp_avg_var"], DTensor) for s in states
+        isinstance(value, DTensor)
+        for s in states
+        for key, value in s.items()
+        if key != "step" and isinstance(value, Tensor)
     )
     model_state, optim_state = get_state_dict(model, optimizer)
     dcp.save(
         {"model": model_state, "optim": optim_state},
-        checkpoint_id=str(checkpoint_dir(workdir, world_size, path, config)),
+        checkpoint_id=str(checkpoint_dir(workdir, world_size, path, config, precision)),
     )
     train(model, optimizer, data[RESUME_AT:], rank, world_size)
-    result: dict[str, Any] = {"params": _params(model), "sharded_state": sharded_state}
+    result: dict[str, Any] = {
+        "params": _params(model),
+        "sharded_state": sharded_state,
+        "formats": sorted({compressed_state.format_of(s) for s in states}),
+    }
 
     for source_world_size in (world_size, 1):
-        source = checkpoint_dir(workdir, source_world_size, path, config)
+        source = checkpoint_dir(workdir, source_world_size, path, config, precision)
         if source_world_size == 1 and not source.exists():
             continue  # the test wrote none (path unavailable in the test process)
-        model = _fsdp_model()
+        model = _fsdp_model(precision)
         optimizer = adabelief.AdaBelief(model.parameters(), **kwargs)
         load_checkpoint(model, optimizer, source)
         train(model, optimizer, data[RESUME_AT:], rank, world_size)
@@ -300,7 +361,7 @@ def _fsdp(rank: int, world_size: int, path: str, config: str, workdir: Path) -> 
     return result
 
 
-def _kernel(mesh: Any, path: str, options: str, dtype: str) -> dict[str, Any]:
+def _kernel(mesh: Any, path: str, options: str, case: str) -> dict[str, Any]:
     """The optimizer on bare DTensor parameters and gradients, sharded and replicated."""
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
@@ -308,13 +369,13 @@ def _kernel(mesh: Any, path: str, options: str, dtype: str) -> dict[str, Any]:
     for placement in KERNEL_PLACEMENTS:
         placements = [Shard(0) if placement == "shard0" else Replicate()]
         try:
-            param = kernel_run(
-                path,
-                options,
-                KERNEL_DTYPES[dtype],
-                lambda t, p=placements: distribute_tensor(t, mesh, p),
+            param, state = kernel_run(
+                path, options, case, lambda t, p=placements: distribute_tensor(t, mesh, p)
             )
-            results[placement] = {"param": _full(param)}
+            results[placement] = {
+                "param": _full(param),
+                "state": {key: _full(value) for key, value in state.items()},
+            }
         except Exception:
             results[placement] = {"error": traceback.format_exc()}
     return results
@@ -355,24 +416,25 @@ def main() -> None:
         for path, config in scenario_names(paths):
             if path == "fused" and fused_reason is not None:
                 continue
-            for kind, function, extra in (
-                ("ddp", _ddp, ()),
-                ("zero", _zero, ()),
-                ("fsdp", _fsdp, (workdir,)),
-            ):
+            for kind, function in (("ddp", _ddp), ("zero", _zero)):
                 if kind in kinds:
                     results[f"{kind}/{path}/{config}"] = _guard(
-                        function, rank, world_size, path, config, *extra
+                        function, rank, world_size, path, config
                     )
                     dist.barrier()
+            for precision in STATE_PRECISIONS if "fsdp" in kinds else ():
+                results[f"fsdp/{path}/{config}/{precision}"] = _guard(
+                    _fsdp, rank, world_size, path, config, precision, workdir
+                )
+                dist.barrier()
         mesh = init_device_mesh("cpu", (world_size,))
         for path in paths:
             if "kernel" not in kinds or (path == "fused" and fused_reason is not None):
                 continue
             for options in KERNEL_OPTIONS:
-                for dtype in KERNEL_DTYPES:
-                    results[f"kernel/{path}/{options}/{dtype}"] = _guard(
-                        _kernel, mesh, path, options, dtype
+                for case in KERNEL_CASES:
+                    results[f"kernel/{path}/{options}/{case}"] = _guard(
+                        _kernel, mesh, path, options, case
                     )
         dist.barrier()
     finally:
