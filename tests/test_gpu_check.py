@@ -40,6 +40,7 @@ def test_layout_sums_to_the_size(gpu_check):
         assert sum(torch.Size(s).numel() for s in shapes) == numel
 
 
+@pytest.mark.slow
 def test_cpu_dry_run_writes_json_and_table(gpu_check, tmp_path, capsys):
     out = tmp_path / "check"
     argv = ["--device", "cpu", "--sizes", "100K", "--no-tests", "--steps", "2", "--warmup", "0"]
