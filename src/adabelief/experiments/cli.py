@@ -143,7 +143,7 @@ exit status:
   130  interrupted by Ctrl-C or SIGTERM (finished runs kept; the same command resumes)
 
 examples:
-  adabelief run all --quick --out runs/quick           # about 5.5 minutes on 2 idle CPU cores
+  adabelief run all --quick --out runs/quick           # about 6 minutes on 2 idle CPU cores
   adabelief run all --quick --mode fair --out runs/fair  # about 11 minutes on 2 idle CPU cores
   adabelief run classify lm --data ~/datasets --device cuda --executor ray --out runs/paper
   adabelief run toy my_task.py:my_task --quick --optimizers adabelief,adam,sgd
@@ -180,7 +180,7 @@ def _build_parser() -> _Parser:
     run.add_argument(
         "--quick",
         action="store_true",
-        help="small budgets (all five tasks in about 5.5 minutes on 2 idle CPU cores)",
+        help="small budgets (all five tasks in about 6 minutes on 2 idle CPU cores)",
     )
     run.add_argument(
         "--seeds",
