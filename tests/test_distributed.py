@@ -78,9 +78,11 @@ def _distributed_unavailable() -> str | None:
 
 
 DISTRIBUTED_UNAVAILABLE = _distributed_unavailable()
-pytestmark = pytest.mark.skipif(
-    DISTRIBUTED_UNAVAILABLE is not None, reason=str(DISTRIBUTED_UNAVAILABLE)
-)
+# Every test here runs gloo process groups in worker subprocesses: the slow tier.
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(DISTRIBUTED_UNAVAILABLE is not None, reason=str(DISTRIBUTED_UNAVAILABLE)),
+]
 
 FUSED_UNAVAILABLE = helper.fused_unavailable_reason()
 

@@ -29,6 +29,7 @@ WARNINGS = ("-Wall", "-Wextra", "-Wshadow", "-Wconversion", "-Wno-sign-conversio
     ids=["portable", "avx2"],
 )
 @pytest.mark.parametrize("level", ["-O1", "-O3"])
+@pytest.mark.slow  # four compiler builds
 def test_kernel_compiles_with_warnings_as_errors(tmp_path, target, level):
     """Both forms of the source, the portable loops and the AVX2 ones (compiled, not run, so
     this holds on any x86-64 machine), at -O3 as shipped and at -O1, whose flow analysis

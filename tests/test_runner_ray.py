@@ -155,7 +155,8 @@ def ray_address(_ray_environment: None) -> Iterator[str]:
         shutil.rmtree(temp, ignore_errors=True)
 
 
-pytestmark = pytest.mark.usefixtures("restore_torch_globals")
+# A Ray head and driver subprocesses: the slow tier.
+pytestmark = [pytest.mark.usefixtures("restore_torch_globals"), pytest.mark.slow]
 
 
 def _ray_cli(args: list[str]) -> subprocess.CompletedProcess[str]:

@@ -161,6 +161,7 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM])
+@pytest.mark.slow  # driver and workers in subprocesses
 def test_workers_exit_when_the_parent_dies(tmp_path: Path, how: signal.Signals) -> None:
     task = tmp_path / "slow.py"
     task.write_text(_SLOW_TASK)
