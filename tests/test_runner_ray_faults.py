@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from adabelief.experiments.cli import EXIT_CLUSTER_LOST, EXIT_FAILED_RUNS, EXIT_USAGE
-from test_runner_ray import _RAY_ENV, _end_session, _free_port
+from test_runner_ray import _RAY_ENV, _SLOW_TASK, _end_session, _free_port
 
 pytest.importorskip("ray")
 pytestmark = [
@@ -107,8 +107,8 @@ def _lines(text: str) -> list[str]:
 
 def test_ray_address_without_a_head_is_one_line_within_30_seconds(tmp_path: Path) -> None:
     address = f"127.0.0.1:{_free_port()}"  # nothing listens there
-    task = tmp_path / "quick.py"
-    task.write_text(_TASK)
+    task = tmp_path / "slow.py"
+    task.write_text(_SLOW_TASK)
     started = time.monotonic()
     driver = _driver(task, tmp_path / "out", address, seeds=2)
     _, err = _finish(driver, 60)
@@ -122,23 +122,12 @@ def test_ray_address_without_a_head_is_one_line_within_30_seconds(tmp_path: Path
 
 # --- 3: the head dies mid-run -----------------------------------------------------------------
 
-_TASK = """
-import time
-from adabelief.experiments import user_task
-
-@user_task(score="score")
-def quick(make_optimizer, seed, quick):
-    if seed > 0:
-        time.sleep(120)
-    return {"score": float(seed)}
-"""
-
 
 def test_a_lost_cluster_is_one_line_with_the_runs_kept_and_the_resume_command(
     tmp_path: Path,
 ) -> None:
-    task = tmp_path / "quick.py"
-    task.write_text(_TASK)
+    task = tmp_path / "slow.py"
+    task.write_text(_SLOW_TASK)
     out = tmp_path / "out"
     with _head() as (address, session):
         driver = _driver(task, out, address, seeds=3)
@@ -159,7 +148,7 @@ def test_a_lost_cluster_is_one_line_with_the_runs_kept_and_the_resume_command(
     (line,) = _lines(err)
     assert line.startswith(f"cluster lost: the Ray cluster at {address} stopped answering")
     assert f"1 runs finished before that, kept in {out / 'runs'}" in line
-    assert f"; resume with: adabelief run {task}:quick --seeds 3 " in line
+    assert f"; resume with: adabelief run {task}:slow --seeds 3 " in line
     assert line.endswith(f"--out {out}")
     assert len(list((out / "runs").glob("*.json"))) == 1
 
