@@ -145,7 +145,9 @@ def test_a_lost_cluster_is_one_line_with_the_runs_kept_and_the_resume_command(
                 _end_session(driver.pid)
     assert driver.returncode == EXIT_CLUSTER_LOST, err[-3000:]
     assert time.monotonic() - lost_at < 45
-    (line,) = _lines(err)
+    lines = _lines(err)
+    assert len(lines) == 1, err
+    (line,) = lines
     assert line.startswith(f"cluster lost: the Ray cluster at {address} stopped answering")
     assert f"1 runs finished before that, kept in {out / 'runs'}" in line
     assert f"; resume with: adabelief run {task}:slow --seeds 3 " in line

@@ -478,6 +478,7 @@ class RayExecutor(Executor):
     name = "ray"
     connect_timeout_s = 20.0
     lost_after_s = 10.0
+    failure_confirm_s = 5.0
 
     def __init__(self, threads: int, device: str) -> None:
         self.threads = threads
@@ -558,22 +559,43 @@ class RayExecutor(Executor):
     def run(self, jobs: list[Job], on_result: OnResult) -> bool:
         """Submit every job, collect results as they finish; Ctrl-C cancels the rest.
 
-        Raises :class:`ClusterLostError` when the head stops answering.
+        A failed run is held back until the head has kept answering for
+        :attr:`failure_confirm_s` after it: when the head dies, its workers die a moment before
+        it stops answering, and those runs are lost with the cluster (rerun on resume), not
+        failed. Raises :class:`ClusterLostError` when the head stops answering.
         """
         import ray
 
         pending: dict[Any, Job] = {}
+        held: list[tuple[float, JobResult]] = []  # failed results awaiting confirmation
         silent_since: float | None = None
         checked = time.monotonic()
         try:
             pending = {self._remote.remote(job): job for job in jobs}
-            while pending:
-                done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
-                if time.monotonic() - checked >= 1.0 or silent_since is not None:
+            while pending or held:
+                if pending:
+                    done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+                else:
+                    done = []
+                    time.sleep(0.5)
+                if time.monotonic() - checked >= 1.0 or silent_since is not None or held:
                     silent_since = self._check_head(silent_since)
                     checked = time.monotonic()
                 if silent_since is not None:
                     time.sleep(0.5)  # the head is silent: no busy loop over held-back results
+                else:
+                    confirmed = [
+                        result
+                        for since, result in held
+                        if checked - since >= self.failure_confirm_s
+                    ]
+                    held = [
+                        (since, result)
+                        for since, result in held
+                        if checked - since < self.failure_confirm_s
+                    ]
+                    for result in confirmed:
+                        on_result(result)
                 for ref in done:
                     job = pending.pop(ref)
                     try:
@@ -581,15 +603,15 @@ class RayExecutor(Executor):
                     except Exception as exc:  # the task's worker died, or Ray failed
                         text = [line for line in str(exc).strip().splitlines() if line.strip()]
                         result = JobResult(job.key, None, f"Ray task failed: {_ray_reason(text)}")
-                    if result.error is not None and (silent := self._check_head(None)):
-                        # the head is gone too: wait to tell a lost cluster from a failed run
-                        pending[ref] = job
-                        silent_since = silent_since or silent
-                        continue
-                    on_result(result)
+                    if result.error is not None:
+                        held.append((time.monotonic(), result))
+                    else:
+                        on_result(result)
         except KeyboardInterrupt:
             for ref in pending:
                 ray.cancel(ref, force=True)
+            for _, result in held:
+                on_result(result)
             return True
         return False
 
