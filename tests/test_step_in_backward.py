@@ -684,6 +684,26 @@ def test_reentrant_checkpointing_is_refused_before_a_second_step(outside):
     assert steps == ({0, 1} & steps if outside else {0}) and steps
 
 
+def test_step_after_a_refused_backward_names_the_refusal_not_ddp():
+    """The refused backward left a gradient on the shared layer (its checkpointed part): step()
+    names that refusal, not a gradient written after the step as DDP writes one; after
+    zero_grad() ordinary training goes on."""
+    model = _shared_layer_model()
+    optimizer = AdaBelief(model.parameters(), step_in_backward=True)
+    with pytest.raises(StepInBackwardError, match=r"reentrant"):
+        _checkpointed_loss(model, torch.randn(4, 8), True).backward()
+    assert any(p.grad is not None for p in model[1].parameters())
+    with pytest.raises(StepInBackwardError, match=r"left by the backward that was refused") as info:
+        optimizer.step()
+    assert "DistributedDataParallel" not in str(info.value)
+    assert "use_reentrant=False" in str(info.value)
+    optimizer.zero_grad()
+    before = steps_of(optimizer)
+    _checkpointed_loss(model, torch.randn(4, 8), None).backward()
+    optimizer.step()
+    assert steps_of(optimizer) == [n + 1 for n in before]
+
+
 def test_a_backward_run_inside_a_custom_backward_is_refused():
     layer = nn.Linear(3, 3)
     optimizer = AdaBelief(layer.parameters(), step_in_backward=True)

@@ -104,6 +104,16 @@ def written_after_step_message(param: Tensor) -> str:
     )
 
 
+def left_by_refused_backward_message(param: Tensor, refusal: str) -> str:
+    """Why ``step()`` refuses a gradient that a backward refused part-way through left behind."""
+    return (
+        f"AdaBelief(step_in_backward=True): a {_describe(param)} holds a gradient left by the "
+        "backward that was refused part-way through; that backward stepped some parameters and "
+        "not others, so this gradient is not stepped. Call zero_grad() and fix what the refusal "
+        f"named: {refusal}"
+    )
+
+
 def accumulated_message(param: Tensor) -> str:
     """Why ``step()`` refuses a gradient accumulated under ``accumulating()`` and not applied."""
     return (
@@ -318,6 +328,9 @@ class BackwardStep:
         #: ids of the parameters stepped in backward since the last ``step()``/``zero_grad()``
         #: (the optimizer step's window): each steps at most once in it.
         self._window: set[int] = set()
+        #: Why a backward was refused part-way through (its leftover gradients are not
+        #: "written after the step"); cleared by ``step()`` or ``zero_grad()``.
+        self._refused: str | None = None
         #: ids of the parameters that another live in-backward optimizer had hooked when this
         #: one hooked them (or the reverse); settled at their next hook call.
         self._contested: set[int] = set()
@@ -388,6 +401,12 @@ class BackwardStep:
         """End the optimizer step (``step()`` or ``zero_grad()`` was called): every parameter
         may step in backward once more."""
         self._window.clear()
+        self._refused = None
+
+    def _refuse(self, message: str) -> StepInBackwardError:
+        """The error to raise from a hook; ``step()`` names it for the gradients it leaves."""
+        self._refused = message
+        return StepInBackwardError(message)
 
     @contextmanager
     def accumulating(self, enabled: bool = True) -> Iterator[None]:
@@ -424,11 +443,11 @@ class BackwardStep:
         if task != self._task:
             self._begin_task(task)
         if self._nested is not None:
-            raise StepInBackwardError(nested_backward_message(param, self._nested, owner))
+            raise self._refuse(nested_backward_message(param, self._nested, owner))
         if self._clipping is not None:
-            raise StepInBackwardError(self._clipping)
+            raise self._refuse(self._clipping)
         if key in self._window:
-            raise StepInBackwardError(stepped_twice_message(param, owner))
+            raise self._refuse(stepped_twice_message(param, owner))
         self._accumulated.discard(key)
         with torch.no_grad():
             owner._step_params(group, [param])
@@ -458,7 +477,7 @@ class BackwardStep:
         if _live_owners(param, exclude=self):
             gc.collect()
             if self._owner() is not None and _live_owners(param, exclude=self):
-                raise StepInBackwardError(two_optimizers_message(param, self._owner()))
+                raise self._refuse(two_optimizers_message(param, self._owner()))
         self._contested.discard(id(param))
 
     def _queue_final_check(self) -> None:
@@ -517,6 +536,8 @@ class BackwardStep:
                     continue
                 if id(p) in self._accumulated:
                     raise StepInBackwardError(accumulated_message(p))
+                if self._refused is not None:
+                    raise StepInBackwardError(left_by_refused_backward_message(p, self._refused))
                 raise StepInBackwardError(written_after_step_message(p))
 
     def check_closure(self) -> None:
