@@ -175,8 +175,7 @@ def test_special_values_are_bit_identical(precision, amsgrad, betas, dtype):
 def portable_kernel(tmp_path_factory):
     """The kernel built without a -march flag: on x86-64, without its AVX2 loops."""
     folder = tmp_path_factory.mktemp("portable")
-    source = folder / "adabelief_cpu.cpp"
-    source.write_bytes(cpu.source())
+    source = cpu.write_sources(folder)
     command = cpu.build_command(str(cpu.compiler()), ("-fopenmp",), source, folder / "k.so")
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -413,14 +412,21 @@ def test_int8_encoding_of_non_finite_values():
     """A block's scale is its largest finite magnitude; inf is stored as the clamp, NaN as 0;
     the other elements are coded exactly as without them."""
     work = torch.linspace(-1.0, 2.0, 512)
-    clean_codes, clean_scale = cs.encode(work, "int8", "exp_avg", 7)
+    belief = torch.linspace(0.0, 3.0, 512)
     dirty = work.clone()
     dirty[3], dirty[4], dirty[300] = float("inf"), float("-inf"), float("nan")
-    codes, scale = cs.encode(dirty, "int8", "exp_avg", 7)
+    dirty_belief = belief.clone()
+    dirty_belief[3], dirty_belief[300] = float("inf"), float("nan")
+    (clean_codes, clean_scale), (clean_roots, _) = cs.encode([work, belief], "int8", 7)
+    # Each moment's codes depend on its own values and the other's (they share a hash): change
+    # them one at a time.
+    (codes, scale), _ = cs.encode([dirty, belief], "int8", 7)
     assert torch.equal(scale, clean_scale)
     assert codes[3] == 127 and codes[4] == -127 and codes[300] == 0
     others = torch.ones(512, dtype=torch.bool)
     others[[3, 4, 300]] = False
     assert torch.equal(codes[others], clean_codes[others])
-    roots, root_scale = cs.encode(dirty.abs(), "int8", "exp_avg_var", 7)
+    _, (roots, root_scale) = cs.encode([work, dirty_belief], "int8", 7)
     assert root_scale.isfinite().all() and roots[3] == 255 and roots[300] == 0
+    others[4] = True
+    assert torch.equal(roots[others], clean_roots[others])

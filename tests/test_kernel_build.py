@@ -34,8 +34,7 @@ def test_kernel_compiles_with_warnings_as_errors(tmp_path, target, level):
     """Both forms of the source, the portable loops and the AVX2 ones (compiled, not run, so
     this holds on any x86-64 machine), at -O3 as shipped and at -O1, whose flow analysis
     differs (each level has found a warning the other did not)."""
-    source = tmp_path / "adabelief_cpu.cpp"
-    source.write_bytes(cpu.source())
+    source = cpu.write_sources(tmp_path)
     flags = ("-fopenmp", *target, *WARNINGS)
     command = cpu.build_command(str(COMPILER), flags, source, tmp_path / "k.so")
     command[command.index("-O3")] = level
@@ -45,17 +44,27 @@ def test_kernel_compiles_with_warnings_as_errors(tmp_path, target, level):
 
 @needs_compiler
 def test_kernel_refuses_to_build_without_the_abi_macros(tmp_path):
-    source = tmp_path / "adabelief_cpu.cpp"
-    source.write_bytes(cpu.source())
+    source = cpu.write_sources(tmp_path)
     command = [str(COMPILER), "-std=c++17", "-fsyntax-only", str(source)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "ABI macros" in done.stderr
 
 
 def test_the_abi_table_is_what_the_source_expects():
-    text = cpu.source().decode()
+    text = "".join(data.decode() for data in cpu.source_files().values())
     for name in cpu.CPU_ABI:
         assert name in text, name
+
+
+def test_the_sources_are_the_entry_and_the_headers_it_includes():
+    """Every file the kernel includes with quotes ships beside it (and so is in the cache key)."""
+    import re
+
+    files = cpu.source_files()
+    assert "adabelief_cpu.cpp" in files
+    for name, data in files.items():
+        for included in re.findall(rb'#include "([^"]+)"', data):
+            assert included.decode() in files, f"{name} includes {included!r}"
 
 
 def test_the_cache_key_is_the_source_bytes(monkeypatch, tmp_path):
@@ -69,6 +78,12 @@ def test_the_cache_key_is_the_source_bytes(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu, "source", lambda: original + b"\n// edited\n")
     assert cpu._library_path(str(COMPILER), flags) != before
     assert Path(before).parent == tmp_path
+    monkeypatch.undo()
+    monkeypatch.setenv("ADABELIEF_CACHE_DIR", str(tmp_path))
+    files = cpu.source_files()
+    edited = {**files, "lanes.h": files["lanes.h"] + b"\n// edited\n"}
+    monkeypatch.setattr(cpu, "source_files", lambda: edited)
+    assert cpu._library_path(str(COMPILER), flags) != before  # a header is part of the key
 
 
 # --- failure notes ----------------------------------------------------------------------------

@@ -80,32 +80,66 @@ def test_bytes_per_parameter():
         assert nbytes / model[0].weight.numel() <= budget
 
 
+def bf16_round(values, step, partner=None):
+    """``values`` stored as bfloat16 exp_avg (its dither: the low half of the hash it shares
+    with exp_avg_var, here ``partner``)."""
+    partner = torch.zeros_like(values) if partner is None else partner
+    return cs.encode([values, partner], "bf16", step)[0][0]
+
+
 def test_stochastic_bf16_rounding_is_unbiased_and_deterministic():
     values = torch.rand(200_000) * 1e-3 + 1e-3
-    first = cs.stochastic_round_to_bf16(values, step=7)
-    assert torch.equal(first, cs.stochastic_round_to_bf16(values, step=7))
-    assert not torch.equal(first, cs.stochastic_round_to_bf16(values, step=8))
+    first = bf16_round(values, step=7)
+    assert torch.equal(first, bf16_round(values, step=7))
+    assert not torch.equal(first, bf16_round(values, step=8))
     error = first.float() - values
     nearest = values.to(torch.bfloat16).float() - values
     # Each value lands on one of its two bfloat16 neighbours ...
     assert (error.abs() <= values * 2**-7).all()
     # ... and on average on the value itself, unlike round-to-nearest's per-value bias.
     assert abs(float(error.mean())) < 0.02 * float(nearest.abs().mean())
+    # So does exp_avg_var, which takes the other half of the shared hash.
+    second = cs.encode([values.flip(0), values], "bf16", 7)[1][0].float() - values
+    assert abs(float(second.mean())) < 0.02 * float(nearest.abs().mean())
     special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 3.0e38])
-    assert torch.equal(cs.stochastic_round_to_bf16(special, 1)[:4].float(), special[:4])
+    assert torch.equal(bf16_round(special, 1)[:4].float(), special[:4])
+
+
+def test_the_dither_halves_are_uniform_and_independent():
+    """One hash serves exp_avg (low 16 bits) and exp_avg_var (high 16 bits): over the steps, each
+    half of one element's dither is uniform, and the two are uncorrelated."""
+    a, b = torch.tensor([1.5e-3]), torch.tensor([2.5e-2])
+    halves = torch.tensor([[int(d) for d in cs.dithers([a, b], t)] for t in range(4000)])
+    low_t, high_t = halves.double().unbind(1)
+    for half in (low_t, high_t):
+        assert half.min() >= 0 and half.max() < 2**16
+        assert abs(float(half.mean()) / 2**16 - 0.5) < 0.02
+    assert abs(float(torch.corrcoef(torch.stack([low_t, high_t]))[0, 1])) < 0.05
+
+
+def int8_store(values, key, step):
+    """``values`` stored as int8 moment ``key`` (the other moment of the pair: zeros of the same
+    shape); returns the state."""
+    param = torch.zeros(values.shape)
+    state = {
+        **cs.new_moment(param, "exp_avg", "int8"),
+        **cs.new_moment(param, "exp_avg_var", "int8"),
+    }
+    work = {"exp_avg": torch.zeros_like(values), "exp_avg_var": torch.zeros_like(values)}
+    work[key] = values
+    cs.encode_moments_(state, work, step)
+    return state
 
 
 @pytest.mark.parametrize("key", ["exp_avg", "exp_avg_var"])
 def test_int8_round_trip_error_is_bounded(key):
     torch.manual_seed(0)
-    param = torch.zeros(10_000)
-    stored = cs.new_moment(param, key, "int8")
     if key == "exp_avg":
         values = torch.randn(10_000) * 1e-2
     else:
         values = torch.rand(10_000).pow(4) * 1e-4 + 1e-16
-    cs.encode_(stored[key], stored[key + "_scale"], values, key, step=3)
-    decoded = cs.decode(stored[key], stored[key + "_scale"], key)
+    state = int8_store(values, key, step=3)
+    decoded = cs.decode_moments(state)[key]
     blocks = cs._padded_blocks(values)
     if key == "exp_avg":
         level = (blocks.abs().amax(1) / 127).repeat_interleave(cs.BLOCK_SIZE)[: values.numel()]
@@ -120,18 +154,17 @@ def test_int8_round_trip_error_is_bounded(key):
 
 def test_int8_moving_average_does_not_freeze():
     """A belief decaying by 0.1% a step moves less than half a level per step: deterministic
-    rounding would keep it where it started; stochastic rounding follows it."""
-    param = torch.zeros(4096)
-    stored = cs.new_moment(param, "exp_avg_var", "int8")
+    rounding would keep it where it started; stochastic rounding follows it (the 16-bit dither
+    resolves 1/65536 of a level)."""
     truth = torch.ones(4096)
     target = torch.linspace(0.0, 0.5, 4096)
-    cs.encode_(stored["exp_avg_var"], stored["exp_avg_var_scale"], truth, "exp_avg_var", 0)
+    state = int8_store(truth, "exp_avg_var", 0)
     for step in range(1, 1501):
-        work = cs.decode(stored["exp_avg_var"], stored["exp_avg_var_scale"], "exp_avg_var")
-        work.mul_(0.999).add_(target, alpha=0.001)
-        cs.encode_(stored["exp_avg_var"], stored["exp_avg_var_scale"], work, "exp_avg_var", step)
+        work = cs.decode_moments(state)
+        work["exp_avg_var"].mul_(0.999).add_(target, alpha=0.001)
+        cs.encode_moments_(state, work, step)
         truth.mul_(0.999).add_(target, alpha=0.001)
-    final = cs.decode(stored["exp_avg_var"], stored["exp_avg_var_scale"], "exp_avg_var")
+    final = cs.decode_moments(state)["exp_avg_var"]
     assert float(truth.mean()) < 0.7  # the truth moved well away from 1
     assert abs(float(((final - truth) / truth).mean())) < 0.01
 

@@ -43,6 +43,14 @@ def migrate_state_dict(
             f"not an optimizer state_dict: expected keys 'state' and 'param_groups', "
             f"got {sorted(state_dict)}"
         )
+    version = state_dict.get(compressed_state.FORMAT_VERSION_KEY, 1)
+    if version not in (1, compressed_state.FORMAT_VERSION):
+        raise ValueError(
+            f"the state_dict's storage format version is {version!r}; this adabelief reads "
+            f"versions 1 to {compressed_state.FORMAT_VERSION}: upgrade adabelief to load it"
+        )
+    # Version 1 (saved without the key) stored the same codes with the same decoding as version
+    # 2: only the stochastic rounding of later steps differs. Its moments are kept as saved.
     saved_groups = state_dict["param_groups"]
     if len(saved_groups) != len(current_groups):
         raise ValueError(
@@ -80,7 +88,12 @@ def migrate_state_dict(
             if key != "params":
                 group.setdefault(key, value)
         groups.append(group)
-    return {**state_dict, "state": state, "param_groups": groups}
+    return {
+        **state_dict,
+        "state": state,
+        "param_groups": groups,
+        compressed_state.FORMAT_VERSION_KEY: compressed_state.FORMAT_VERSION,
+    }
 
 
 def restore_moment_dtypes(

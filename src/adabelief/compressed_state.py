@@ -34,7 +34,7 @@ a DTensor with other placements keeps float32 state under ``"int8"``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
@@ -50,6 +50,13 @@ BLOCK_SIZE = 256
 MIN_QUANTIZED_NUMEL = 4096
 
 _MASK32 = 0xFFFFFFFF
+#: The dither's range: 16 bits, one half of a 32-bit hash.
+_DITHER_RANGE = 65536.0
+#: The storage format version, written to state_dicts under :data:`FORMAT_VERSION_KEY`.
+#: Version 1 (no key) rounded with one 32-bit hash per code; version 2 shares one hash between
+#: two moments and rounds in fixed point (:func:`dithers`). The codes decode alike in both.
+FORMAT_VERSION = 2
+FORMAT_VERSION_KEY = "state_format_version"
 
 
 def check_state_precision(value: object) -> str:
@@ -218,40 +225,65 @@ def moment_format(stored: Tensor, scale: Tensor | None) -> str:
     return "bf16" if stored.dtype == torch.bfloat16 else "fp32"
 
 
-def encode(work: Tensor, fmt: str, key: str, step: int | Tensor) -> tuple[Tensor, Tensor | None]:
-    """The stored form of the float32 moment ``work`` in format ``fmt``, out of place:
-    (values to copy into the stored tensor, new block scales or None). ``step`` (an int or an
-    integer 0-dim tensor) seeds the hashed dither of the stochastic rounding."""
+def encode(
+    moments: Sequence[Tensor], fmt: str, step: int | Tensor
+) -> list[tuple[Tensor, Tensor | None]]:
+    """The stored forms of one parameter's float32 moments ``(exp_avg, exp_avg_var[,
+    max_exp_avg_var])`` in format ``fmt``, out of place: for each, (values to copy into the
+    stored tensor, new block scales or None). ``step`` (an int or an integer 0-dim tensor) keys
+    the dither of the stochastic rounding (:func:`dithers`)."""
+    if fmt not in ("bf16", "int8"):
+        return [(m, None) for m in moments]
+    sharded = _dtensor(moments[0])
+    # A DTensor's codes are those of its local shard: the dither is element-wise, and int8
+    # blocks are the tensor's global ones (see _Shard).
+    local = [_local_of(m) for m in moments]
+    coded = [_coded_values(m, fmt, signed=k == 0) for k, m in enumerate(local)]
+    noise = dithers(coded, step)
+    stored: list[tuple[Tensor, Tensor | None]]
     if fmt == "bf16":
-        sharded = _dtensor(work)
-        if sharded is not None:  # the bit manipulations on the local shard, as on a plain tensor
-            return _like(sharded, stochastic_round_to_bf16(sharded.to_local(), step)), None
-        return stochastic_round_to_bf16(work, step), None
-    if fmt != "int8":
-        return work, None
-    sharded = _dtensor(work)
-    if sharded is not None:
-        shard = _shard_of(sharded)
-        codes, block_max = _encode_blocks(shard.local, key, step, shard)
-        return _like(sharded, codes), _replicated(sharded, block_max)
-    return _encode_blocks(work, key, step, None)
+        stored = [(_round_to_bf16(c, d), None) for c, d in zip(coded, noise, strict=True)]
+    else:
+        shard = _shard_of(sharded) if sharded is not None else None
+        stored = [
+            _encode_blocks(c, k == 0, d, shard)
+            for k, (c, d) in enumerate(zip(coded, noise, strict=True))
+        ]
+    if sharded is None:
+        return stored
+    return [
+        (_like(sharded, codes), None if scale is None else _replicated(sharded, scale))
+        for codes, scale in stored
+    ]
+
+
+def _local_of(t: Tensor) -> Tensor:
+    """The local shard of a DTensor, else ``t``."""
+    sharded = _dtensor(t)
+    return sharded.to_local() if sharded is not None else t
+
+
+def _coded_values(work: Tensor, fmt: str, signed: bool) -> Tensor:
+    """The float32 values whose codes are stored: the moment itself, except int8's beliefs,
+    whose square roots are (correctly rounded, through float64, as the C++ kernel's std::sqrt:
+    torch's float32 CPU sqrt is not always, and the codes depend on every bit)."""
+    work = work.float()
+    if fmt == "int8" and not signed:
+        return work.clamp(min=0).double().sqrt().float()
+    return work
 
 
 def _encode_blocks(
-    work: Tensor, key: str, step: int | Tensor, shard: _Shard | None
+    coded: Tensor, signed: bool, dither: Tensor, shard: _Shard | None
 ) -> tuple[Tensor, Tensor]:
-    """The codes and block scales of ``work``; for the local shard of a DTensor (``shard``), the
-    scales of all the tensor's blocks, reduced over the mesh (max), so that a block split
-    between ranks is scaled as in the unsharded tensor."""
+    """The int8 codes and block scales of ``coded`` (:func:`_coded_values`); for the local shard
+    of a DTensor (``shard``), the scales of all the tensor's blocks, reduced over the mesh
+    (max), so that a block split between ranks is scaled as in the unsharded tensor."""
     head = shard.head if shard is not None else 0
-    blocks = _padded_blocks(work.reshape(-1).float(), head)
-    if key == "exp_avg":
-        magnitude, top = blocks.abs(), 127
-    else:
-        # Correctly rounded float32 square roots (through float64), as the C++ kernel's
-        # std::sqrt: torch's float32 CPU sqrt is not always, and the codes depend on every bit.
-        magnitude, top = blocks.clamp(min=0).double().sqrt().float(), 255
-        blocks = magnitude
+    blocks = _padded_blocks(coded.reshape(-1), head)
+    noise = _padded_blocks(dither.reshape(-1).float(), head)
+    top = 127.0 if signed else 255.0
+    magnitude = blocks.abs() if signed else blocks
     # The scale is the largest finite magnitude: a non-finite element (an inf gradient without
     # GradScaler) gets the clamp, +-top for +-inf and 0 for NaN, and leaves its block's other
     # elements as they would be without it.
@@ -260,12 +292,15 @@ def _encode_blocks(
     if shard is not None:
         block_max, all_blocks = _reduce_block_max(block_max, shard)
     inv = torch.where(block_max > 0, top / block_max, torch.zeros_like(block_max))
-    scaled = blocks * inv.unsqueeze(1)
-    codes = (scaled + uniform_dither(scaled, step)).floor().clamp(-top if top == 127 else 0, top)
-    if top == 255:
+    scaled = (blocks * inv.unsqueeze(1)).clamp(-top if signed else 0.0, top)
+    # code = floor((round(scaled * 2^16) + dither) / 2^16), dither uniform in [0, 2^16): every
+    # intermediate is an integer below 2^24, exact in float32.
+    fixed = (scaled * _DITHER_RANGE).round()
+    codes = ((fixed + noise) * (1.0 / _DITHER_RANGE)).floor()
+    if not signed:  # a positive belief never gets code 0
         codes = torch.where(scaled > 0, codes.clamp(min=1), codes)
     codes = codes.nan_to_num(nan=0.0)
-    return codes.reshape(-1)[head : head + work.numel()].view(work.shape), all_blocks
+    return codes.reshape(-1)[head : head + coded.numel()].view(coded.shape), all_blocks
 
 
 def _reduce_block_max(local_max: Tensor, shard: _Shard) -> tuple[Tensor, Tensor]:
@@ -284,13 +319,21 @@ def _reduce_block_max(local_max: Tensor, shard: _Shard) -> tuple[Tensor, Tensor]
     return full[shard.first : shard.first + local_max.numel()], full
 
 
-def encode_(stored: Tensor, scale: Tensor | None, work: Tensor, key: str, step: int) -> None:
-    """Write the float32 ``work`` moment back into ``stored`` (and its ``scale``) in place,
-    rounding stochastically with a dither derived from the values and ``step``."""
-    values, new_scale = encode(work, moment_format(stored, scale), key, step)
-    stored.copy_(values)
-    if scale is not None and new_scale is not None:
-        scale.copy_(new_scale)
+def encode_(
+    stored: Sequence[Tensor],
+    scales: Sequence[Tensor | None],
+    work: Sequence[Tensor],
+    step: int | Tensor,
+) -> None:
+    """Write one parameter's float32 ``work`` moments back into ``stored`` (and their int8
+    ``scales``) in place, rounding stochastically with the dither of ``step``."""
+    fmt = moment_format(stored[0], scales[0])
+    for target, scale, (values, new_scale) in zip(
+        stored, scales, encode(work, fmt, step), strict=True
+    ):
+        target.copy_(values)
+        if scale is not None and new_scale is not None:
+            scale.copy_(new_scale)
 
 
 def step_key(step: int | Tensor) -> int | Tensor:
@@ -307,27 +350,34 @@ def _mix32(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
-def _value_hash(values: Tensor, step: int | Tensor) -> Tensor:
-    bits = values.float().contiguous().view(torch.int32).to(torch.int64) & _MASK32
-    return _mix32(bits ^ step_key(step))
+def _bits(values: Tensor) -> Tensor:
+    """The float32 bits of ``values`` as int64 in [0, 2**32)."""
+    return values.float().contiguous().view(torch.int32).to(torch.int64) & _MASK32
 
 
-def uniform_dither(values: Tensor, step: int | Tensor) -> Tensor:
-    """Pseudo-random numbers in [0, 1), one per element, hashed from the values and ``step``."""
-    return (_value_hash(values, step) & 0xFFFFFF).to(torch.float32) * (1.0 / 2**24)
+def dithers(coded: Sequence[Tensor], step: int | Tensor) -> list[Tensor]:
+    """The 16-bit dithers (int64 in [0, 2**16)) of the coded values of one parameter's moments
+    ``(a, b[, c])``: ``h = mix32(bits(a) ^ rotl16(bits(b)) ^ step_key(step))`` serves two
+    moments, ``a`` taking its low half and ``b`` its high half; ``c`` (the AMSGrad maximum)
+    takes the low half of its own hash, ``mix32(bits(c) ^ step_key(step))``."""
+    key = step_key(step)
+    b = _bits(coded[1])
+    h = _mix32(_bits(coded[0]) ^ (((b << 16) | (b >> 16)) & _MASK32) ^ key)
+    noise = [h & 0xFFFF, h >> 16]
+    if len(coded) > 2:
+        noise.append(_mix32(_bits(coded[2]) ^ key) & 0xFFFF)
+    return noise
 
 
-def stochastic_round_to_bf16(values: Tensor, step: int | Tensor) -> Tensor:
-    """Round float32 ``values`` to bfloat16, up or down with probability proportional to the
-    distance, using a dither hashed from each value's bits and ``step`` (deterministic)."""
-    bits = values.float().contiguous().view(torch.int32).to(torch.int64) & _MASK32
-    dither = _value_hash(values, step) & 0xFFFF
-    rounded = (bits + dither) & 0xFFFF0000
+def _round_to_bf16(values: Tensor, dither: Tensor) -> Tensor:
+    """Round float32 ``values`` to bfloat16 stochastically: add the 16-bit ``dither`` to their
+    bits and truncate. A non-finite result (of an inf or NaN, or of a value that rounds past the
+    largest finite bfloat16) takes round-to-nearest instead."""
+    rounded = (_bits(values) + dither) & 0xFFFF0000
     # Back to int32's range (two's complement) so the bits reinterpret as the float32 we mean.
     rounded = torch.where(rounded >= 2**31, rounded - 2**32, rounded).to(torch.int32)
     result = rounded.view(torch.float32)
-    # Keep non-finite values (and values that would round past the largest finite bfloat16).
-    result = torch.where(torch.isfinite(result), result, values.float())
+    result = torch.where(torch.isfinite(result), result, values)
     return result.to(torch.bfloat16)
 
 
@@ -346,10 +396,15 @@ def decode_moments(state: Mapping[str, Any]) -> dict[str, Tensor]:
 
 
 def encode_moments_(state: dict[str, Any], work: Mapping[str, Tensor], step: int) -> None:
-    """Store the work moments back into ``state`` in its format."""
-    for key, values in work.items():
-        kind = "exp_avg" if key == "exp_avg" else "exp_avg_var"
-        encode_(state[key], state.get(key + "_scale"), values, kind, step)
+    """Store the work moments (``exp_avg``, ``exp_avg_var`` and, with AMSGrad,
+    ``max_exp_avg_var``) back into ``state`` in its format."""
+    keys = [key for key in MOMENT_KEYS if key in work]
+    encode_(
+        [state[k] for k in keys],
+        [state.get(k + "_scale") for k in keys],
+        [work[k] for k in keys],
+        step,
+    )
 
 
 def format_of(state: Mapping[str, Any]) -> str:
@@ -375,15 +430,11 @@ def restore_moments(saved: Mapping[str, Any], param: Tensor, fmt: str) -> dict[s
                 restored[name] = saved[name].to(device=param.device, dtype=like.dtype, copy=True)
         return restored
     step = int(float(saved.get("step", 0)))
+    on_device = {name: t.to(param.device) for name, t in saved.items() if isinstance(t, Tensor)}
     restored = {}
     for key in keys:
-        fresh = new_moment(param, key, fmt)
-        values = _decode_key(
-            {name: t.to(param.device) for name, t in saved.items() if isinstance(t, Tensor)}, key
-        )
-        kind = "exp_avg" if key == "exp_avg" else "exp_avg_var"
-        encode_(fresh[key], fresh.get(key + "_scale"), values, kind, step)
-        restored.update(fresh)
+        restored.update(new_moment(param, key, fmt))
+    encode_moments_(restored, {key: _decode_key(on_device, key) for key in keys}, step)
     return restored
 
 

@@ -386,6 +386,13 @@ class AdaBelief(Optimizer):
             group["step_in_backward"] = False
         self._backward.remove()
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state_dict, with the storage format version of the moments
+        (``"state_format_version"``: :data:`adabelief.compressed_state.FORMAT_VERSION`)."""
+        saved = super().state_dict()
+        saved[compressed_state.FORMAT_VERSION_KEY] = compressed_state.FORMAT_VERSION
+        return saved
+
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Load a state_dict of this optimizer or of ``adabelief-pytorch`` (see
         :func:`adabelief.checkpoint.migrate_state_dict`), keeping the moments of 16-bit

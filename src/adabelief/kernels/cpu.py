@@ -1,8 +1,9 @@
 """The fused CPU path: ``adabelief_cpu.cpp``, built once per machine, called through ctypes.
 
-The C++ source ships beside this module. It is compiled with the system C++ compiler and OpenMP
-into a shared library cached on disk (:func:`cache_dir`), keyed by the source file's bytes, the
-compiler, the flags (the ABI macros included) and the CPU; a later process loads it in about a
+The C++ sources (``adabelief_cpu.cpp`` and the headers it includes: see its opening comment)
+ship beside this module. They are compiled with the system C++ compiler and OpenMP into a shared
+library cached on disk (:func:`cache_dir`), keyed by every source file's bytes, the compiler,
+the flags (the ABI macros included) and the CPU; a later process loads it in about a
 millisecond. One call per (parameter dtype, state format) steps every tensor of a group: one
 parallel region over chunks of 32768 elements, each thread streaming through its own block of
 chunks, then helping with the others'. Hyperparameters are runtime arguments, so a learning rate
@@ -10,7 +11,8 @@ or a step that changes never triggers a compilation. The per-step scalars come f
 :func:`adabelief.scalars.step_scalars` in Python floats, once per distinct step count.
 
 The ABI (version, dtype codes, state formats, step kinds) is :data:`CPU_ABI`, passed to the
-compiler as macros: this table is the one definition that both sides read.
+compiler as macros: this table is the one definition that both sides read. A call is one
+struct, ``adabelief_call`` of ``abi.h``, which :class:`_Call` and :class:`_Tensor` mirror.
 
 A flag set the compiler rejects leaves a failure note (``<library>.failed``, the compiler's
 message) beside where its library would be, so later processes try the next set at once. A note
@@ -38,7 +40,6 @@ from array import array
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -59,12 +60,14 @@ __all__ = [
     "kernel",
     "kernel_error",
     "source",
+    "source_files",
     "supports",
+    "write_sources",
 ]
 
 #: The kernel's ABI, passed to the compiler as ``-D`` macros (see adabelief_cpu.cpp).
 CPU_ABI: dict[str, int] = {
-    "ADABELIEF_ABI_VERSION": 3,
+    "ADABELIEF_ABI_VERSION": 4,
     "ADABELIEF_DTYPE_FLOAT32": 0,
     "ADABELIEF_DTYPE_FLOAT64": 1,
     "ADABELIEF_DTYPE_BFLOAT16": 2,
@@ -132,11 +135,34 @@ _TRANSIENT_FAILURES = (
 #: Tensor types the kernel takes as they are.
 PLAIN_TYPES = frozenset({Tensor, torch.nn.Parameter})
 _SOURCE_NAME = "adabelief_cpu.cpp"
+_SOURCE_SUFFIXES = (".cpp", ".h")
+
+
+def source_files() -> dict[str, bytes]:
+    """The kernel's C++ sources as shipped in the package, by file name: ``adabelief_cpu.cpp``
+    and the headers beside it."""
+    folder = resources.files("adabelief.kernels")
+    return {
+        entry.name: entry.read_bytes()
+        for entry in sorted(folder.iterdir(), key=lambda e: e.name)
+        if entry.name.endswith(_SOURCE_SUFFIXES)
+    }
 
 
 def source() -> bytes:
-    """The kernel's C++ source, as shipped in the package."""
-    return resources.files("adabelief.kernels").joinpath(_SOURCE_NAME).read_bytes()
+    """Every source file's name and bytes, in one string: the build cache key's part."""
+    return b"".join(
+        name.encode() + b"\0" + len(data).to_bytes(8, "little") + data
+        for name, data in source_files().items()
+    )
+
+
+def write_sources(folder: Path) -> Path:
+    """Write the sources into ``folder`` (the headers beside the ``.cpp``, where its quoted
+    includes find them); the path of the ``.cpp`` to compile."""
+    for name, data in source_files().items():
+        (folder / name).write_bytes(data)
+    return folder / _SOURCE_NAME
 
 
 def _abi_macros() -> list[str]:
@@ -158,6 +184,52 @@ def build_command(
     ]
 
 
+class _Tensor(ctypes.Structure):
+    """``adabelief_tensor`` of ``abi.h``: one tensor's operands and step scalars."""
+
+    _fields_ = [
+        ("param", ctypes.c_void_p),
+        ("grad", ctypes.c_void_p),
+        ("exp_avg", ctypes.c_void_p),
+        ("exp_avg_var", ctypes.c_void_p),
+        ("max_exp_avg_var", ctypes.c_void_p),
+        ("exp_avg_scale", ctypes.c_void_p),
+        ("exp_avg_var_scale", ctypes.c_void_p),
+        ("max_exp_avg_var_scale", ctypes.c_void_p),
+        ("numel", ctypes.c_int64),
+        ("step_size", ctypes.c_double),
+        ("sqrt_bc2", ctypes.c_double),
+        ("step_key", ctypes.c_uint32),
+        ("kind", ctypes.c_int32),
+    ]
+
+
+class _Options(ctypes.Structure):
+    """``adabelief_options`` of ``abi.h``."""
+
+    _fields_ = [
+        (name, ctypes.c_double)
+        for name in ("beta1", "beta2", "eps", "decay", "weight_decay", "gradient_factor")
+    ]
+
+
+class _Call(ctypes.Structure):
+    """``adabelief_call`` of ``abi.h``: one step of ``n`` tensors of one parameter dtype and
+    one state format."""
+
+    _fields_ = [
+        ("dtype", ctypes.c_int32),
+        ("format", ctypes.c_int32),
+        ("l2", ctypes.c_int32),
+        ("amsgrad", ctypes.c_int32),
+        ("num_threads", ctypes.c_int32),
+        ("reserved", ctypes.c_int32),
+        ("n", ctypes.c_int64),
+        ("tensors", ctypes.POINTER(_Tensor)),
+        ("options", _Options),
+    ]
+
+
 class _Kernel:
     """The loaded shared library with its argument types declared."""
 
@@ -169,9 +241,7 @@ class _Kernel:
         pointer, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         lib.adabelief_increment_steps.argtypes = [i64, pointer, c_int, pointer]
         lib.adabelief_increment_steps.restype = None
-        # dtype, format, n, pointers, numel, step_size, sqrt_bc2, kind, step_key, options,
-        # l2, amsgrad, num_threads
-        lib.adabelief_update.argtypes = [c_int, c_int, i64, *([pointer] * 7), *([c_int] * 3)]
+        lib.adabelief_update.argtypes = [ctypes.POINTER(_Call)]
         lib.adabelief_update.restype = c_int
         self.path = path
         self.openmp = bool(lib.adabelief_openmp())
@@ -243,8 +313,7 @@ def _build(compiler_path: str, flags: Sequence[str], target: Path) -> None:
     global builds
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
-        source_path = Path(tmp) / _SOURCE_NAME
-        source_path.write_bytes(source())
+        source_path = write_sources(Path(tmp))
         output = Path(tmp) / target.name
         command = build_command(compiler_path, flags, source_path, output)
         result = subprocess.run(command, capture_output=True, text=True, timeout=600)
@@ -392,61 +461,52 @@ def cpu_step(
         )
     decoupled = hp.weight_decay != 0 and hp.weight_decouple
     l2 = hp.weight_decay != 0 and not hp.weight_decouple
-    options = array(
-        "d",
-        [
-            hp.beta1,
-            hp.beta2,
-            hp.eps,
-            float(hp._replace(lr=lr).decay_factor()) if decoupled else 1.0,
-            hp.weight_decay,
-            -inverse_scale if hp.maximize else inverse_scale,
-        ],
+    options = _Options(
+        hp.beta1,
+        hp.beta2,
+        hp.eps,
+        float(hp._replace(lr=lr).decay_factor()) if decoupled else 1.0,
+        hp.weight_decay,
+        -inverse_scale if hp.maximize else inverse_scale,
     )
     threads = torch.get_num_threads()
     for (dtype, fmt), positions, part in _parts(tensors):
         code, width = CPU_DTYPES[dtype]
         write_back: list[tuple[Tensor, Tensor]] = []
         state = _FP32_STATE_DTYPE[dtype] if fmt == "fp32" else None  # compressed: as stored
-        addresses = array("Q")
-        for column, want, read_only in (
-            (part.params, dtype, False),
-            (part.grads, dtype, True),
-            (part.exp_avgs, state, False),
-            (part.exp_avg_vars, state, False),
-        ):
-            addresses.extend(_dense_addresses(column, want, read_only, write_back))
         count = len(part.params)
-        if hp.amsgrad:
-            addresses.extend(_dense_addresses(part.max_exp_avg_vars, state, False, write_back))
-        else:
-            addresses.frombytes(bytes(8 * count))
-        if fmt == "int8":
-            for k in range(3):
-                addresses.extend(_addresses([entry[k] for entry in part.scales]))
-        else:
-            addresses.frombytes(bytes(8 * 3 * count))
-        steps = [new_steps[i] for i in positions]
-        scalars = [cache[step] for step in steps]
-        # The arrays must outlive the call: keep them referenced until it returns.
-        arrays: list[array[Any]] = [
-            addresses,
-            array("q", [p.numel() * width for p in part.params]),
-            array("d", [s[0] for s in scalars]),
-            array("d", [s[1] for s in scalars]),
-            array("b", [s[2] for s in scalars]),
-            array("I", [keys[step] for step in steps]),
-            options,
+        columns = [
+            _dense_addresses(column, want, read_only, write_back)
+            for column, want, read_only in (
+                (part.params, dtype, False),
+                (part.grads, dtype, True),
+                (part.exp_avgs, state, False),
+                (part.exp_avg_vars, state, False),
+            )
         ]
-        status = lib.update(
-            code,
-            _STATE_CODES[fmt],
-            count,
-            *(a.buffer_info()[0] if len(a) else None for a in arrays),
-            int(l2),
-            int(hp.amsgrad),
-            threads,
+        if hp.amsgrad:
+            columns.append(_dense_addresses(part.max_exp_avg_vars, state, False, write_back))
+        else:
+            columns.append([0] * count)
+        if fmt == "int8":
+            columns += [_addresses([entry[k] for entry in part.scales]) for k in range(3)]
+        else:
+            columns += [[0] * count] * 3
+        entries = (_Tensor * count)()
+        for j, i in enumerate(positions):
+            step_size, sqrt_bc2, kind = cache[new_steps[i]]
+            entries[j] = _Tensor(
+                *(column[j] for column in columns),
+                part.params[j].numel() * width,
+                step_size,
+                sqrt_bc2,
+                keys[new_steps[i]],
+                kind,
+            )
+        call = _Call(
+            code, _STATE_CODES[fmt], int(l2), int(hp.amsgrad), threads, 0, count, entries, options
         )
+        status = lib.update(ctypes.byref(call))
         if status != 0:
             raise RuntimeError(f"fused AdaBelief kernel failed with status {status}")
         for original, copy in write_back:

@@ -220,10 +220,13 @@ def _run_float_kernel(path: Path, tensors: GroupTensors, hp: Hyperparameters) ->
             for k, column in enumerate(stored)
         ]
         kernel(GroupTensors(one.params, one.grads, work[0], work[1], work[2], one.state_steps), hp)
-        step = int(one.state_steps[0].item())
-        for k, column in enumerate(stored):
-            if column:
-                compressed_state.encode_(column[0], scales[k], work[k][0], keys[k], step)
+        present = [k for k, column in enumerate(stored) if column]
+        compressed_state.encode_(
+            [stored[k][0] for k in present],
+            [scales[k] for k in present],
+            [work[k][0] for k in present],
+            int(one.state_steps[0].item()),
+        )
 
 
 def _local_shards(tensors: GroupTensors) -> GroupTensors | None:

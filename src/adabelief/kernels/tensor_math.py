@@ -124,9 +124,8 @@ def tensor_step(
             targets += moments
             values += new_moments
         else:
-            key = new_step.to(torch.int64)
-            for j, value in enumerate(new_moments):
-                codes, block_max = compressed_state.encode(value, fmt, kinds[j], key)
+            encoded = compressed_state.encode(new_moments, fmt, new_step.to(torch.int64))
+            for j, (codes, block_max) in enumerate(encoded):
                 targets.append(stored[j])
                 values.append(codes)
                 scale = scales[j]
