@@ -140,11 +140,13 @@ def test_16_bit_parameters_are_bit_identical(precision, dtype):
 
 def grads_with_special_values(params, step):
     """Ordinary gradients with NaN, infinities, values near float32's largest (their moments
-    round past bfloat16's largest), subnormals and all-zero int8 blocks."""
+    round past bfloat16's largest), subnormals, tiny and all-zero int8 blocks."""
     grads = grads_for(params, step)
     flat = grads[0].view(-1)  # 4096 elements: 16 int8 blocks
     flat[0:256] = 0.0  # a block of zeros
     flat[256:512] = 1e-41  # a block whose largest magnitude is subnormal
+    # a block whose scale's inverse times 2^16 overflows (the AVX2 codes fold 2^16 into it)
+    flat[1024:1280] = torch.linspace(1e-33, 3e-33, 256)
     flat[512:544] = 3.3e38
     flat[544:576] = -3.3e38
     # beta1 0.01: the second exp_avg lies where the dither can carry it to inf, and nearest
