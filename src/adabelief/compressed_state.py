@@ -8,16 +8,18 @@ float32 work tensors, run their update and encode them back with :func:`encode_`
 
 * ``"bf16"``: ``exp_avg`` and ``exp_avg_var`` are bfloat16 (4 bytes per parameter instead of 8).
   The write-back rounds stochastically, so updates smaller than half a bfloat16 ulp are kept in
-  expectation instead of being lost. The dither is a hash of the value's float32 bits and the step
-  count: deterministic, no random-number state, so a resumed run is bit-identical.
+  expectation instead of being lost. The dither (:func:`dithers`, format version 2) is a hash of
+  the moments' float32 bits and the step count: deterministic, no random-number state, so a
+  resumed run is bit-identical; one 32-bit hash serves both moments of an element.
 * ``"int8"``: for tensors of at least :data:`MIN_QUANTIZED_NUMEL` elements, block-wise
   quantization with one float32 scale per :data:`BLOCK_SIZE` elements (about 2.03 bytes per
   parameter). ``exp_avg`` is signed, ``code * absmax / 127``. ``exp_avg_var`` spans many decades
   (it holds ``eps`` and squared prediction errors), so its square root is stored, unsigned,
   ``(code * rootmax / 255)^2``; a positive belief never gets code 0, so it is never rounded to
   zero (which would turn its step into ``m / eps``). Both round stochastically with the same
-  hashed dither: deterministic rounding would freeze the moving averages, whose per-step change
-  (``1 - beta`` of the gap) is smaller than half a quantization level. Smaller tensors (biases,
+  hashed dither, in fixed point: ``code = (round(x * 2**16) + dither) >> 16`` for the scaled,
+  clamped value ``x``; deterministic rounding would freeze the moving averages, whose per-step
+  change (``1 - beta`` of the gap) is smaller than half a quantization level. Smaller tensors (biases,
   norms) keep float32 state. A block's scale is its largest *finite* magnitude: a non-finite
   value (one ``inf`` gradient element without GradScaler) is stored as the clamp (``+-127`` or
   ``255`` for ``+-inf``, ``0`` for NaN), so it costs its own element, as with float32 state,
@@ -29,7 +31,11 @@ tensor's blocks. A block that straddles two shards gets its scale from an all-re
 partial maxima, so the stored state, and the training, are those of the unsharded tensor on any
 mesh, and a checkpoint loads at any world size. This needs each rank's shard to be a contiguous
 range of the flattened tensor (placements ``Shard(0)`` or ``Replicate()``, as FSDP2's default);
-a DTensor with other placements keeps float32 state under ``"int8"``.
+a DTensor with other placements keeps float32 state under ``"int8"``. The dither depends on each
+element's own values only, so sharding never changes it.
+
+Format version 2 (:data:`FORMAT_VERSION`, recorded in state_dicts) decodes the codes of version
+1 by the same maps; only the rounding differs, so version 1 state loads as saved.
 """
 
 from __future__ import annotations
