@@ -323,8 +323,24 @@ def test_quick_presets_keep_the_schedule_shape() -> None:
     for name in ("transformer/python-docs-char", "transformer/wikitext2"):
         preset = get_preset(name)
         full, small = preset.settings_for(False), preset.settings_for(True)
+        # The same schedule shape: warm-up the same fraction of the steps, so the inverse-square-
+        # root decay ends at the same fraction of the peak learning rate.
         assert small["warmup"] / small["steps"] == pytest.approx(full["warmup"] / full["steps"])
-        assert small["d_model"] < full["d_model"] and small["context"] < full["context"]
+        assert small["context"] < full["context"]
+        # A smaller problem: fewer weights, and fewer tokens seen over the whole budget.
+        assert _transformer_weights(small) < _transformer_weights(full) / 4
+        seen = small["steps"] * small["batch_size"] * small["context"]
+        assert seen < full["steps"] * full["batch_size"] * full["context"] / 4
+
+
+def _transformer_weights(settings: dict[str, Any]) -> int:
+    from adabelief.experiments.models import TransformerLanguageModel
+
+    model = TransformerLanguageModel(
+        100, settings["d_model"], settings["heads"], settings["layers"], settings["ff_dim"],
+        settings["context"],
+    )  # fmt: skip
+    return sum(p.numel() for p in model.parameters())
 
 
 def test_report_sets_quick_verdicts_beside_default_ones(tmp_path: Path) -> None:
