@@ -269,6 +269,7 @@ def test_single_and_foreach_paths_match_the_kernel_within_rounding(precision):
             torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @needs_kernel
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("precision", ["bf16", "int8"])

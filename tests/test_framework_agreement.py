@@ -215,6 +215,7 @@ def assert_agree(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> Non
         np.testing.assert_allclose(got[name], want[name], rtol=RTOL, atol=ATOL, err_msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case_id", list(CASES))
 @pytest.mark.parametrize("framework", ["optax", "keras-torch"])
 def test_agrees_with_torch(results: dict[str, Any], framework: str, case_id: str) -> None:
@@ -236,6 +237,7 @@ TORCH_PATHS = {
 @pytest.mark.parametrize(
     "case_id", [c for c in CASES if c.startswith("B-") or c.endswith("ams1-max1")]
 )
+@pytest.mark.slow
 @pytest.mark.parametrize("path", list(TORCH_PATHS))
 def test_torch_paths_agree_with_optax(results: dict[str, Any], path: str, case_id: str) -> None:
     """Every PyTorch implementation path against the optax transform (a framework-independent

@@ -102,6 +102,7 @@ def test_gradient_penalty_is_the_one_loss_for_points_and_images() -> None:
     assert penalty.shape == () and torch.isfinite(penalty)
 
 
+@pytest.mark.slow
 def test_gan_data_runs_the_three_paper_gans_end_to_end(data: Path) -> None:
     out = data.parent / "run"
     argv = ["run", "gan", "--data", str(data), "--quick", "--tiny", "--seeds", "1"]

@@ -140,6 +140,7 @@ def test_gradient_penalty_and_losses_by_hand() -> None:
     assert _value(generator_loss(_Scores(real, 2.0, -0.5), fake)) == pytest.approx(0.5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", GAN_KINDS)
 def test_training_steps_change_both_networks(kind: GanKind) -> None:
     settings = _tiny(kind)
@@ -178,6 +179,7 @@ def test_training_steps_change_both_networks(kind: GanKind) -> None:
         assert torch.equal(a, b)  # same seed, same run
 
 
+@pytest.mark.slow
 def test_wgan_clips_the_critic_and_wgan_gp_does_not() -> None:
     images = _images(32)
     clipped = train_gan(_tiny("wgan", clip_value=0.005), images, _adabelief, seed=0).critic

@@ -308,11 +308,13 @@ def check_against_reference(run: dict[str, Any], opts: dict[str, Any], **ref_kwa
         assert_close(run["s_max"], {n: s["s_max"] for n, s in state.items()}, atol=1e-9)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case_id", list(CASES))
 def test_matches_numpy_reference(result: dict[str, Any], case_id: str) -> None:
     check_against_reference(result["numerics"][case_id], CASES[case_id])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case_id", JIT_CASES)
 def test_jax_jit_matches_numpy_reference(children: dict[str, Any], case_id: str) -> None:
     if "jax" not in INSTALLED_BACKENDS:
@@ -320,6 +322,7 @@ def test_jax_jit_matches_numpy_reference(children: dict[str, Any], case_id: str)
     check_against_reference(_result(children, "jax")["jit"][case_id], CASES[case_id])
 
 
+@pytest.mark.slow
 def test_learning_rate_schedule(result: dict[str, Any]) -> None:
     opts = CASES["A-rect-sgd-decoupled-ams0-max0"]
     check_against_reference(result["schedule"], dict(opts, lr=lambda i: 0.05 * 0.95**i))
@@ -327,6 +330,7 @@ def test_learning_rate_schedule(result: dict[str, Any]) -> None:
     assert not np.allclose(result["schedule"]["params"]["w"], constant["w"], rtol=1e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dec", ["l2", "decoupled", "fixed"])
 @pytest.mark.parametrize("how", ["names", "list"])
 def test_exclude_from_weight_decay(result: dict[str, Any], dec: str, how: str) -> None:
@@ -337,6 +341,7 @@ def test_exclude_from_weight_decay(result: dict[str, Any], dec: str, how: str) -
     assert not np.allclose(run["params"]["b"], decayed_everywhere["b"], rtol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_variables(result: dict[str, Any], dtype: str) -> None:
     """16-bit variables: float32 state and math, one rounding to the variable dtype per step."""
@@ -359,12 +364,14 @@ def test_half_precision_variables(result: dict[str, Any], dtype: str) -> None:
         np.testing.assert_array_equal(round_half(np.asarray(values)), np.asarray(values))
 
 
+@pytest.mark.slow
 def test_fit_reduces_loss(result: dict[str, Any]) -> None:
     losses = result["fit"]["losses"]
     assert len(losses) == 6 and all(math.isfinite(v) for v in losses)
     assert losses[-1] < 0.5 * losses[0]
 
 
+@pytest.mark.slow
 def test_save_load_continues_training(result: dict[str, Any]) -> None:
     fit = result["fit"]
     assert fit["loaded_class"] == "adabelief.keras.AdaBelief"
@@ -564,6 +571,7 @@ def test_epsilon_zero_is_refused_with_the_reason(epsilon: Any) -> None:
         AdaBelief(epsilon=epsilon)
 
 
+@pytest.mark.slow
 def test_core_import_does_not_import_frameworks() -> None:
     code = (
         "import sys, adabelief; "
@@ -580,6 +588,7 @@ def test_core_import_does_not_import_frameworks() -> None:
     assert proc.stdout.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_adabelief_keras_imports_no_other_framework() -> None:
     """Beyond what Keras itself loads, ``adabelief.keras`` imports neither JAX/optax nor TF."""
     code = (

@@ -185,6 +185,7 @@ def _readme_example() -> tuple[str, list[str]]:
     return source.group(1), command.group(1).split()
 
 
+@pytest.mark.slow
 def test_the_readme_example_runs_as_written(tmp_path: Path) -> None:
     source, command = _readme_example()
     (tmp_path / "my_task.py").write_text(source)

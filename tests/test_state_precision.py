@@ -152,6 +152,7 @@ def test_int8_round_trip_error_is_bounded(key):
         assert ((decoded.sqrt() - values.sqrt()).abs() <= level * 1.0001).all()
 
 
+@pytest.mark.slow
 def test_int8_moving_average_does_not_freeze():
     """A belief decaying by 0.1% a step moves less than half a level per step: deterministic
     rounding would keep it where it started; stochastic rounding follows it (the 16-bit dither
