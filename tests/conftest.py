@@ -4,11 +4,13 @@ quietly."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 from hypothesis import settings
@@ -34,6 +36,27 @@ def official_adabelief():
             return module.AdaBelief(params, print_change_log=False, **kwargs)
 
     return make
+
+
+@pytest.fixture
+def load_benchmark() -> Iterator[Callable[[str], ModuleType]]:
+    """Import a script of ``benchmarks/`` by name (``load_benchmark("gpu_check")``) as a module;
+    it leaves ``sys.modules`` afterwards."""
+    loaded: list[str] = []
+
+    def load(name: str) -> ModuleType:
+        path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        loaded.append(name)
+        spec.loader.exec_module(module)
+        return module
+
+    yield load
+    for name in loaded:
+        sys.modules.pop(name, None)
 
 
 @pytest.fixture

@@ -3,26 +3,15 @@ code run on the CPU so that it works the first time a GPU is lent."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-_PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
-
 
 @pytest.fixture
-def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", _PATH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("gpu_check", None)
+def gpu_check(load_benchmark):
+    return load_benchmark("gpu_check")
 
 
 def test_without_cuda_one_line_and_status_0(gpu_check, monkeypatch, capsys, tmp_path):

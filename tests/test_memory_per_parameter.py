@@ -4,24 +4,13 @@ on a tiny model in its subprocesses (slow)."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "memory_per_parameter.py"
-
 
 @pytest.fixture
-def bench():
-    spec = importlib.util.spec_from_file_location("memory_per_parameter", _PATH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["memory_per_parameter"] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("memory_per_parameter", None)
+def bench(load_benchmark):
+    return load_benchmark("memory_per_parameter")
 
 
 _TINY = argparse.Namespace(width=300, depth=2, batch=4)
