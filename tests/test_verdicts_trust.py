@@ -18,7 +18,13 @@ import pytest
 from adabelief.experiments.analysis import analyze, choose_trial
 from adabelief.experiments.report import build_report
 from adabelief.experiments.spec import Metric
-from adabelief.experiments.stats import late_improvement, paired_comparison
+from adabelief.experiments.stats import (
+    convergence_metrics,
+    is_still_improving,
+    late_improvement,
+    late_noise,
+    paired_comparison,
+)
 from adabelief.experiments.store import RunStore
 from adabelief.experiments.verdicts import assess_claims, claim_verdict, collect, losses
 from test_experiments_runner import SYNTHETIC, synthetic_record
@@ -273,6 +279,105 @@ def test_late_improvement_rule() -> None:
     falling = late_improvement([9, 8, 7, 6, 5, 4, 3, 2], steps, False)  # perplexity still drops
     assert falling is not None and falling > 0.1
     assert late_improvement([1.0], [1.0], True) is None
+
+
+def _noisy(trend: float, seed: int, std: float) -> tuple[list[float], list[float]]:
+    """A GAN-like curve of 40 evaluations: 0.8 plus ``trend`` per evaluation plus noise."""
+    import random
+
+    rng = random.Random(seed)
+    return [0.8 + trend * i + rng.gauss(0, std) for i in range(40)], [
+        float(25 * (i + 1)) for i in range(40)
+    ]
+
+
+def test_a_noisy_but_flat_curve_is_not_still_improving() -> None:
+    flagged = above_tolerance = 0
+    for seed in range(20):
+        values, steps = _noisy(0.0, seed, std=0.04)
+        late, noise = late_improvement(values, steps, True), late_noise(values, steps, True)
+        assert late is not None and noise is not None and noise > 0.005
+        flagged += is_still_improving(late, noise)
+        above_tolerance += late > 0.01
+    assert above_tolerance >= 5  # the 1% tolerance alone would flag these flat curves
+    assert flagged <= 1  # about 2.5% false alarms at 2 standard errors
+
+
+def test_a_noisy_rising_curve_is_still_improving() -> None:
+    for seed in range(20):
+        # About +1.2% of the level per evaluation, +6% over the last eighth, in 2.5% noise.
+        values, steps = _noisy(0.016, seed, std=0.02)
+        figures = convergence_metrics(values, steps, higher_is_better=True)
+        assert is_still_improving(figures["late_improvement"], figures["late_noise"]), seed
+    # Lower is better (a Frechet distance falling): the same rule.
+    values, steps = _noisy(0.016, 0, std=0.02)
+    falling = [3.0 - v for v in values]
+    assert is_still_improving(
+        late_improvement(falling, steps, False), late_noise(falling, steps, False)
+    )
+
+
+def test_the_rule_on_smooth_curves_is_the_tolerance() -> None:
+    steps = [float(s) for s in range(1, 41)]
+    # A smooth curve still rising 2% over the last eighth: no noise, flagged; one at 0.5%: not.
+    for per_step, expected in ((0.004, True), (0.001, False)):
+        values = [0.9 + per_step * s for s in steps]
+        figures = convergence_metrics(values, steps, True)
+        assert figures["late_noise"] == pytest.approx(0.0, abs=1e-9)
+        assert is_still_improving(figures["late_improvement"], figures["late_noise"]) is expected
+    # A step schedule's jump at 75% is not noise: a flat curve after it has no noise.
+    stepped = [0.90 if s <= 30 else 0.95 for s in steps]
+    assert late_noise(stepped, steps, True) == pytest.approx(0.0)
+    # Too few evaluations to measure noise: the tolerance alone decides.
+    assert late_noise([1.0, 2.0], [1.0, 2.0], True) is None
+    assert is_still_improving(0.02, None) and not is_still_improving(0.005, None)
+    assert not is_still_improving(None, None)
+    # Over seeds, the medians are judged against the noise of a mean of n runs.
+    assert not is_still_improving(0.03, 0.02) and is_still_improving(0.03, 0.02, runs=3)
+
+
+def test_gan_runs_record_the_convergence_figures() -> None:
+    from adabelief.experiments.presets import get_preset
+    from adabelief.experiments.spec import RunContext, RunSpec
+    from adabelief.experiments.tasks import TASKS
+
+    preset = get_preset("gan/gan-mog")
+    settings = {**preset.settings_for(True), "iterations": 160, "evaluations": 16}
+    spec = RunSpec("gan", "gan-mog", settings, "adam", preset.optimizers["adam"], 0)
+    output = TASKS["gan"].run(spec, RunContext())
+    assert output.metrics["late_improvement"] is not None
+    noise = output.metrics["late_noise"]
+    assert noise is not None and math.isfinite(noise)
+    for name in ("gan/wgan-gp-mog", "gan/gan-mog", "gan/dcgan-digits"):
+        for quick in (True, False):  # enough evaluations in the last quarter to measure noise
+            assert get_preset(name).settings_for(quick)["evaluations"] >= 16
+
+
+def test_a_gan_comparison_with_a_still_improving_run_is_budget_limited(tmp_path: Path) -> None:
+    from adabelief.experiments.tasks import TASKS
+    from adabelief.experiments.tasks.base import PlanOptions
+
+    experiment = next(
+        e for e in TASKS["gan"].experiments(PlanOptions(quick=True)) if e.name == "gan-mog"
+    )
+    store = RunStore(tmp_path)
+    for seed in range(3):
+        rising = convergence_metrics(*_noisy(0.016, seed, 0.02), higher_is_better=True)
+        flat = convergence_metrics(*_noisy(0.0, seed + 10, 0.04), higher_is_better=True)
+        for optimizer, hq, figures in (("adabelief", 0.9, flat), ("adam", 0.5, rising)):
+            metrics = {"hq_fraction": hq + seed * hq / 50, "val_hq_fraction": hq, "modes": 8.0}
+            store.save(
+                synthetic_record(optimizer, seed, {**metrics, **figures}, experiment=experiment)
+            )
+    (result,) = analyze(store).results
+    rows = {row.optimizer: row for row in result.optimizers}
+    assert not rows["adabelief"].still_improving and rows["adam"].still_improving
+    (evidence,) = collect([result], "gan", "hq_fraction")
+    assert evidence.comparison.verdict == "better" and evidence.word == "better (budget-limited)"
+    text = build_report(tmp_path, make_plots=False).path.read_text()
+    assert "**better (budget-limited)**" in text and "(still improving)" in text
+    adabelief_row = next(line for line in text.splitlines() if line.startswith("| adabelief |"))
+    assert "±" in adabelief_row and "still improving" not in adabelief_row
 
 
 def test_classification_runs_record_the_convergence_figure() -> None:

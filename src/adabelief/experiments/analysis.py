@@ -22,11 +22,12 @@ A user task's runs carry the fingerprint of its source (and of the local modules
 only the runs of its most recent fingerprint are analysed; runs of older versions stay on disk
 and are counted in :attr:`Analysis.superseded`.
 
-Convergence: a run's ``late_improvement`` (see :func:`adabelief.experiments.stats.late_improvement`)
-is the relative improvement of its smoothed validation curve over the last eighth of its
-budget.  An optimizer whose median over seeds exceeds
-:data:`~adabelief.experiments.stats.CONVERGENCE_TOLERANCE` was still improving, and every
-comparison it enters is *budget-limited* (:meth:`ExperimentResult.budget_limited`).
+Convergence: a run's ``late_improvement`` and ``late_noise`` (see
+:func:`adabelief.experiments.stats.late_improvement`, which states the rule) are the relative
+improvement of its smoothed validation curve over the last eighth of its budget and that
+figure's standard error from the curve's own noise.  An optimizer whose medians over seeds
+meet the rule (2 standard errors of the median, and 1%) was still improving, and every comparison it enters is *budget-limited*
+(:meth:`ExperimentResult.budget_limited`).
 
 Time to target (after AlgoPerf): the *target* of an experiment is the level of its target
 curve that every seed of the best optimizer reached, the best being chosen on the experiment's
@@ -50,9 +51,9 @@ from adabelief.experiments.registry import known_optimizers
 from adabelief.experiments.search import TUNING_SEED
 from adabelief.experiments.spec import Experiment, Metric, RunSpec, canonical_json, digest
 from adabelief.experiments.stats import (
-    CONVERGENCE_TOLERANCE,
     PairedComparison,
     Summary,
+    is_still_improving,
     paired_comparison,
     summarize,
 )
@@ -165,19 +166,28 @@ class OptimizerResult:
 
     def late_improvement(self) -> float | None:
         """Median over seeds of the runs' ``late_improvement`` (None when not recorded)."""
-        values = [
+        values = self._finished_metric("late_improvement")
+        return statistics.median(values) if values else None
+
+    def late_noise(self) -> float | None:
+        """Median over seeds of the runs' ``late_noise`` (None when not recorded)."""
+        values = self._finished_metric("late_noise")
+        return statistics.median(values) if values else None
+
+    def _finished_metric(self, name: str) -> list[float]:
+        return [
             v
             for record in self.chosen.records.values()
             if not record.get("diverged")
-            and (v := _finite(record.get("metrics", {}).get("late_improvement"))) is not None
+            and (v := _finite(record.get("metrics", {}).get(name))) is not None
         ]
-        return statistics.median(values) if values else None
 
     @property
     def still_improving(self) -> bool:
-        """Whether the median run was still improving at the end of its budget."""
-        late = self.late_improvement()
-        return late is not None and late > CONVERGENCE_TOLERANCE
+        """Whether the runs were still improving at the end of their budget (the rule of
+        :func:`adabelief.experiments.stats.is_still_improving` on the medians over seeds)."""
+        runs = len(self._finished_metric("late_improvement"))
+        return is_still_improving(self.late_improvement(), self.late_noise(), runs)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,12 @@ from adabelief.experiments.analysis import (
 from adabelief.experiments.paper_results import PaperComparison
 from adabelief.experiments.report_format import fmt, fmt_p, hparams_text, mean_std
 from adabelief.experiments.search import TUNING_SEED
-from adabelief.experiments.stats import ALPHA, CONVERGENCE_TOLERANCE, PairedComparison
+from adabelief.experiments.stats import (
+    ALPHA,
+    CONVERGENCE_TOLERANCE,
+    CONVERGENCE_Z,
+    PairedComparison,
+)
 from adabelief.experiments.verdicts import (
     ClaimAssessment,
     Evidence,
@@ -104,9 +109,9 @@ def _evidence_table(evidence: Iterable[Evidence]) -> list[str]:
     if any(e.budget_limited for e in evidence):
         lines += [
             "_Budget-limited: AdaBelief or its rival was still improving at the end of its "
-            "budget (median late improvement above the convergence rule's tolerance, see "
-            "'How to read this'); such a comparison is shown but its better / worse does not "
-            "count in the verdict._",
+            "budget (median late improvement above the convergence rule's tolerance and its "
+            "noise, see 'How to read this'); such a comparison is shown but its better / worse "
+            "does not count in the verdict._",
             "",
         ]
     return lines
@@ -421,7 +426,7 @@ def _experiment_section(result: ExperimentResult, plots: list[Path], root: Path)
         m.label + (" ↑" if m.higher_is_better else " ↓") for m in metrics
     ]
     header.append("diverged")
-    header.append("late improvement (median)")
+    header.append("late improvement ± noise (median)")
     paper_column = bool(experiment.paper) and not experiment.paper_key  # runs of older versions
     if paper_column:
         header.append(f"paper: {experiment.score.label}")
@@ -433,11 +438,13 @@ def _experiment_section(result: ExperimentResult, plots: list[Path], root: Path)
         )
         cells = [row.optimizer, label] + [mean_std(result, row.optimizer, m.name) for m in metrics]
         cells.append(f"{chosen.diverged}/{len(chosen.records)}")
-        late = row.late_improvement()
+        late, noise = row.late_improvement(), row.late_noise()
         cells.append(
             "-"
             if late is None
-            else f"{late:+.1%}" + (" (still improving)" if row.still_improving else "")
+            else f"{late:+.1%}"
+            + ("" if noise is None else f" ± {noise:.1%}")
+            + (" (still improving)" if row.still_improving else "")
         )
         if paper_column:
             cells.append(fmt(experiment.paper.get(row.optimizer)))
@@ -659,8 +666,10 @@ def render_markdown(
         "- Convergence rule: a run's *late improvement* is the relative improvement of its "
         "validation curve (smoothed by a trailing mean over K/8 evaluations) from the last "
         "evaluation at or before 7/8 of its steps to the end (after the last learning-rate "
-        "drop of the step schedules). An optimizer whose median over "
-        f"seeds exceeds {CONVERGENCE_TOLERANCE:.0%} was still improving; its comparisons are "
+        "drop of the step schedules); its *noise* is that figure's standard error from the "
+        "curve's own evaluation-to-evaluation noise over the last quarter. An optimizer whose "
+        f"median late improvement over its n seeds exceeds both {CONVERGENCE_TOLERANCE:.0%} and "
+        f"{CONVERGENCE_Z:g} x median noise / sqrt(n) was still improving; its comparisons are "
         "*budget-limited*: shown, but not counted as better or worse in a claim's verdict.",
         "",
         "## Environment",

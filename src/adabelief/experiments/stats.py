@@ -34,10 +34,15 @@ __all__ = [
     "CONFIDENCE",
     "CONSTANT_TOLERANCE",
     "CONVERGENCE_TOLERANCE",
+    "CONVERGENCE_Z",
     "LATE_FROM",
+    "NOISE_FROM",
     "PairedComparison",
     "Summary",
+    "convergence_metrics",
+    "is_still_improving",
     "late_improvement",
+    "late_noise",
     "paired_comparison",
     "sign_test_p",
     "sign_test_seeds_needed",
@@ -253,11 +258,59 @@ def paired_comparison(
 
 
 #: A run whose smoothed validation curve improved by more than this fraction over the last
-#: eighth of its budget was still improving (its comparisons are budget-limited).
+#: eighth of its budget, and by more than :data:`CONVERGENCE_Z` times its noise, was still
+#: improving (its comparisons are budget-limited).
 CONVERGENCE_TOLERANCE = 0.01
+#: How many standard errors of the curve's own noise a late improvement must exceed to count.
+CONVERGENCE_Z = 2.0
 #: Where the convergence rule's window starts, as a fraction of the run's steps: after the last
 #: learning-rate drop of the step schedules (at 72-75% of the budget).
 LATE_FROM = 7 / 8
+#: Where the window that measures the curve's noise starts, as a fraction of the run's steps.
+NOISE_FROM = 3 / 4
+
+
+@dataclass(frozen=True)
+class _LateWindow:
+    """A curve's finite evaluations, oriented so that higher is better, and its late window."""
+
+    values: list[float]
+    steps: list[float]
+    width: int  # the trailing mean's width
+    start: int  # index of the last evaluation at or before LATE_FROM of the final step
+
+    def smoothed(self, index: int) -> float:
+        low = max(0, index - self.width + 1)
+        return statistics.fmean(self.values[low : index + 1])
+
+    def weights(self) -> list[float]:
+        """Coefficients of ``smoothed(end) - smoothed(start)`` on each evaluation."""
+        weights = [0.0] * len(self.values)
+        for index, sign in ((len(self.values) - 1, 1.0), (self.start, -1.0)):
+            low = max(0, index - self.width + 1)
+            for i in range(low, index + 1):
+                weights[i] += sign / (index + 1 - low)
+        return weights
+
+
+def _late_window(
+    values: Iterable[float | None], steps: Iterable[float | None], higher_is_better: bool
+) -> _LateWindow | None:
+    points = [
+        (float(s), float(v))
+        for s, v in zip(steps, values, strict=False)
+        if s is not None and v is not None and math.isfinite(v) and math.isfinite(s)
+    ]
+    if len(points) < 2:
+        return None
+    sign = 1.0 if higher_is_better else -1.0
+    before = [i for i, (s, _) in enumerate(points) if s <= LATE_FROM * points[-1][0]]
+    return _LateWindow(
+        values=[sign * v for _, v in points],
+        steps=[s for s, _ in points],
+        width=max(1, len(points) // 8),
+        start=before[-1] if before else 0,
+    )
 
 
 def late_improvement(
@@ -266,31 +319,86 @@ def late_improvement(
     """Relative improvement of the smoothed curve over the last eighth of the budget.
 
     The curve (one value per evaluation, at optimizer step ``steps[i]``) is smoothed by a
-    trailing mean over ``max(1, K // 8)`` evaluations, ``K`` the number of evaluations.  The
+    trailing mean over ``w = max(1, K // 8)`` evaluations, ``K`` the number of evaluations.  The
     result is ``(end - q) / |q|`` for a higher-is-better curve (``(q - end) / |q|`` otherwise),
     ``end`` the smoothed value at the last evaluation and ``q`` the smoothed value at the last
     evaluation at or before :data:`LATE_FROM` (7/8) of the final step: positive means still
     improving.  The window is the last eighth rather than the last quarter so that the jump of
     a step schedule's last decay (at 75% in the paper's CIFAR schedule) is not read as progress.
     ``None`` with fewer than two finite evaluations, or when ``q`` is 0.
+
+    **The convergence rule** (:func:`is_still_improving`): an optimizer was still improving at
+    the end of its budget when the median over its ``n`` seeds of the late improvement exceeds
+    both :data:`CONVERGENCE_TOLERANCE` (1%) and :data:`CONVERGENCE_Z` (2) standard errors,
+    ``2 * median(late noise) / sqrt(n)``; the *late noise* (:func:`late_noise`) is the standard
+    error that the curve's own evaluation-to-evaluation noise gives one run's late
+    improvement.  Each comparison that optimizer enters is then *budget-limited*.  A smooth
+    curve (classification accuracy, an LSTM's held-out perplexity) has almost no noise, so the
+    rule is the 1% tolerance, as it was before the noise term; a noisy one (a GAN's sample
+    quality or Frechet distance, which swing by up to tens of percent between evaluations, so
+    that the tolerance alone flags flat curves) counts only when its late trend stands out of
+    that noise: a flat-but-noisy curve is not flagged, a rising one is.  2 standard errors
+    make a false alarm on a flat curve with Gaussian noise about 2.5% likely.
     """
-    points = [
-        (float(s), float(v))
-        for s, v in zip(steps, values, strict=False)
-        if s is not None and v is not None and math.isfinite(v) and math.isfinite(s)
-    ]
-    if len(points) < 2:
+    window = _late_window(values, steps, higher_is_better)
+    if window is None:
         return None
-    window = max(1, len(points) // 8)
-    smoothed = [
-        sum(v for _, v in points[max(0, i - window + 1) : i + 1]) / (i + 1 - max(0, i - window + 1))
-        for i in range(len(points))
-    ]
-    start_step = LATE_FROM * points[-1][0]
-    before = [i for i, (s, _) in enumerate(points) if s <= start_step]
-    index = before[-1] if before else 0
-    start, end = smoothed[index], smoothed[-1]
+    start = window.smoothed(window.start)
     if start == 0:
         return None
-    change = (end - start) if higher_is_better else (start - end)
-    return change / abs(start)
+    return (window.smoothed(len(window.values) - 1) - start) / abs(start)
+
+
+def late_noise(
+    values: Iterable[float | None], steps: Iterable[float | None], higher_is_better: bool
+) -> float | None:
+    """Standard error of :func:`late_improvement` from the curve's own noise.
+
+    The noise is measured on the evaluations from the last one at or before :data:`NOISE_FROM`
+    (3/4) of the final step to the end: around a trend that is straight over three
+    evaluations, the second difference ``e_i = y[i+1] - 2 y[i] + y[i-1]`` of independent noise
+    of standard deviation ``s`` has variance ``6 s^2``, so ``s = median(|e_i|) / (0.6745 *
+    sqrt(6))`` (the median, so that one jump - a step schedule's decay at 75% - does not count
+    as noise).  The late improvement is the difference of two trailing means with weights
+    ``c_i`` on the evaluations, divided by ``|q|``; its standard error is
+    ``s * sqrt(sum c_i^2) / |q|``.  ``None`` when :func:`late_improvement` is, or with fewer
+    than three evaluations in the noise window (the rule then uses the tolerance alone).
+    """
+    window = _late_window(values, steps, higher_is_better)
+    if window is None:
+        return None
+    start = window.smoothed(window.start)
+    first = [i for i, s in enumerate(window.steps) if s <= NOISE_FROM * window.steps[-1]]
+    tail = window.values[first[-1] if first else 0 :]
+    if start == 0 or len(tail) < 3:
+        return None
+    second = [abs(tail[i + 1] - 2 * tail[i] + tail[i - 1]) for i in range(1, len(tail) - 1)]
+    noise = statistics.median(second) / (_MAD_TO_STD * math.sqrt(6))
+    return noise * math.sqrt(sum(c * c for c in window.weights())) / abs(start)
+
+
+#: The median absolute deviation of a standard normal variable.
+_MAD_TO_STD = 0.6745
+
+
+def is_still_improving(improvement: float | None, noise: float | None, runs: int = 1) -> bool:
+    """The convergence rule (see :func:`late_improvement`): the late improvement exceeds both
+    :data:`CONVERGENCE_TOLERANCE` and :data:`CONVERGENCE_Z` standard errors.  For ``runs``
+    seeds, ``improvement`` and ``noise`` are the medians over the seeds, and the standard error
+    is ``noise / sqrt(runs)`` (the seeds are independent repetitions).  Without a noise figure
+    the tolerance alone decides."""
+    if improvement is None:
+        return False
+    error = (noise or 0.0) / math.sqrt(max(1, runs))
+    return improvement > max(CONVERGENCE_TOLERANCE, CONVERGENCE_Z * error)
+
+
+def convergence_metrics(
+    values: Iterable[float | None], steps: Iterable[float | None], higher_is_better: bool
+) -> dict[str, float | None]:
+    """The convergence figures every run stores: ``late_improvement`` and ``late_noise``."""
+    values, steps = list(values), list(steps)
+    return {
+        "late_improvement": late_improvement(values, steps, higher_is_better),
+        "late_noise": late_noise(values, steps, higher_is_better),
+    }

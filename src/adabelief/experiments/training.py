@@ -8,8 +8,10 @@
   every evaluation also records the optimizer steps and seconds so far (time-to-target).
 * :func:`inverse_sqrt_schedule` - linear warm-up then ``1/sqrt(step)`` decay (Transformers).
 * :class:`StepClock` - counts optimizer steps and training seconds.
-* :func:`late_improvement` - the convergence rule: how much a run's smoothed validation curve
-  still improved over the last eighth of its budget (stored in every run's metrics).
+* :func:`convergence_metrics` - the convergence rule's figures: how much a run's smoothed
+  validation curve still improved over the last eighth of its budget, and the standard error of
+  that figure from the curve's own noise (stored in every run's metrics; the rule is
+  :func:`adabelief.experiments.stats.late_improvement`'s).
 * :func:`train_classifier_epoch` / :func:`evaluate_classifier` - classification epoch and eval,
   used by the classification task and by the GAN task's feature network.
 """
@@ -30,18 +32,17 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from adabelief.experiments.spec import Metric
-from adabelief.experiments.stats import CONVERGENCE_TOLERANCE, late_improvement
+from adabelief.experiments.stats import convergence_metrics
 
 __all__ = [
-    "CONVERGENCE_TOLERANCE",
     "FitResult",
     "StepClock",
     "configure_torch",
+    "convergence_metrics",
     "evaluate_classifier",
     "fit",
     "inverse_sqrt_schedule",
     "is_finite",
-    "late_improvement",
     "minibatches",
     "optimizer_step",
     "seed_everything",

@@ -36,9 +36,9 @@ from adabelief.experiments.registry import create_optimizer
 from adabelief.experiments.spec import Experiment, Metric, RunContext, RunOutput, RunSpec
 from adabelief.experiments.tasks.base import PlanOptions, Task
 from adabelief.experiments.training import (
+    convergence_metrics,
     evaluate_classifier,
     fit,
-    late_improvement,
     seed_everything,
     train_classifier_epoch,
 )
@@ -242,14 +242,14 @@ class ClassifyTask(Task):
                 result.best.get("test_acc") if finished and has_validation else None
             ),
             "best_val_epoch": float(result.best_epoch) if result.best_epoch else None,
-            # Convergence rule on the validation curve (the test curve without a validation split).
-            "late_improvement": late_improvement(
-                curves.get("val_acc" if has_validation else "test_acc", []),
+        }
+        # Convergence rule on the validation curve (the test curve without a validation split).
+        metrics.update(
+            convergence_metrics(
+                curves.get("val_acc" if has_validation else "test_acc", []) if finished else [],
                 curves.get("step", []),
                 higher_is_better=True,
             )
-            if finished
-            else None,
-        }
+        )
         curves["x"] = curves.pop("epoch", [])
         return RunOutput(metrics=metrics, curves=curves, diverged=result.diverged)

@@ -15,6 +15,11 @@ Which of the two scored a run is part of its settings (``score_kind``) and store
 Both generator and discriminator use the optimizer under test.  Evaluation noise is fixed (the
 same for every run), validation and test use different noise (and, for digits, different real
 images); the spread of the scores across seeds is the stability measure.
+
+Every run that did not diverge stores the convergence rule's figures (``late_improvement``,
+``late_noise``: :func:`adabelief.experiments.stats.late_improvement`) on its validation-noise
+curve.  GAN curves swing by tens of percent between evaluations, so the rule's noise term
+decides there; the presets evaluate often enough (16 to 40 times) for it to measure that noise.
 """
 
 from __future__ import annotations
@@ -65,7 +70,7 @@ from adabelief.experiments.presets import presets_for_task
 from adabelief.experiments.registry import create_optimizer
 from adabelief.experiments.spec import Experiment, Metric, RunContext, RunOutput, RunSpec
 from adabelief.experiments.tasks.base import PlanOptions, Task
-from adabelief.experiments.training import optimizer_step, seed_everything
+from adabelief.experiments.training import convergence_metrics, optimizer_step, seed_everything
 
 if TYPE_CHECKING:
     from adabelief.experiments.analysis import ExperimentResult, OptimizerResult
@@ -424,6 +429,7 @@ class GanTask(Task):
             test_value = score_samples(samples)
             metrics[metric] = test_value if math.isfinite(test_value) else None
             metrics[f"val_{metric}"] = values[-1] if values else None
+            metrics.update(convergence_metrics(values, steps, False))
             if math.isfinite(test_value):
                 artifacts["samples"] = to_uint8_images(samples[:CIFAR_SAMPLES_SHOWN]).tolist()
         artifacts["generator_steps"] = result.steps_done
@@ -455,6 +461,7 @@ class GanTask(Task):
                 samples = gen(test_noise)
                 metrics["hq_fraction"], metrics["modes"] = mog_quality(samples)
                 metrics["val_hq_fraction"], metrics["val_modes"] = mog_quality(gen(val_noise))
+            metrics.update(convergence_metrics(curves["hq_fraction"], curves["step"], True))
             finite = samples[torch.isfinite(samples).all(dim=1)][:500]
             artifacts["samples"] = [[round(float(v), 3) for v in row] for row in finite]
         return RunOutput(metrics=metrics, curves=curves, artifacts=artifacts, diverged=diverged)
@@ -495,6 +502,7 @@ class GanTask(Task):
             test_fid, val_fid = fid(test_noise, "test"), fid(val_noise, "train")
             metrics["fid"] = test_fid if math.isfinite(test_fid) else None
             metrics["val_fid"] = val_fid if math.isfinite(val_fid) else None
+            metrics.update(convergence_metrics(curves["fid"], curves["step"], False))
             samples = generate(test_noise[:16]).squeeze(1)
             artifacts["samples"] = [
                 [[round(float(v), 3) for v in row] for row in image] for image in samples

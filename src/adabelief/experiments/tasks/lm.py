@@ -24,7 +24,12 @@ from adabelief.experiments.presets import get_preset
 from adabelief.experiments.registry import create_optimizer
 from adabelief.experiments.spec import Experiment, Metric, RunContext, RunOutput, RunSpec
 from adabelief.experiments.tasks.base import PlanOptions, Task
-from adabelief.experiments.training import fit, late_improvement, optimizer_step, seed_everything
+from adabelief.experiments.training import (
+    convergence_metrics,
+    fit,
+    optimizer_step,
+    seed_everything,
+)
 
 __all__ = ["LanguageModelTask", "batchify"]
 
@@ -214,12 +219,14 @@ class LanguageModelTask(Task):
             "train_loss_auc": statistics.fmean(train_losses) if finished else None,
             "final_train_ppl": math.exp(final_loss) if finished and final_loss < 700 else None,
             "best_val_epoch": float(result.best_epoch) if result.best_epoch else None,
-            "late_improvement": late_improvement(
-                curves.get("val_ppl", []), curves.get("step", []), higher_is_better=False
-            )
-            if finished
-            else None,
         }
+        metrics.update(
+            convergence_metrics(
+                curves.get("val_ppl", []) if finished else [],
+                curves.get("step", []),
+                higher_is_better=False,
+            )
+        )
         curves["x"] = curves.pop("epoch", [])
         return RunOutput(
             metrics=metrics,

@@ -43,8 +43,8 @@ from adabelief.experiments.spec import Experiment, Metric, RunContext, RunOutput
 from adabelief.experiments.tasks.base import PlanOptions, Task
 from adabelief.experiments.training import (
     StepClock,
+    convergence_metrics,
     inverse_sqrt_schedule,
-    late_improvement,
     optimizer_step,
     seed_everything,
 )
@@ -254,9 +254,7 @@ class TransformerTask(Task):
                 train_loss_auc=statistics.fmean(losses),
                 test_accuracy=test_accuracy if math.isfinite(test_accuracy) else None,
                 final_train_loss=losses[-1],
-                late_improvement=late_improvement(
-                    curves["val_ppl"], curves["step"], higher_is_better=False
-                ),
+                **convergence_metrics(curves["val_ppl"], curves["step"], higher_is_better=False),
             )
         return RunOutput(
             metrics=metrics,
