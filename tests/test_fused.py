@@ -22,6 +22,7 @@ import torch
 
 from adabelief import AdaBelief
 from adabelief._hyper import Hyperparameters
+from adabelief.compressed_state import as_moment
 from adabelief.kernels import GroupTensors, cpu, dispatch, tensor_math
 
 KERNEL = cpu.kernel()
@@ -641,7 +642,12 @@ def test_tensor_step_eagerly_matches_single_tensor():
         with torch.no_grad():
             tensor_math.tensor_step(
                 GroupTensors(
-                    params, [p.grad for p in params], state["m"], state["s"], [], state["step"]
+                    params,
+                    [p.grad for p in params],
+                    [as_moment(m, belief=False) for m in state["m"]],
+                    [as_moment(s, belief=True) for s in state["s"]],
+                    [],
+                    state["step"],
                 ),
                 hp,
                 found_inf=torch.tensor(float(k == 4)),

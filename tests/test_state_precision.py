@@ -283,3 +283,55 @@ def test_loading_another_format_keeps_the_optimizers_own(saved, chosen):
     _train(model, loaded, 2)
     assert cs.format_of(loaded.state[weight]) == chosen
     assert not torch.equal(loaded.state[weight]["exp_avg"], before)
+
+
+class _Fp16Format(cs.StorageFormat):
+    """A toy format for the test below: float16, rounded to nearest."""
+
+    name = "fp16"
+    bytes_per_element = 2.0
+
+    def zeros(self, param: torch.Tensor, belief: bool) -> cs.Moment:
+        return cs.Moment(torch.zeros_like(param, dtype=torch.float16), None, self, belief)
+
+    def decode(self, moment: cs.Moment) -> torch.Tensor:
+        return moment.codes.float()
+
+    def encode(self, work, step):
+        return [(w.half(), None) for w in work]
+
+    def holds(self, state) -> bool:
+        moment = state.get("exp_avg")
+        return isinstance(moment, torch.Tensor) and moment.dtype == torch.float16
+
+
+@pytest.mark.parametrize(
+    "path", [dict(foreach=False), dict(foreach=True), dict(capturable=True)], ids=str
+)
+def test_a_new_format_is_one_storage_format_object(monkeypatch, path):
+    """The measure of the design: a format defined only by a StorageFormat in FORMATS trains on
+    the single-tensor, foreach and tensor paths (the fused kernel would also need its code),
+    and its state_dict round-trips through torch.load(weights_only=True) bit for bit."""
+    monkeypatch.setitem(cs.FORMATS, "fp16", _Fp16Format())
+    monkeypatch.setattr(cs, "STATE_PRECISIONS", (*cs.STATE_PRECISIONS, "fp16"))
+    model = _model()
+    reference = _model()
+    fp32_loss = _train(reference, AdaBelief(reference.parameters(), lr=1e-2, **path), 10)
+    opt = AdaBelief(model.parameters(), lr=1e-2, state_precision="fp16", **path)
+    loss = _train(model, opt, 5)
+    for state in opt.state.values():
+        assert state["exp_avg"].dtype == state["exp_avg_var"].dtype == torch.float16
+        assert cs.format_of(state) == "fp16"
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    loss = _train(model, opt, 5)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed = _model()
+    resumed.load_state_dict(saved["model"])
+    resumed_opt = AdaBelief(resumed.parameters(), lr=1e-2, state_precision="fp16", **path)
+    resumed_opt.load_state_dict(saved["opt"])
+    assert _train(resumed, resumed_opt, 5) == loss
+    for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert loss == pytest.approx(fp32_loss, rel=0.05)

@@ -36,6 +36,16 @@ element's own values only, so sharding never changes it.
 
 Format version 2 (:data:`FORMAT_VERSION`, recorded in state_dicts) decodes the codes of version
 1 by the same maps; only the rounding differs, so version 1 state loads as saved.
+
+Each format is one :class:`StorageFormat` object in :data:`FORMATS`, and this module is the only
+place one is defined: which parameters it applies to, its zero state, its decoding, its
+encoding, its layout in a saved state and its DTensor shards. A step hands the kernels each
+stored moment as one :class:`Moment` (its codes, its scales and its format), so no path reads a
+format back from dtypes or keys, and no scale list travels beside the moments. Between steps,
+and in state_dicts, a moment is a plain layout: its codes under its key (``"exp_avg"``, ...)
+and its block scales, if it has any, under the key plus ``"_scale"``; plain tensors, so that
+``torch.load(weights_only=True)``, FSDP2 and ``torch.distributed.checkpoint`` take them as
+they are (docs/low-memory-state.md says why these are not tensor subclasses).
 """
 
 from __future__ import annotations
@@ -49,7 +59,6 @@ from torch import Tensor
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
 
-STATE_PRECISIONS = ("fp32", "bf16", "int8")
 #: Elements that share one float32 scale in the int8 format.
 BLOCK_SIZE = 256
 #: Tensors with fewer elements keep float32 state under ``"int8"`` (the scales would not pay).
@@ -73,27 +82,226 @@ def check_state_precision(value: object) -> str:
 
 
 def storage_format(param: Tensor, precision: str) -> str:
-    """The format the moments of ``param`` are stored in: ``precision``, except that int8 needs a
-    real floating tensor of at least :data:`MIN_QUANTIZED_NUMEL` elements, and compressed
-    formats apply to float32 and 16-bit parameters only (float64 and complex stay exact)."""
-    if precision == "fp32" or param.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return "fp32"
-    if precision == "int8" and param.numel() < MIN_QUANTIZED_NUMEL:
-        return "fp32"
-    sharded = _dtensor(param)
-    if precision == "int8" and sharded is not None and not _contiguous_shards(sharded):
-        return "fp32"
-    return precision
+    """The format the moments of ``param`` are stored in: ``precision`` where it applies to
+    ``param`` (:meth:`StorageFormat.applies_to`: compressed formats take float32 and 16-bit
+    parameters only, int8 also needs :data:`MIN_QUANTIZED_NUMEL` elements), else ``"fp32"``."""
+    return precision if FORMATS[precision].applies_to(param) else "fp32"
 
 
 def bytes_per_parameter(precision: str, amsgrad: bool = False) -> float:
     """Bytes of optimizer state per parameter of a large float32 tensor in ``precision``."""
-    moments = 3 if amsgrad else 2
-    if precision == "bf16":
-        return 2.0 * moments
-    if precision == "int8":
-        return moments * (1.0 + 4.0 / BLOCK_SIZE)
-    return 4.0 * moments
+    return (3 if amsgrad else 2) * FORMATS[precision].bytes_per_element
+
+
+class Moment(NamedTuple):
+    """One stored moment of one parameter, as the kernels receive it: ``codes`` in ``format``
+    (float32 values, or the parameter's dtype for float64 and complex, in ``"fp32"``; bfloat16
+    in ``"bf16"``; int8 or uint8 codes in ``"int8"``), its block ``scale`` (``"int8"`` only,
+    else None), and whether it is a ``belief`` (``exp_avg_var`` or the AMSGrad maximum,
+    non-negative) rather than ``exp_avg``. It shares the stored tensors: writing to ``codes``
+    writes the state."""
+
+    codes: Tensor
+    scale: Tensor | None
+    format: StorageFormat
+    belief: bool
+
+    def decode(self) -> Tensor:
+        """The moment's values in its working dtype (:meth:`StorageFormat.decode`)."""
+        return self.format.decode(self)
+
+
+class StorageFormat:
+    """How moments are stored between steps. One object per format, in :data:`FORMATS`; a new
+    format is a subclass here plus its code in the fused CPU kernel (``kernels/cpu.py``'s
+    ``_STATE_CODES`` and a ``codes_*.h``). The other paths only call these methods."""
+
+    #: The ``state_precision`` that names it.
+    name: str = ""
+    #: Bytes per element of one moment of a large float32 tensor.
+    bytes_per_element: float = 4.0
+
+    def __repr__(self) -> str:
+        return f"<storage format {self.name!r}>"
+
+    def applies_to(self, param: Tensor) -> bool:
+        """Whether ``param``'s moments may take this format (else they are kept in
+        ``"fp32"``): compressed formats take float32 and 16-bit parameters only (float64 and
+        complex stay exact)."""
+        return param.dtype in (torch.float32, torch.float16, torch.bfloat16)
+
+    def zeros(self, param: Tensor, belief: bool) -> Moment:
+        """A zero moment of ``param``; for a DTensor ``param``, DTensor codes placed as it."""
+        raise NotImplementedError
+
+    def decode(self, moment: Moment) -> Tensor:
+        """The work values of ``moment``: float32, or the parameter's dtype in ``"fp32"``,
+        where they are the stored tensor itself (no copy)."""
+        raise NotImplementedError
+
+    def encode(
+        self, work: Sequence[Tensor], step: int | Tensor
+    ) -> list[tuple[Tensor, Tensor | None]]:
+        """The stored forms of one parameter's work moments, out of place: for each of
+        ``(exp_avg, exp_avg_var[, max_exp_avg_var])``, in that order, (values to copy into the
+        codes, values to copy into the scale or None). ``step`` (an int or an integer 0-dim
+        tensor) keys the dither of stochastic rounding (:func:`dithers`)."""
+        raise NotImplementedError
+
+    def local(self, moment: Moment) -> Moment | None:
+        """``moment`` with DTensor codes replaced by their local shard (which shares its
+        memory), for the fused kernels; None when the shard cannot be stepped alone."""
+        return moment._replace(codes=_local_of(moment.codes))
+
+    def holds(self, state: Mapping[str, Any]) -> bool:
+        """Whether a parameter's saved ``state`` (the plain layout) is in this format."""
+        raise NotImplementedError
+
+
+class _Fp32Format(StorageFormat):
+    """Exact: the moments as they are computed, float32 for 16-bit parameters."""
+
+    name = "fp32"
+    bytes_per_element = 4.0
+
+    def applies_to(self, param: Tensor) -> bool:
+        return True
+
+    def zeros(self, param: Tensor, belief: bool) -> Moment:
+        dtype = torch.float32 if param.dtype in (torch.float16, torch.bfloat16) else None
+        codes = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
+        return Moment(codes, None, self, belief)
+
+    def decode(self, moment: Moment) -> Tensor:
+        return moment.codes
+
+    def encode(
+        self, work: Sequence[Tensor], step: int | Tensor
+    ) -> list[tuple[Tensor, Tensor | None]]:
+        return [(w, None) for w in work]
+
+    def holds(self, state: Mapping[str, Any]) -> bool:
+        return True  # what no other format holds (FP32 is the last one asked)
+
+
+class _DitheredFormat(StorageFormat):
+    """A compressed format rounded stochastically with :func:`dithers`: one hash serves two
+    moments of an element, so a parameter's moments are encoded together. A DTensor's codes
+    are those of its local shard (the dither is element-wise)."""
+
+    def encode(
+        self, work: Sequence[Tensor], step: int | Tensor
+    ) -> list[tuple[Tensor, Tensor | None]]:
+        sharded = _dtensor(work[0])
+        coded = [self._coded(_local_of(w), belief=k > 0) for k, w in enumerate(work)]
+        stored = self._round(coded, dithers(coded, step), sharded)
+        if sharded is None:
+            return stored
+        return [
+            (_like(sharded, codes), None if scale is None else _replicated(sharded, scale))
+            for codes, scale in stored
+        ]
+
+    def _coded(self, work: Tensor, belief: bool) -> Tensor:
+        """The float32 values whose codes are stored."""
+        return work.float()
+
+    def _round(
+        self, coded: Sequence[Tensor], noise: Sequence[Tensor], sharded: DTensor | None
+    ) -> list[tuple[Tensor, Tensor | None]]:
+        """The codes (and scales) of the local ``coded`` values with dithers ``noise``."""
+        raise NotImplementedError
+
+
+class _Bf16Format(_DitheredFormat):
+    """bfloat16, rounded stochastically (:func:`_round_to_bf16`)."""
+
+    name = "bf16"
+    bytes_per_element = 2.0
+
+    def zeros(self, param: Tensor, belief: bool) -> Moment:
+        return Moment(torch.zeros_like(param, dtype=torch.bfloat16), None, self, belief)
+
+    def decode(self, moment: Moment) -> Tensor:
+        return moment.codes.float()
+
+    def _round(
+        self, coded: Sequence[Tensor], noise: Sequence[Tensor], sharded: DTensor | None
+    ) -> list[tuple[Tensor, Tensor | None]]:
+        return [(_round_to_bf16(c, d), None) for c, d in zip(coded, noise, strict=True)]
+
+    def holds(self, state: Mapping[str, Any]) -> bool:
+        # The fp32 format keeps float32 moments for 16-bit parameters, so bfloat16 means bf16.
+        moment = state.get("exp_avg")
+        return isinstance(moment, Tensor) and moment.dtype == torch.bfloat16
+
+
+class _Int8Format(_DitheredFormat):
+    """Block-wise int8 (see the module docstring): ``exp_avg`` signed, ``code * absmax / 127``;
+    a belief by its square root, unsigned, ``(code * rootmax / 255)^2``; one float32 scale per
+    :data:`BLOCK_SIZE` elements of the tensor's global block grid."""
+
+    name = "int8"
+    bytes_per_element = 1.0 + 4.0 / BLOCK_SIZE
+
+    def applies_to(self, param: Tensor) -> bool:
+        if not super().applies_to(param) or param.numel() < MIN_QUANTIZED_NUMEL:
+            return False
+        sharded = _dtensor(param)
+        return sharded is None or _contiguous_shards(sharded)
+
+    def zeros(self, param: Tensor, belief: bool) -> Moment:
+        code_dtype = torch.uint8 if belief else torch.int8
+        sharded = _dtensor(param)
+        device = sharded.to_local().device if sharded is not None else param.device
+        scale = torch.zeros(_blocks(param.numel()), dtype=torch.float32, device=device)
+        if sharded is not None:
+            codes = torch.zeros_like(param, dtype=code_dtype)
+            return Moment(codes, _replicated(sharded, scale), self, belief)
+        codes = torch.zeros(param.shape, dtype=code_dtype, device=param.device)
+        return Moment(codes, scale, self, belief)
+
+    def decode(self, moment: Moment) -> Tensor:
+        assert moment.scale is not None
+        sharded = _dtensor(moment.codes)
+        if sharded is None:
+            return _decode_blocks(moment.codes, moment.scale, moment.belief, 0, 0)
+        shard = _shard_of(sharded)
+        full_scale = _local_of(moment.scale)
+        local = _decode_blocks(shard.local, full_scale, moment.belief, shard.head, shard.first)
+        return _like(sharded, local)
+
+    def _coded(self, work: Tensor, belief: bool) -> Tensor:
+        # A belief's square root, correctly rounded (through float64, as the C++ kernel's
+        # std::sqrt: torch's float32 CPU sqrt is not always, and the codes depend on every bit).
+        work = work.float()
+        return work.clamp(min=0).double().sqrt().float() if belief else work
+
+    def _round(
+        self, coded: Sequence[Tensor], noise: Sequence[Tensor], sharded: DTensor | None
+    ) -> list[tuple[Tensor, Tensor | None]]:
+        shard = _shard_of(sharded) if sharded is not None else None
+        return [
+            _encode_blocks(c, k == 0, d, shard)
+            for k, (c, d) in enumerate(zip(coded, noise, strict=True))
+        ]
+
+    def local(self, moment: Moment) -> Moment | None:
+        # A DTensor's block scales span the shards (see the module docstring): the tensor
+        # step, with its all-reduce, steps it.
+        return None if _dtensor(moment.codes) is not None else moment
+
+    def holds(self, state: Mapping[str, Any]) -> bool:
+        return "exp_avg_scale" in state
+
+
+FP32: StorageFormat = _Fp32Format()
+BF16: StorageFormat = _Bf16Format()
+INT8: StorageFormat = _Int8Format()
+#: Every storage format by name; a saved state's is the first that :meth:`~StorageFormat.holds`
+#: it, from the last to the first (fp32, which holds any, is asked last).
+FORMATS: dict[str, StorageFormat] = {f.name: f for f in (FP32, BF16, INT8)}
+STATE_PRECISIONS = tuple(FORMATS)
 
 
 def _blocks(numel: int) -> int:
@@ -108,6 +316,12 @@ def _dtensor(t: Tensor) -> DTensor | None:
     from torch.distributed.tensor import DTensor
 
     return t if isinstance(t, DTensor) else None
+
+
+def _local_of(t: Tensor) -> Tensor:
+    """The local shard of a DTensor, else ``t``."""
+    sharded = _dtensor(t)
+    return sharded.to_local() if sharded is not None else t
 
 
 def _contiguous_shards(t: DTensor) -> bool:
@@ -164,32 +378,6 @@ def _replicated(t: DTensor, full: Tensor) -> Tensor:
     )
 
 
-def new_moment(param: Tensor, key: str, fmt: str) -> dict[str, Tensor]:
-    """Zero state for moment ``key`` of ``param`` in format ``fmt`` (with its scales, for int8).
-    For a DTensor ``param`` the state is DTensor: the codes placed as ``param``, the int8 scales
-    replicated."""
-    if fmt == "bf16":
-        return {key: torch.zeros_like(param, dtype=torch.bfloat16)}
-    if fmt == "int8":
-        code_dtype = torch.int8 if key == "exp_avg" else torch.uint8
-        sharded = _dtensor(param)
-        if sharded is not None:
-            local = sharded.to_local()
-            scale = torch.zeros(_blocks(param.numel()), dtype=torch.float32, device=local.device)
-            return {
-                key: torch.zeros_like(param, dtype=code_dtype),
-                key + "_scale": _replicated(sharded, scale),
-            }
-        return {
-            key: torch.zeros(param.shape, dtype=code_dtype, device=param.device),
-            key + "_scale": torch.zeros(
-                _blocks(param.numel()), dtype=torch.float32, device=param.device
-            ),
-        }
-    dtype = torch.float32 if param.dtype in (torch.float16, torch.bfloat16) else None
-    return {key: torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)}
-
-
 def _padded_blocks(flat: Tensor, head: int = 0) -> Tensor:
     """``flat`` in rows of :data:`BLOCK_SIZE`, zero-padded: ``head`` zeros before it (its first
     element's position in its block) and as many as the last block needs after it."""
@@ -199,84 +387,15 @@ def _padded_blocks(flat: Tensor, head: int = 0) -> Tensor:
     return flat.view(-1, BLOCK_SIZE)
 
 
-def decode(stored: Tensor, scale: Tensor | None, key: str) -> Tensor:
-    """A float32 work copy of a stored moment."""
-    if scale is None:
-        return stored.float()
-    sharded = _dtensor(stored)
-    if sharded is not None:
-        shard = _shard_of(sharded)
-        local_scale = _dtensor(scale)
-        full_scale = local_scale.to_local() if local_scale is not None else scale
-        return _like(sharded, _decode_blocks(shard.local, full_scale, key, shard.head, shard.first))
-    return _decode_blocks(stored, scale, key, 0, 0)
-
-
-def _decode_blocks(stored: Tensor, scale: Tensor, key: str, head: int, first: int) -> Tensor:
+def _decode_blocks(stored: Tensor, scale: Tensor, belief: bool, head: int, first: int) -> Tensor:
     n = stored.numel()
     blocks = _padded_blocks(stored.reshape(-1).float(), head)
     scale = scale[first : first + blocks.shape[0]]
-    if key == "exp_avg":
-        values = blocks * (scale.unsqueeze(1) / 127.0)
-    else:
+    if belief:
         values = (blocks * (scale.unsqueeze(1) / 255.0)).square_()
-    return values.reshape(-1)[head : head + n].view(stored.shape)
-
-
-def moment_format(stored: Tensor, scale: Tensor | None) -> str:
-    """The format of one stored moment: ``"int8"`` with block scales, ``"bf16"`` for bfloat16
-    codes (the ``"fp32"`` format keeps float32 moments for 16-bit parameters), else ``"fp32"``."""
-    if scale is not None:
-        return "int8"
-    return "bf16" if stored.dtype == torch.bfloat16 else "fp32"
-
-
-def encode(
-    moments: Sequence[Tensor], fmt: str, step: int | Tensor
-) -> list[tuple[Tensor, Tensor | None]]:
-    """The stored forms of one parameter's float32 moments ``(exp_avg, exp_avg_var[,
-    max_exp_avg_var])`` in format ``fmt``, out of place: for each, (values to copy into the
-    stored tensor, new block scales or None). ``step`` (an int or an integer 0-dim tensor) keys
-    the dither of the stochastic rounding (:func:`dithers`)."""
-    if fmt not in ("bf16", "int8"):
-        return [(m, None) for m in moments]
-    sharded = _dtensor(moments[0])
-    # A DTensor's codes are those of its local shard: the dither is element-wise, and int8
-    # blocks are the tensor's global ones (see _Shard).
-    local = [_local_of(m) for m in moments]
-    coded = [_coded_values(m, fmt, signed=k == 0) for k, m in enumerate(local)]
-    noise = dithers(coded, step)
-    stored: list[tuple[Tensor, Tensor | None]]
-    if fmt == "bf16":
-        stored = [(_round_to_bf16(c, d), None) for c, d in zip(coded, noise, strict=True)]
     else:
-        shard = _shard_of(sharded) if sharded is not None else None
-        stored = [
-            _encode_blocks(c, k == 0, d, shard)
-            for k, (c, d) in enumerate(zip(coded, noise, strict=True))
-        ]
-    if sharded is None:
-        return stored
-    return [
-        (_like(sharded, codes), None if scale is None else _replicated(sharded, scale))
-        for codes, scale in stored
-    ]
-
-
-def _local_of(t: Tensor) -> Tensor:
-    """The local shard of a DTensor, else ``t``."""
-    sharded = _dtensor(t)
-    return sharded.to_local() if sharded is not None else t
-
-
-def _coded_values(work: Tensor, fmt: str, signed: bool) -> Tensor:
-    """The float32 values whose codes are stored: the moment itself, except int8's beliefs,
-    whose square roots are (correctly rounded, through float64, as the C++ kernel's std::sqrt:
-    torch's float32 CPU sqrt is not always, and the codes depend on every bit)."""
-    work = work.float()
-    if fmt == "int8" and not signed:
-        return work.clamp(min=0).double().sqrt().float()
-    return work
+        values = blocks * (scale.unsqueeze(1) / 127.0)
+    return values.reshape(-1)[head : head + n].view(stored.shape)
 
 
 def _encode_blocks(
@@ -325,23 +444,6 @@ def _reduce_block_max(local_max: Tensor, shard: _Shard) -> tuple[Tensor, Tensor]
     return full[shard.first : shard.first + local_max.numel()], full
 
 
-def encode_(
-    stored: Sequence[Tensor],
-    scales: Sequence[Tensor | None],
-    work: Sequence[Tensor],
-    step: int | Tensor,
-) -> None:
-    """Write one parameter's float32 ``work`` moments back into ``stored`` (and their int8
-    ``scales``) in place, rounding stochastically with the dither of ``step``."""
-    fmt = moment_format(stored[0], scales[0])
-    for target, scale, (values, new_scale) in zip(
-        stored, scales, encode(work, fmt, step), strict=True
-    ):
-        target.copy_(values)
-        if scale is not None and new_scale is not None:
-            scale.copy_(new_scale)
-
-
 def step_key(step: int | Tensor) -> int | Tensor:
     """The dither's per-step key, ``step * 0x9E3779B9 mod 2**32`` (the golden-ratio increment)."""
     return (step * 0x9E3779B9) & _MASK32
@@ -387,60 +489,102 @@ def _round_to_bf16(values: Tensor, dither: Tensor) -> Tensor:
     return result.to(torch.bfloat16)
 
 
+#: The moments of a parameter's state, in the order the kernels take them; all but the first
+#: are beliefs.
 MOMENT_KEYS = ("exp_avg", "exp_avg_var", "max_exp_avg_var")
+#: The key of a moment's block scales in the state: the moment's key plus this.
+SCALE_SUFFIX = "_scale"
 
 
-def _decode_key(state: Mapping[str, Any], key: str) -> Tensor:
-    # The AMSGrad maximum is a belief like exp_avg_var and is stored the same way.
-    kind = "exp_avg" if key == "exp_avg" else "exp_avg_var"
-    return decode(state[key], state.get(key + "_scale"), kind)
+def moment(state: Mapping[str, Any], key: str, fmt: StorageFormat) -> Moment:
+    """Moment ``key`` of a parameter's ``state`` (the plain layout), stored in ``fmt``."""
+    return Moment(state[key], state.get(key + SCALE_SUFFIX), fmt, key != MOMENT_KEYS[0])
+
+
+def layout(key: str, stored: Moment) -> dict[str, Tensor]:
+    """The plain layout of moment ``key``: its codes under ``key``, its scales (if any) under
+    ``key + "_scale"``."""
+    if stored.scale is None:
+        return {key: stored.codes}
+    return {key: stored.codes, key + SCALE_SUFFIX: stored.scale}
+
+
+def as_moment(t: Tensor | Moment, belief: bool) -> Moment:
+    """``t`` as a :class:`Moment`: a plain tensor is ``"bf16"`` if bfloat16, else ``"fp32"``
+    (a compressed format that needs scales comes as a :class:`Moment`)."""
+    if isinstance(t, Moment):
+        return t
+    return Moment(t, None, BF16 if t.dtype == torch.bfloat16 else FP32, belief)
+
+
+def new_moment(param: Tensor, key: str, fmt: str) -> dict[str, Tensor]:
+    """Zero state for moment ``key`` of ``param`` in format ``fmt``, in the plain layout. For a
+    DTensor ``param`` the state is DTensor: the codes placed as ``param``, int8 scales
+    replicated."""
+    return layout(key, FORMATS[fmt].zeros(param, key != MOMENT_KEYS[0]))
+
+
+def encode(
+    work: Sequence[Tensor], fmt: str, step: int | Tensor
+) -> list[tuple[Tensor, Tensor | None]]:
+    """:meth:`StorageFormat.encode` of the format named ``fmt``: the stored forms of one
+    parameter's work moments ``(exp_avg, exp_avg_var[, max_exp_avg_var])``, out of place."""
+    return FORMATS[fmt].encode(work, step)
+
+
+def encode_(stored: Sequence[Moment], work: Sequence[Tensor], step: int | Tensor) -> None:
+    """Write one parameter's ``work`` moments back into its ``stored`` moments (codes and
+    scales, in their format) in place, rounding stochastically with the dither of ``step``."""
+    new = stored[0].format.encode(work, step)
+    for target, (codes, scale) in zip(stored, new, strict=True):
+        if codes is not target.codes:
+            target.codes.copy_(codes)
+        if target.scale is not None and scale is not None:
+            target.scale.copy_(scale)
+
+
+def format_of(state: Mapping[str, Any]) -> str:
+    """The storage format a parameter's saved ``state`` (the plain layout) is in."""
+    return next(f.name for f in reversed(FORMATS.values()) if f.holds(state))
+
+
+def _moments(state: Mapping[str, Any]) -> list[Moment]:
+    fmt = FORMATS[format_of(state)]
+    return [moment(state, key, fmt) for key in MOMENT_KEYS if isinstance(state.get(key), Tensor)]
 
 
 def decode_moments(state: Mapping[str, Any]) -> dict[str, Tensor]:
     """Float32 work copies of the moments present in a parameter's ``state``."""
-    return {key: _decode_key(state, key) for key in MOMENT_KEYS if key in state}
+    keys = [key for key in MOMENT_KEYS if isinstance(state.get(key), Tensor)]
+    return {key: m.decode().float() for key, m in zip(keys, _moments(state), strict=True)}
 
 
 def encode_moments_(state: dict[str, Any], work: Mapping[str, Tensor], step: int) -> None:
     """Store the work moments (``exp_avg``, ``exp_avg_var`` and, with AMSGrad,
     ``max_exp_avg_var``) back into ``state`` in its format."""
-    keys = [key for key in MOMENT_KEYS if key in work]
-    encode_(
-        [state[k] for k in keys],
-        [state.get(k + "_scale") for k in keys],
-        [work[k] for k in keys],
-        step,
-    )
-
-
-def format_of(state: Mapping[str, Any]) -> str:
-    """The storage format a parameter's saved ``state`` is in."""
-    if "exp_avg_scale" in state:
-        return "int8"
-    moment = state.get("exp_avg")
-    # The fp32 format keeps float32 moments for 16-bit parameters, so bfloat16 means "bf16".
-    if isinstance(moment, Tensor) and moment.dtype == torch.bfloat16:
-        return "bf16"
-    return "fp32"
+    stored = _moments(state)
+    encode_(stored, [work[key] for key in MOMENT_KEYS[: len(stored)]], step)
 
 
 def restore_moments(saved: Mapping[str, Any], param: Tensor, fmt: str) -> dict[str, Tensor]:
-    """The moments of a loaded state in format ``fmt`` on ``param``'s device: the saved tensors
-    as they were when the format matches (no rounding), else converted through float32."""
+    """The moments of a loaded state in format ``fmt`` on ``param``'s device, in the plain
+    layout: the saved tensors as they were when the format matches (no rounding), else
+    converted through float32."""
     keys = [key for key in MOMENT_KEYS if isinstance(saved.get(key), Tensor)]
+    target = FORMATS[fmt]
+    fresh = [target.zeros(param, key != MOMENT_KEYS[0]) for key in keys]
     if format_of(saved) == fmt:
         restored: dict[str, Tensor] = {}
-        for key in keys:
-            fresh = new_moment(param, key, fmt)
-            for name, like in fresh.items():
+        for key, zero in zip(keys, fresh, strict=True):
+            for name, like in layout(key, zero).items():
                 restored[name] = saved[name].to(device=param.device, dtype=like.dtype, copy=True)
         return restored
     step = int(float(saved.get("step", 0)))
     on_device = {name: t.to(param.device) for name, t in saved.items() if isinstance(t, Tensor)}
+    encode_(fresh, [m.decode().float() for m in _moments(on_device)], step)
     restored = {}
-    for key in keys:
-        restored.update(new_moment(param, key, fmt))
-    encode_moments_(restored, {key: _decode_key(on_device, key) for key in keys}, step)
+    for key, stored in zip(keys, fresh, strict=True):
+        restored.update(layout(key, stored))
     return restored
 
 
@@ -450,6 +594,6 @@ def replace_moments_(
     """Set ``state``'s moments to those of ``saved`` in format ``fmt`` (see
     :func:`restore_moments`), dropping the scales of a format no longer used."""
     restored = restore_moments(saved, param, fmt)
-    for key in [k for k in state if k.endswith("_scale") and k not in restored]:
+    for key in [k for k in state if k.endswith(SCALE_SUFFIX) and k not in restored]:
         del state[key]
     state.update(restored)

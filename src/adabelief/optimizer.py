@@ -12,7 +12,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -27,7 +27,7 @@ from adabelief import _validation as validation
 from adabelief import compressed_state
 from adabelief.backward_step import BackwardStep, check_group
 from adabelief.checkpoint import migrate_state_dict, restore_moment_dtypes
-from adabelief.kernels import GroupTensors, MomentScales, cpu, dispatch
+from adabelief.kernels import GroupTensors, cpu, dispatch
 from adabelief.kernels.dispatch import adabelief
 
 __all__ = ["AdaBelief", "adabelief"]
@@ -233,19 +233,21 @@ class AdaBelief(Optimizer):
             # So that GradScaler hands step() grad_scale/found_inf, which it refuses.
             self._step_supports_amp_scaling = True
 
+    # Eager under torch.compile: traced, its guards would hold each step's new gradients by
+    # identity and recompile every step (torch intercepts _init_group only with list arguments).
+    @torch._disable_dynamo
     def _init_group(
         self,
         group: dict[str, Any],
         tensors: GroupTensors,
         params: Iterable[Tensor] | None = None,
-    ) -> bool:
+    ) -> None:
         """Append the group's parameters that have a gradient (``params``, default all of the
         group's), with their state (created on first use, converted when ``state_precision``
-        changed), to the lists of ``tensors``; return whether any moment is int8 (then
-        ``tensors.scales`` holds the block scales).
+        changed), to the lists of ``tensors``, each moment as one
+        :class:`~adabelief.compressed_state.Moment` of the state's tensors.
 
         torch's convention (``torch.compile`` runs this method eagerly, not traced)."""
-        scales = cast(list[MomentScales], tensors.scales)
         amsgrad, differentiable = group["amsgrad"], group["differentiable"]
         for p in group["params"] if params is None else params:
             grad = p.grad
@@ -263,19 +265,16 @@ class AdaBelief(Optimizer):
                 )
             tensors.params.append(p)
             tensors.grads.append(grad)
-            tensors.exp_avgs.append(state["exp_avg"])
-            tensors.exp_avg_vars.append(state["exp_avg_var"])
+            fmt = compressed_state.FORMATS[
+                compressed_state.storage_format(p, group["state_precision"])
+            ]
+            tensors.exp_avgs.append(compressed_state.moment(state, "exp_avg", fmt))
+            tensors.exp_avg_vars.append(compressed_state.moment(state, "exp_avg_var", fmt))
             if amsgrad:
-                tensors.max_exp_avg_vars.append(state["max_exp_avg_var"])
-            tensors.state_steps.append(state["step"])
-            scales.append(
-                (
-                    state.get("exp_avg_scale"),
-                    state.get("exp_avg_var_scale"),
-                    state.get("max_exp_avg_var_scale") if amsgrad else None,
+                tensors.max_exp_avg_vars.append(
+                    compressed_state.moment(state, "max_exp_avg_var", fmt)
                 )
-            )
-        return any(scale is not None for entry in scales for scale in entry)
+            tensors.state_steps.append(state["step"])
 
     def _param_state(self, group: dict[str, Any], p: Tensor) -> dict[str, Any]:
         """``p``'s state, created on first use (step 0, zero moments in the group's
@@ -306,9 +305,8 @@ class AdaBelief(Optimizer):
         found_inf: Tensor | None = None,
     ) -> None:
         """Step ``params`` of ``group`` (default all; those without a gradient are skipped)."""
-        tensors = GroupTensors([], [], [], [], [], [], [])
-        if not self._init_group(group, tensors, params):
-            tensors = tensors._replace(scales=())
+        tensors = GroupTensors([], [], [], [], [], [])
+        self._init_group(group, tensors, params)
         dispatch.run(tensors, group, grad_scale=grad_scale, found_inf=found_inf)
 
     @_use_grad_for_differentiable

@@ -16,6 +16,7 @@ Every path computes the update of docs/algorithm.md with the per-step scalars of
 and encode inside their single pass.
 """
 
-from adabelief.kernels.lists import GroupTensors, MomentScales
+from adabelief.compressed_state import Moment
+from adabelief.kernels.lists import GroupTensors
 
-__all__ = ["GroupTensors", "MomentScales"]
+__all__ = ["GroupTensors", "Moment"]

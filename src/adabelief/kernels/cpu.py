@@ -46,6 +46,7 @@ from torch import Tensor
 
 from adabelief import compressed_state
 from adabelief._hyper import Hyperparameters
+from adabelief.compressed_state import FP32, StorageFormat
 from adabelief.kernels.lists import GroupTensors
 from adabelief.scalars import StepScalars, step_scalars
 
@@ -473,25 +474,24 @@ def cpu_step(
     for (dtype, fmt), positions, part in _parts(tensors):
         code, width = CPU_DTYPES[dtype]
         write_back: list[tuple[Tensor, Tensor]] = []
-        state = _FP32_STATE_DTYPE[dtype] if fmt == "fp32" else None  # compressed: as stored
+        # The moments unwrapped: their codes, and their block scales (or null pointers).
+        state = _FP32_STATE_DTYPE[dtype] if fmt is FP32 else None  # compressed: as stored
         count = len(part.params)
-        columns = [
-            _dense_addresses(column, want, read_only, write_back)
-            for column, want, read_only in (
-                (part.params, dtype, False),
-                (part.grads, dtype, True),
-                (part.exp_avgs, state, False),
-                (part.exp_avg_vars, state, False),
-            )
-        ]
+        moments = [part.exp_avgs, part.exp_avg_vars]
         if hp.amsgrad:
-            columns.append(_dense_addresses(part.max_exp_avg_vars, state, False, write_back))
-        else:
+            moments.append(part.max_exp_avg_vars)
+        columns = [
+            _dense_addresses(part.params, dtype, False, write_back),
+            _dense_addresses(part.grads, dtype, True, write_back),
+        ]
+        columns += [
+            _dense_addresses([m.codes for m in c], state, False, write_back) for c in moments
+        ]
+        if not hp.amsgrad:
             columns.append([0] * count)
-        if fmt == "int8":
-            columns += [_addresses([entry[k] for entry in part.scales]) for k in range(3)]
-        else:
-            columns += [[0] * count] * 3
+        columns += [_addresses([m.scale for m in c]) for c in moments]
+        if not hp.amsgrad:
+            columns.append([0] * count)
         entries = (_Tensor * count)()
         for j, i in enumerate(positions):
             step_size, sqrt_bc2, kind = cache[new_steps[i]]
@@ -504,7 +504,15 @@ def cpu_step(
                 kind,
             )
         call = _Call(
-            code, _STATE_CODES[fmt], int(l2), int(hp.amsgrad), threads, 0, count, entries, options
+            code,
+            _STATE_CODES[fmt.name],
+            int(l2),
+            int(hp.amsgrad),
+            threads,
+            0,
+            count,
+            entries,
+            options,
         )
         status = lib.update(ctypes.byref(call))
         if status != 0:
@@ -515,19 +523,16 @@ def cpu_step(
 
 def _parts(
     tensors: GroupTensors,
-) -> list[tuple[tuple[torch.dtype, str], Sequence[int], GroupTensors]]:
+) -> list[tuple[tuple[torch.dtype, StorageFormat], Sequence[int], GroupTensors]]:
     """The group split by (parameter dtype, state format): each part's key, its positions in the
     group and its tensors, in lists of its own (working copies may replace their entries). One
-    part, without a per-tensor pass over the formats, in the usual case of one dtype and no int8
-    moments."""
+    part, without a per-tensor pass, in the usual case of one dtype and one format."""
     n = len(tensors.params)
     dtypes = {p.dtype for p in tensors.params}
-    if not tensors.scales and len(dtypes) == 1:
-        bf16 = {m.dtype == torch.bfloat16 for m in tensors.exp_avgs}
-        if len(bf16) == 1:
-            fmt = "bf16" if bf16.pop() else "fp32"
-            return [((dtypes.pop(), fmt), range(n), tensors.select(range(n)))]
-    groups: dict[tuple[torch.dtype, str], list[int]] = {}
+    formats = {m.format for m in tensors.exp_avgs}
+    if len(dtypes) == 1 and len(formats) == 1:
+        return [((dtypes.pop(), formats.pop()), range(n), tensors.select(range(n)))]
+    groups: dict[tuple[torch.dtype, StorageFormat], list[int]] = {}
     for i in range(n):
         groups.setdefault((tensors.params[i].dtype, tensors.format_of(i)), []).append(i)
     return [(key, index, tensors.select(index)) for key, index in groups.items()]

@@ -32,11 +32,11 @@ from typing import Any, Literal, cast
 import torch
 from torch import Tensor
 
-from adabelief import compressed_state
 from adabelief._hyper import Hyperparameters
+from adabelief.compressed_state import FP32, Moment, as_moment, encode_
 from adabelief.kernels import cpu, tensor_math
 from adabelief.kernels.foreach import foreach_step
-from adabelief.kernels.lists import GroupTensors, MomentScales
+from adabelief.kernels.lists import GroupTensors
 from adabelief.kernels.single_tensor import single_tensor_step
 
 __all__ = ["FusedFallbackWarning", "Path", "adabelief", "choose_path", "fused_is_default", "run"]
@@ -110,26 +110,29 @@ def choose_path(params: Sequence[Tensor], group: Mapping[str, Any]) -> Path:
 def adabelief(
     params: list[Tensor],
     grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_vars: list[Tensor],
-    max_exp_avg_vars: list[Tensor],
+    exp_avgs: Sequence[Tensor | Moment],
+    exp_avg_vars: Sequence[Tensor | Moment],
+    max_exp_avg_vars: Sequence[Tensor | Moment],
     state_steps: list[Tensor],
     *,
     group: Mapping[str, Any],
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
-    scales: Sequence[MomentScales] | None = None,
 ) -> None:
     """Functional AdaBelief step over lists of tensors with the options of ``group`` (a param
     group of :class:`adabelief.AdaBelief`), in place.
 
-    ``max_exp_avg_vars`` is empty unless ``group["amsgrad"]``. The moments may be stored as
-    :mod:`adabelief.compressed_state` keeps them; ``scales`` then holds each parameter's int8 block
-    scales. ``grad_scale``/``found_inf`` (GradScaler) are taken by the fused paths only.
+    ``max_exp_avg_vars`` is empty unless ``group["amsgrad"]``. A moment is a plain tensor
+    (float32, the parameter's dtype for float64 and complex, or bfloat16 for the ``"bf16"``
+    format) or a :class:`~adabelief.compressed_state.Moment` in any format (``"int8"`` needs
+    one: its codes with their block scales). ``grad_scale``/``found_inf`` (GradScaler) are
+    taken by the fused paths only.
     """
-    tensors = GroupTensors(
-        params, grads, exp_avgs, exp_avg_vars, max_exp_avg_vars, state_steps, scales or ()
+    exp_avgs, exp_avg_vars, max_exp_avg_vars = (
+        [as_moment(t, belief) for t in column]
+        for column, belief in ((exp_avgs, False), (exp_avg_vars, True), (max_exp_avg_vars, True))
     )
+    tensors = GroupTensors(params, grads, exp_avgs, exp_avg_vars, max_exp_avg_vars, state_steps)
     run(tensors, group, grad_scale=grad_scale, found_inf=found_inf)
 
 
@@ -203,55 +206,64 @@ def _run_float_kernel(path: Path, tensors: GroupTensors, hp: Hyperparameters) ->
     """The single-tensor or foreach kernel, with compressed moments decoded around it."""
     kernel = foreach_step if path == "foreach" else single_tensor_step
     formats = [tensors.format_of(i) for i in range(len(tensors.params))]
-    compressed = [i for i, fmt in enumerate(formats) if fmt != "fp32"]
+    compressed = [i for i, fmt in enumerate(formats) if fmt is not FP32]
     if not compressed:
         kernel(tensors, hp)
         return
-    plain = [i for i, fmt in enumerate(formats) if fmt == "fp32"]
+    plain = [i for i, fmt in enumerate(formats) if fmt is FP32]
     if plain:
         kernel(tensors.select(plain), hp)
-    keys = ("exp_avg", "exp_avg_var", "exp_avg_var")
     for i in compressed:
         one = tensors.select([i])
-        stored = [one.exp_avgs, one.exp_avg_vars, one.max_exp_avg_vars]
-        scales = one.scales_of(0)
-        work = [
-            [compressed_state.decode(column[0], scales[k], keys[k])] if column else []
-            for k, column in enumerate(stored)
-        ]
-        kernel(GroupTensors(one.params, one.grads, work[0], work[1], work[2], one.state_steps), hp)
-        present = [k for k, column in enumerate(stored) if column]
-        compressed_state.encode_(
-            [stored[k][0] for k in present],
-            [scales[k] for k in present],
-            [work[k][0] for k in present],
-            int(one.state_steps[0].item()),
+        stored = [*one.exp_avgs, *one.exp_avg_vars, *one.max_exp_avg_vars]
+        work = [Moment(m.decode(), None, FP32, m.belief) for m in stored]
+        kernel(
+            one._replace(exp_avgs=work[:1], exp_avg_vars=work[1:2], max_exp_avg_vars=work[2:]), hp
         )
+        encode_(stored, [m.codes for m in work], int(one.state_steps[0].item()))
 
 
 def _local_shards(tensors: GroupTensors) -> GroupTensors | None:
     """``tensors`` with each DTensor replaced by its local shard (``to_local()``, which shares its
     memory), or None when a tensor is another subclass, a shard's shape differs from its
-    parameter's, or a moment is int8 (its block scales span the shards: see
-    :mod:`adabelief.compressed_state`)."""
-    if any(scale is not None for entry in tensors.scales for scale in entry):
-        return None
-    columns = []
-    for column in [*tensors.columns(), tensors.state_steps]:
-        local = []
-        for t in column:
-            if type(t) not in cpu.PLAIN_TYPES:
-                to_local = getattr(t, "to_local", None)
-                if not callable(to_local):
-                    return None
-                t = to_local()
-                if type(t) not in cpu.PLAIN_TYPES:
-                    return None
-            local.append(t)
-        columns.append(local)
-    shapes = [p.shape for p in columns[0]]
-    for column in columns[1:5]:
+    parameter's, or a moment's format cannot step a shard alone (int8, whose block scales span
+    the shards: :meth:`~adabelief.compressed_state.StorageFormat.local`)."""
+
+    def local_tensor(t: Tensor) -> Tensor | None:
+        if type(t) in cpu.PLAIN_TYPES:
+            return t
+        to_local = getattr(t, "to_local", None)
+        local = to_local() if callable(to_local) else None
+        return local if type(local) in cpu.PLAIN_TYPES else None
+
+    def local_moment(m: Moment) -> Moment | None:
+        local = m.format.local(m)
+        if local is None or type(local.codes) not in cpu.PLAIN_TYPES:
+            return None
+        return local
+
+    plain: list[list[Tensor]] = []
+    for column in (tensors.params, tensors.grads, tensors.state_steps):
+        local = [local_tensor(t) for t in column]
+        if any(t is None for t in local):
+            return None
+        plain.append(cast(list[Tensor], local))
+    params, grads, steps = plain
+    shapes = [p.shape for p in params]
+    moments: list[list[Moment]] = []
+    for moment_column in (tensors.exp_avgs, tensors.exp_avg_vars, tensors.max_exp_avg_vars):
+        local_moments = [local_moment(m) for m in moment_column]
+        if any(m is None for m in local_moments):
+            return None
+        moments.append(cast(list[Moment], local_moments))
+    for column in [grads, *([m.codes for m in c] for c in moments)]:
         if column and [t.shape for t in column] != shapes:
             return None
-    p, g, m, s, s_max, steps = columns
-    return GroupTensors(p, g, m, s, s_max, steps, tensors.scales)
+    return tensors._replace(
+        params=params,
+        grads=grads,
+        exp_avgs=moments[0],
+        exp_avg_vars=moments[1],
+        max_exp_avg_vars=moments[2],
+        state_steps=steps,
+    )

@@ -31,12 +31,13 @@ def foreach_step(tensors: GroupTensors, hp: Hyperparameters) -> None:
     operation and (device, dtype); ``hp.lr`` is a float."""
     for (_, dtype), index in group_by_device_and_dtype(tensors.params).items():
         part = tensors.select(index)
+        exp_avgs, exp_avg_vars, max_exp_avg_vars = part.float_moments()
         _foreach_group(
             _real(part.params),
             _real(part.grads),
-            _real(part.exp_avgs),
-            _real(part.exp_avg_vars),
-            _real(part.max_exp_avg_vars),
+            _real(exp_avgs),
+            _real(exp_avg_vars),
+            _real(max_exp_avg_vars),
             part.state_steps,
             hp,
             low_precision=dtype in LOW_PRECISION_DTYPES,

@@ -7,41 +7,32 @@ from typing import NamedTuple
 
 from torch import Tensor
 
-from adabelief.compressed_state import moment_format
-
-#: The int8 block scales of a parameter's (exp_avg, exp_avg_var, max_exp_avg_var), or Nones.
-MomentScales = tuple[Tensor | None, Tensor | None, Tensor | None]
-NO_SCALES: MomentScales = (None, None, None)
+from adabelief.compressed_state import FP32, Moment, StorageFormat
 
 
 class GroupTensors(NamedTuple):
     """Parallel lists, one entry per parameter that has a gradient.
 
-    ``exp_avgs``/``exp_avg_vars``/``max_exp_avg_vars`` hold the moments as stored: float32 (the
-    parameter's dtype for float64 and complex), bfloat16 codes, or int8/uint8 codes whose block
-    scales are in ``scales``. ``max_exp_avg_vars`` is empty unless AMSGrad; ``scales`` is empty
-    when no moment is int8.
+    ``exp_avgs``/``exp_avg_vars``/``max_exp_avg_vars`` hold the moments as stored, each one
+    :class:`~adabelief.compressed_state.Moment` (its codes, its scales and its format); all the
+    moments of one parameter share a format. ``max_exp_avg_vars`` is empty unless AMSGrad.
     """
 
     params: list[Tensor]
     grads: list[Tensor]
-    exp_avgs: list[Tensor]
-    exp_avg_vars: list[Tensor]
-    max_exp_avg_vars: list[Tensor]
+    exp_avgs: list[Moment]
+    exp_avg_vars: list[Moment]
+    max_exp_avg_vars: list[Moment]
     state_steps: list[Tensor]
-    scales: Sequence[MomentScales] = ()
 
-    def scales_of(self, i: int) -> MomentScales:
-        return self.scales[i] if self.scales else NO_SCALES
-
-    def format_of(self, i: int) -> str:
-        """``"fp32"``, ``"bf16"`` or ``"int8"``: how parameter ``i``'s moments are stored."""
-        return moment_format(self.exp_avgs[i], self.scales_of(i)[0])
+    def format_of(self, i: int) -> StorageFormat:
+        """How parameter ``i``'s moments are stored."""
+        return self.exp_avgs[i].format
 
     def select(self, index: Sequence[int]) -> GroupTensors:
         """The entries at ``index``, in that order."""
 
-        def pick(column: list[Tensor]) -> list[Tensor]:
+        def pick(column: list) -> list:
             return [column[i] for i in index] if column else []
 
         return GroupTensors(
@@ -51,9 +42,16 @@ class GroupTensors(NamedTuple):
             pick(self.exp_avg_vars),
             pick(self.max_exp_avg_vars),
             pick(self.state_steps),
-            [self.scales[i] for i in index] if self.scales else (),
         )
 
-    def columns(self) -> list[list[Tensor]]:
-        """(params, grads, exp_avgs, exp_avg_vars, max_exp_avg_vars): the element-wise operands."""
-        return [self.params, self.grads, self.exp_avgs, self.exp_avg_vars, self.max_exp_avg_vars]
+    def float_moments(self) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """(exp_avgs, exp_avg_vars, max_exp_avg_vars) as the tensors the single-tensor and
+        foreach kernels update in place: the moments must be ``"fp32"`` (the dispatcher decodes
+        compressed ones around these kernels)."""
+        if any(m.format is not FP32 for m in self.exp_avgs):
+            raise ValueError("the single-tensor and foreach kernels take fp32 moments only")
+        return (
+            [m.codes for m in self.exp_avgs],
+            [m.codes for m in self.exp_avg_vars],
+            [m.codes for m in self.max_exp_avg_vars],
+        )

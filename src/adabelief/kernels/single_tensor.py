@@ -16,6 +16,7 @@ from adabelief.scalars import StepScalars, step_scalars
 
 def single_tensor_step(tensors: GroupTensors, hp: Hyperparameters) -> None:
     """Update each parameter and its float32 moments in place; ``hp.lr`` is a float."""
+    exp_avgs, exp_avg_vars, max_exp_avg_vars = tensors.float_moments()
     for i, param in enumerate(tensors.params):
         step_t = tensors.state_steps[i]
         step_t += 1
@@ -30,9 +31,9 @@ def single_tensor_step(tensors: GroupTensors, hp: Hyperparameters) -> None:
         update_one(
             param,
             tensors.grads[i],
-            tensors.exp_avgs[i],
-            tensors.exp_avg_vars[i],
-            tensors.max_exp_avg_vars[i] if hp.amsgrad else None,
+            exp_avgs[i],
+            exp_avg_vars[i],
+            max_exp_avg_vars[i] if hp.amsgrad else None,
             scalars,
             hp,
         )

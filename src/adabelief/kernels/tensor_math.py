@@ -18,7 +18,6 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from adabelief import compressed_state
 from adabelief._hyper import LOW_PRECISION_DTYPES, Hyperparameters
 from adabelief.kernels.lists import GroupTensors
 from adabelief.scalars import StepScalars, step_scalars
@@ -95,18 +94,11 @@ def tensor_step(
             rectify=hp.rectify,
             degenerated_to_sgd=hp.degenerated_to_sgd,
         )
-        fmt = tensors.format_of(i)
-        scales = tensors.scales_of(i)
         stored = [tensors.exp_avgs[i], tensors.exp_avg_vars[i]]
         if hp.amsgrad:
             stored.append(tensors.max_exp_avg_vars[i])
-        kinds = ("exp_avg", "exp_avg_var", "exp_avg_var")
-        if fmt == "fp32":
-            moments = [_as_real(t) for t in stored]
-        else:
-            moments = [
-                compressed_state.decode(t, scales[j], kinds[j]) for j, t in enumerate(stored)
-            ]
+        # Decoded in the graph; "fp32" moments are the stored tensors themselves.
+        moments = [_as_real(m.decode()) for m in stored]
         new = belief_update(
             _as_real(param),
             _as_real(tensors.grads[i]),
@@ -120,18 +112,13 @@ def tensor_step(
         targets: list[Tensor] = [_as_real(param), step_t]
         values: list[Tensor] = [new[0], new_step]
         new_moments = [m for m in new[1:] if m is not None]
-        if fmt == "fp32":
-            targets += moments
-            values += new_moments
-        else:
-            encoded = compressed_state.encode(new_moments, fmt, new_step.to(torch.int64))
-            for j, (codes, block_max) in enumerate(encoded):
-                targets.append(stored[j])
-                values.append(codes)
-                scale = scales[j]
-                if scale is not None and block_max is not None:
-                    targets.append(scale)
-                    values.append(block_max)
+        encoded = tensors.format_of(i).encode(new_moments, new_step.to(torch.int64))
+        for m, (codes, scale) in zip(stored, encoded, strict=True):
+            targets.append(_as_real(m.codes))
+            values.append(codes)
+            if m.scale is not None and scale is not None:
+                targets.append(m.scale)
+                values.append(scale)
         for target, value in zip(targets, values, strict=True):
             if skip is not None:
                 value = torch.where(skip, target, value.to(target.dtype))
