@@ -25,6 +25,8 @@ class Hyperparameters(NamedTuple):
     degenerated_to_sgd: bool
     amsgrad: bool
     maximize: bool
+    #: ``master_weights`` (:mod:`adabelief.master_weights`): how 16-bit weights keep updates.
+    master_weights: str = "round"
 
     @classmethod
     def from_group(cls, group: dict[str, Any], lr: float | Tensor) -> Hyperparameters:
@@ -41,6 +43,7 @@ class Hyperparameters(NamedTuple):
             degenerated_to_sgd=bool(group["degenerated_to_sgd"]),
             amsgrad=bool(group["amsgrad"]),
             maximize=bool(group["maximize"]),
+            master_weights=str(group.get("master_weights", "round")),
         )
 
     def decay_factor(self) -> float | Tensor:

@@ -25,6 +25,7 @@ from torch.optim.optimizer import (
 
 from adabelief import _validation as validation
 from adabelief import compressed_state
+from adabelief import master_weights as _master_weights
 from adabelief.backward_step import BackwardStep, check_group
 from adabelief.checkpoint import migrate_state_dict, restore_moment_dtypes
 from adabelief.kernels import GroupTensors, cpu, dispatch
@@ -46,6 +47,7 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "differentiable": False,
     "state_precision": "fp32",
     "step_in_backward": False,
+    "master_weights": "round",
 }
 
 
@@ -123,6 +125,19 @@ class AdaBelief(Optimizer):
             GradScaler, DDP), nor with reentrant activation checkpointing, nor with a second
             optimizer on the same parameters; see :mod:`adabelief.backward_step` and
             docs/step-in-backward.md.
+        master_weights: how a float16 or bfloat16 parameter keeps the updates it is too coarse
+            to hold (float32, float64 and complex parameters have their master already: the
+            option does nothing for them). ``"round"`` (default): the float32 result is
+            rounded to nearest, as torch's optimizers do; no state, but updates under half a
+            unit in the last place (ulp) are lost, which stalls training at small learning
+            rates. ``"residual"``: 1 byte per parameter, an int8 code of the float32 master's
+            difference from the weight in 1/256 ulp (rounded stochastically, with the
+            deterministic dither of the moments): trains as float32 master weights do.
+            ``"fp32"``: 4 bytes, the float32 master itself. ``"stochastic"``: no state, the
+            weight rounded stochastically (kept in expectation, noisier). The default keeps
+            the behaviour, the state and the checkpoints of earlier versions (and of
+            ``adabelief-pytorch``) unchanged; pick ``"residual"`` for 16-bit training. See
+            :mod:`adabelief.master_weights` and docs/mixed-precision.md.
 
     State per parameter: ``step`` (0-dim tensor), ``exp_avg``, ``exp_avg_var`` and, with AMSGrad,
     ``max_exp_avg_var``; the moments are float32 for float16 and bfloat16 parameters (with
@@ -149,8 +164,10 @@ class AdaBelief(Optimizer):
         differentiable: bool = False,
         state_precision: str = "fp32",
         step_in_backward: bool = False,
+        master_weights: str = "round",
     ) -> None:
         validation.check_nonnegative("lr", lr)
+        _master_weights.check_master_weights(master_weights)
         compressed_state.check_state_precision(state_precision)
         validation.check_eps("eps", eps)
         validation.check_nonnegative("weight_decay", weight_decay)
@@ -175,9 +192,11 @@ class AdaBelief(Optimizer):
             differentiable=differentiable,
             state_precision=state_precision,
             step_in_backward=step_in_backward,
+            master_weights=master_weights,
         )
         self._backward = self._new_backward_step()
         super().__init__(params, defaults)  # add_param_group validates the options
+        _master_weights.keep_masters_on_load(self)
         if fused:
             reason = cpu.kernel_error()
             if reason is not None:
@@ -197,6 +216,7 @@ class AdaBelief(Optimizer):
                 group.setdefault(key, value)
         if "_backward" not in self.__dict__:  # unpickled or deep-copied: hook its own params
             self._backward = self._new_backward_step()
+            _master_weights.keep_masters_on_load(self)
         self._backward.sync()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -209,6 +229,8 @@ class AdaBelief(Optimizer):
             param_group["betas"] = validation.check_betas(param_group["betas"])
         if "state_precision" in param_group:
             compressed_state.check_state_precision(param_group["state_precision"])
+        if "master_weights" in param_group:
+            _master_weights.check_master_weights(param_group["master_weights"])
         merged = {**self.defaults, **param_group}
         for name in BOOL_OPTIONS:
             validation.check_bool(name, merged[name])
@@ -275,6 +297,10 @@ class AdaBelief(Optimizer):
                     compressed_state.moment(state, "max_exp_avg_var", fmt)
                 )
             tensors.state_steps.append(state["step"])
+            if isinstance(tensors.masters, list):  # master_weights: see _step_params
+                tensors.masters.append(
+                    _master_weights.sync_state_(state, p, group["master_weights"])
+                )
 
     def _param_state(self, group: dict[str, Any], p: Tensor) -> dict[str, Any]:
         """``p``'s state, created on first use (step 0, zero moments in the group's
@@ -305,8 +331,10 @@ class AdaBelief(Optimizer):
         found_inf: Tensor | None = None,
     ) -> None:
         """Step ``params`` of ``group`` (default all; those without a gradient are skipped)."""
-        tensors = GroupTensors([], [], [], [], [], [])
+        tensors = GroupTensors([], [], [], [], [], [], masters=[])
         self._init_group(group, tensors, params)
+        if all(master is None for master in tensors.masters):
+            tensors = tensors._replace(masters=())
         dispatch.run(tensors, group, grad_scale=grad_scale, found_inf=found_inf)
 
     @_use_grad_for_differentiable

@@ -1,7 +1,8 @@
 // The kernel's C ABI: one call is one adabelief_call, which cpu.py builds as a ctypes.Structure
 // (_Call and _Tensor there mirror these two structs field for field). The constants (dtype codes,
 // state formats, step kinds, the int8 block size, ADABELIEF_ABI_VERSION) are cpu.py's CPU_ABI
-// table, passed to the compiler as macros.
+// table, passed to the compiler as macros. Version 5 added the master weights (tensor.master,
+// call.master_weights, which took the place of a reserved 0).
 #pragma once
 
 #include <cstdint>
@@ -11,7 +12,9 @@
     !defined(ADABELIEF_DTYPE_FLOAT16) || !defined(ADABELIEF_STATE_FP32) ||     \
     !defined(ADABELIEF_STATE_BF16) || !defined(ADABELIEF_STATE_INT8) ||        \
     !defined(ADABELIEF_KIND_ADAPTIVE) || !defined(ADABELIEF_KIND_MOMENTUM) ||  \
-    !defined(ADABELIEF_KIND_NO_STEP) || !defined(ADABELIEF_INT8_BLOCK)
+    !defined(ADABELIEF_KIND_NO_STEP) || !defined(ADABELIEF_INT8_BLOCK) ||      \
+    !defined(ADABELIEF_MASTER_ROUND) || !defined(ADABELIEF_MASTER_RESIDUAL) || \
+    !defined(ADABELIEF_MASTER_FP32) || !defined(ADABELIEF_MASTER_STOCHASTIC)
 #error "build through adabelief/kernels/cpu.py, which defines the ABI macros"
 #endif
 
@@ -32,6 +35,8 @@ struct adabelief_tensor {
   double sqrt_bc2;               // sqrt(1 - beta2^step)
   uint32_t step_key;             // the dither's step key (compressed_state.step_key)
   int32_t kind;                  // ADABELIEF_KIND_*
+  void* master;                  // 16-bit parameters: int8 residual codes (MASTER_RESIDUAL) or
+                                 // the float32 master (MASTER_FP32); else null
 };
 
 // The hyperparameters shared by the tensors of a call.
@@ -48,7 +53,7 @@ struct adabelief_call {
   int32_t l2;      // weight decay added to the gradient (else decoupled, through options.decay)
   int32_t amsgrad;
   int32_t num_threads;
-  int32_t reserved;  // 0
+  int32_t master_weights;  // ADABELIEF_MASTER_* (ROUND for 32- and 64-bit parameters)
   int64_t n;
   adabelief_tensor* tensors;
   adabelief_options options;

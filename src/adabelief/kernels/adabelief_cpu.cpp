@@ -10,6 +10,7 @@
 //   dither.h         the hashed dither of the stochastic rounding (format version 2);
 //   codes_bf16.h     the bfloat16 format;
 //   codes_int8.h     the block-wise int8 format (its decoding written once, over lanes);
+//   master_weights.h the master weights of 16-bit parameters (master_weights="residual", ...);
 //   adabelief_cpu.cpp  this file: the dispatch over dtype, format and options, the threads.
 //
 // Compressed moments (adabelief/compressed_state.py is the reference) use the same hashed dither
@@ -97,41 +98,62 @@ void encode_block(const adabelief_tensor& t, int64_t b, int64_t n, const float* 
 #pragma GCC diagnostic pop
 #endif
 
-using Fn = void (*)(const adabelief_tensor&, int64_t, int64_t, const adabelief_options&);
+using Fn = void (*)(const adabelief_tensor&, int64_t, int64_t, const adabelief_options&, int);
 
-template <typename P, int FORMAT, bool L2, bool AMS, int KIND>
-void update_erased(const adabelief_tensor& t, int64_t begin, int64_t end,
-                   const adabelief_options& o) {
+template <typename P>
+constexpr bool kSixteenBit = std::is_same_v<P, BF16> || std::is_same_v<P, F16>;
+
+// The portable loops: update_range on the fp32 moments, or on blocks of decoded compressed ones.
+// With MASTER, the parameters' master weights (master_weights.h; the 16-bit types only).
+template <typename P, int FORMAT, bool L2, bool AMS, int KIND, bool MASTER>
+void update_portable(const adabelief_tensor& t, int64_t begin, int64_t end,
+                     const adabelief_options& o, const MasterWeights& mw) {
   using T = typename Math<P>::T;
   P* p = static_cast<P*>(t.param);
   const P* g = static_cast<const P*>(t.grad);
   if constexpr (FORMAT == ADABELIEF_STATE_FP32) {
-    update_range<P, L2, AMS, KIND>(p, g, static_cast<T*>(t.exp_avg), static_cast<T*>(t.exp_avg_var),
-                                   static_cast<T*>(t.max_exp_avg_var), begin, end, o, t.step_size,
-                                   t.sqrt_bc2);
+    update_range<P, L2, AMS, KIND, false, T, MASTER>(
+        p, g, static_cast<T*>(t.exp_avg), static_cast<T*>(t.exp_avg_var),
+        static_cast<T*>(t.max_exp_avg_var), begin, end, o, t.step_size, t.sqrt_bc2, nullptr, mw);
   } else {
-#if defined(__AVX2__)
-    if constexpr (std::is_same_v<P, float> || std::is_same_v<P, BF16>) {
-      const Coefficients<F8> c(o, t.step_size, t.sqrt_bc2);
-      if constexpr (FORMAT == ADABELIEF_STATE_BF16) {
-        begin = update_bf16_lanes<P, L2, AMS, KIND>(t, begin, end, c);
-      } else {
-        for (; begin + kBlock <= end; begin += kBlock) {
-          update_int8_block<P, L2, AMS, KIND>(t, begin, c);
-        }
-      }
-    }
-#endif
     constexpr bool roots = FORMAT == ADABELIEF_STATE_INT8 && KIND == kAdaptive;
     float m[kBlock], s[kBlock], s_max[kBlock], belief_root[roots ? kBlock : 1];
     for (int64_t b = begin; b < end; b += kBlock) {
       const int64_t n = end - b < kBlock ? end - b : kBlock;
       decode_block<FORMAT, AMS>(t, b, n, m, s, s_max);
-      update_range<P, L2, AMS, KIND, roots, float>(p + b, g + b, m, s, s_max, 0, n, o,
-                                                   t.step_size, t.sqrt_bc2, belief_root);
+      const MasterWeights at{mw.mode, master_at(mw.master, mw.mode, b), mw.step_key};
+      update_range<P, L2, AMS, KIND, roots, float, MASTER>(
+          p + b, g + b, m, s, s_max, 0, n, o, t.step_size, t.sqrt_bc2, belief_root, at);
       encode_block<FORMAT, AMS, roots>(t, b, n, m, s, s_max, belief_root);
     }
   }
+}
+
+template <typename P, int FORMAT, bool L2, bool AMS, int KIND>
+void update_erased(const adabelief_tensor& t, int64_t begin, int64_t end,
+                   const adabelief_options& o, int master) {
+  const MasterWeights none{kMasterRound, nullptr, 0};
+  if constexpr (kSixteenBit<P>) {
+    if (master != kMasterRound) {  // one element at a time, on the portable loops
+      const MasterWeights mw{master, t.master, t.step_key};
+      update_portable<P, FORMAT, L2, AMS, KIND, true>(t, begin, end, o, mw);
+      return;
+    }
+  }
+#if defined(__AVX2__)
+  if constexpr (FORMAT != ADABELIEF_STATE_FP32 &&
+                (std::is_same_v<P, float> || std::is_same_v<P, BF16>)) {
+    const Coefficients<F8> c(o, t.step_size, t.sqrt_bc2);
+    if constexpr (FORMAT == ADABELIEF_STATE_BF16) {
+      begin = update_bf16_lanes<P, L2, AMS, KIND>(t, begin, end, c);
+    } else {
+      for (; begin + kBlock <= end; begin += kBlock) {
+        update_int8_block<P, L2, AMS, KIND>(t, begin, c);
+      }
+    }
+  }
+#endif
+  update_portable<P, FORMAT, L2, AMS, KIND, false>(t, begin, end, o, none);
 }
 
 template <typename P, int FORMAT, bool L2, bool AMS>
@@ -221,9 +243,10 @@ void adabelief_increment_steps(int64_t n, void* const* steps, int step_is_double
 }
 
 // One step of call->n tensors (abi.h). Returns 0, or 1 for a dtype/format pair that has no
-// kernel.
+// kernel or an unknown master_weights mode.
 int adabelief_update(const adabelief_call* call) {
   if (pick(call->dtype, call->format, false, false, kAdaptive) == nullptr) return 1;
+  if (call->master_weights < kMasterRound || call->master_weights > kMasterStochastic) return 1;
   const adabelief_tensor* tensors = call->tensors;
   const int64_t n = call->n;
   std::vector<int64_t> work;  // (tensor, first element) of each chunk
@@ -245,7 +268,7 @@ int adabelief_update(const adabelief_call* call) {
     const int64_t begin = work[size_t(2 * c + 1)];
     const int64_t end = begin + kChunk < t.numel ? begin + kChunk : t.numel;
     const Fn fn = pick(call->dtype, call->format, call->l2 != 0, call->amsgrad != 0, t.kind);
-    fn(t, begin, end, call->options);
+    fn(t, begin, end, call->options, call->master_weights);
   };
   // Each thread streams through its own contiguous block of chunks, then takes the chunks
   // left in the other blocks (a thread that the OS delays does not hold the others up).

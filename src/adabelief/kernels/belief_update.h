@@ -9,6 +9,7 @@
 
 #include "abi.h"
 #include "lanes.h"
+#include "master_weights.h"
 
 namespace {
 
@@ -61,25 +62,44 @@ inline void belief_step(V& param, V grad, V& avg, V& var, V& max_var, V& root,
   }
 }
 
+// The master weight of a 16-bit parameter (master_weights.h): the mode (kMaster*), the
+// residual codes or float32 master (indexed as the parameter), and the dither's step key.
+struct MasterWeights {
+  int mode;
+  void* master;
+  uint32_t step_key;
+};
+
 // belief_step over elements [begin, end): on the moments themselves for the fp32 format, on a
 // block of decoded float32 moments for the compressed ones. With ROOTS (the adaptive kind only),
-// belief_root receives the square roots of the belief.
+// belief_root receives the square roots of the belief. With MASTER (16-bit parameters whose
+// master_weights is not "round"), the update starts from the master and splits it back.
 template <typename P, bool L2, bool AMS, int KIND, bool ROOTS = false,
-          typename T = typename Math<P>::T>
+          typename T = typename Math<P>::T, bool MASTER = false>
 void update_range(P* __restrict p, const P* __restrict g, T* __restrict m, T* __restrict s,
                   T* __restrict s_max, int64_t begin, int64_t end, const adabelief_options& o,
-                  double step_size, double sqrt_bc2, T* __restrict belief_root = nullptr) {
+                  double step_size, double sqrt_bc2, T* __restrict belief_root = nullptr,
+                  const MasterWeights& mw = {kMasterRound, nullptr, 0}) {
   static_assert(!ROOTS || KIND == kAdaptive, "only the adaptive step takes the square root");
   const Coefficients<T> c(o, step_size, sqrt_bc2);
   for (int64_t i = begin; i < end; ++i) {
-    T param = load(p, i), avg = m[i], var = s[i];
+    T param = T(0), avg = m[i], var = s[i];
+    if constexpr (MASTER) {
+      param = load_master(p, mw.master, mw.mode, i);
+    } else {
+      param = load(p, i);
+    }
     T max_var = AMS ? s_max[i] : T(0), root = T(0);
     belief_step<L2, AMS, KIND>(param, load(g, i), avg, var, max_var, root, c);
     if (AMS) s_max[i] = max_var;
     if (ROOTS) belief_root[i] = root;
     m[i] = avg;
     s[i] = var;
-    store(p, i, param);
+    if constexpr (MASTER) {
+      store_master(p, mw.master, mw.mode, mw.step_key, i, param);
+    } else {
+      store(p, i, param);
+    }
   }
 }
 

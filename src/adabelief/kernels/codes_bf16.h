@@ -15,10 +15,6 @@ inline void decode_bf16(const uint16_t* bits, int64_t n, float* out) {
   for (int64_t j = 0; j < n; ++j) out[j] = from_bits(uint32_t(bits[j]) << 16);
 }
 
-inline uint32_t round_bf16(float v, uint32_t dither) { return (to_bits(v) + dither) >> 16; }
-
-inline bool non_finite_bf16(uint32_t bits) { return (bits & 0x7f80u) == 0x7f80u; }
-
 // Those are rare, so the vectorised loops only note that a group has one, and this redoes the
 // group.
 inline void redo_non_finite(const float* values, int64_t n, uint16_t* bits) {

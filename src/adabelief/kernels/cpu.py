@@ -40,6 +40,7 @@ from array import array
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -68,7 +69,7 @@ __all__ = [
 
 #: The kernel's ABI, passed to the compiler as ``-D`` macros (see adabelief_cpu.cpp).
 CPU_ABI: dict[str, int] = {
-    "ADABELIEF_ABI_VERSION": 4,
+    "ADABELIEF_ABI_VERSION": 5,
     "ADABELIEF_DTYPE_FLOAT32": 0,
     "ADABELIEF_DTYPE_FLOAT64": 1,
     "ADABELIEF_DTYPE_BFLOAT16": 2,
@@ -80,6 +81,10 @@ CPU_ABI: dict[str, int] = {
     "ADABELIEF_KIND_MOMENTUM": 1,
     "ADABELIEF_KIND_NO_STEP": 2,
     "ADABELIEF_INT8_BLOCK": compressed_state.BLOCK_SIZE,
+    "ADABELIEF_MASTER_ROUND": 0,
+    "ADABELIEF_MASTER_RESIDUAL": 1,
+    "ADABELIEF_MASTER_FP32": 2,
+    "ADABELIEF_MASTER_STOCHASTIC": 3,
 }
 
 #: Parameter dtype -> (kernel dtype code, float32 elements per parameter element).
@@ -95,6 +100,12 @@ _STATE_CODES = {
     "fp32": CPU_ABI["ADABELIEF_STATE_FP32"],
     "bf16": CPU_ABI["ADABELIEF_STATE_BF16"],
     "int8": CPU_ABI["ADABELIEF_STATE_INT8"],
+}
+_MASTER_CODES = {
+    "round": CPU_ABI["ADABELIEF_MASTER_ROUND"],
+    "residual": CPU_ABI["ADABELIEF_MASTER_RESIDUAL"],
+    "fp32": CPU_ABI["ADABELIEF_MASTER_FP32"],
+    "stochastic": CPU_ABI["ADABELIEF_MASTER_STOCHASTIC"],
 }
 #: The state dtype the kernel reads for the fp32 format, by parameter dtype.
 _FP32_STATE_DTYPE = {
@@ -202,6 +213,7 @@ class _Tensor(ctypes.Structure):
         ("sqrt_bc2", ctypes.c_double),
         ("step_key", ctypes.c_uint32),
         ("kind", ctypes.c_int32),
+        ("master", ctypes.c_void_p),
     ]
 
 
@@ -224,7 +236,7 @@ class _Call(ctypes.Structure):
         ("l2", ctypes.c_int32),
         ("amsgrad", ctypes.c_int32),
         ("num_threads", ctypes.c_int32),
-        ("reserved", ctypes.c_int32),
+        ("master_weights", ctypes.c_int32),
         ("n", ctypes.c_int64),
         ("tensors", ctypes.POINTER(_Tensor)),
         ("options", _Options),
@@ -492,6 +504,7 @@ def cpu_step(
         columns += [_addresses([m.scale for m in c]) for c in moments]
         if not hp.amsgrad:
             columns.append([0] * count)
+        master_code, masters = _masters(part, dtype, hp.master_weights, write_back)
         entries = (_Tensor * count)()
         for j, i in enumerate(positions):
             step_size, sqrt_bc2, kind = cache[new_steps[i]]
@@ -502,6 +515,7 @@ def cpu_step(
                 sqrt_bc2,
                 keys[new_steps[i]],
                 kind,
+                masters[j],
             )
         call = _Call(
             code,
@@ -509,7 +523,7 @@ def cpu_step(
             int(l2),
             int(hp.amsgrad),
             threads,
-            0,
+            master_code,
             count,
             entries,
             options,
@@ -519,6 +533,26 @@ def cpu_step(
             raise RuntimeError(f"fused AdaBelief kernel failed with status {status}")
         for original, copy in write_back:
             original.copy_(copy)
+
+
+def _masters(
+    part: GroupTensors, dtype: torch.dtype, mode: str, write_back: list[tuple[Tensor, Tensor]]
+) -> tuple[int, list[int]]:
+    """The kernel's master-weight mode for a part of ``dtype`` parameters, and each parameter's
+    master address (int8 residual codes or float32 master; 0 for none): see
+    :mod:`adabelief.master_weights`."""
+    count = len(part.params)
+    if dtype not in (torch.float16, torch.bfloat16) or mode == "round":
+        return _MASTER_CODES["round"], [0] * count
+    if mode == "stochastic":
+        return _MASTER_CODES[mode], [0] * count
+    masters = [part.master_of(j) for j in range(count)]
+    if any(m is None for m in masters):
+        raise ValueError(f"fused AdaBelief: master_weights={mode!r} without its state")
+    want = torch.int8 if mode == "residual" else torch.float32
+    return _MASTER_CODES[mode], _dense_addresses(
+        cast(list[Tensor], masters), want, False, write_back
+    )
 
 
 def _parts(

@@ -249,6 +249,9 @@ def _local_shards(tensors: GroupTensors) -> GroupTensors | None:
             return None
         plain.append(cast(list[Tensor], local))
     params, grads, steps = plain
+    masters = [None if m is None else local_tensor(m) for m in tensors.masters]
+    if [m is None for m in masters] != [m is None for m in tensors.masters]:
+        return None
     shapes = [p.shape for p in params]
     moments: list[list[Moment]] = []
     for moment_column in (tensors.exp_avgs, tensors.exp_avg_vars, tensors.max_exp_avg_vars):
@@ -266,4 +269,5 @@ def _local_shards(tensors: GroupTensors) -> GroupTensors | None:
         exp_avg_vars=moments[1],
         max_exp_avg_vars=moments[2],
         state_steps=steps,
+        masters=masters,
     )

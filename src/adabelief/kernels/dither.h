@@ -23,6 +23,13 @@ inline uint32_t pair_hash(float a, float b, uint32_t step_key) {
   return mix32(to_bits(a) ^ ((v << 16) | (v >> 16)) ^ step_key);
 }
 
+// Stochastic rounding to bfloat16 (the moments' bf16 format, and master_weights="stochastic"):
+// the 16-bit dither added to the float32 bits, which are then truncated. A non-finite result
+// (non_finite_bf16) is redone with round-to-nearest-even by the caller.
+inline uint32_t round_bf16(float v, uint32_t dither) { return (to_bits(v) + dither) >> 16; }
+
+inline bool non_finite_bf16(uint32_t bits) { return (bits & 0x7f80u) == 0x7f80u; }
+
 #if defined(__AVX2__)
 inline __m256i mix32(__m256i x) {
   x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));

@@ -9,6 +9,7 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
+from adabelief import master_weights
 from adabelief._hyper import LOW_PRECISION_DTYPES, Hyperparameters
 from adabelief.kernels.lists import GroupTensors
 from adabelief.scalars import StepScalars, step_scalars
@@ -41,6 +42,7 @@ def foreach_step(tensors: GroupTensors, hp: Hyperparameters) -> None:
             part.state_steps,
             hp,
             low_precision=dtype in LOW_PRECISION_DTYPES,
+            masters=[part.master_of(j) for j in range(len(index))],
         )
 
 
@@ -54,6 +56,7 @@ def _foreach_group(
     hp: Hyperparameters,
     *,
     low_precision: bool,
+    masters: list[Tensor | None],
 ) -> None:
     torch._foreach_add_(state_steps, 1)
     cache: dict[float, StepScalars] = {}
@@ -75,7 +78,7 @@ def _foreach_group(
         grads = list(torch._foreach_neg(grads))
     work = params
     if low_precision:
-        work = [p.float() for p in params]
+        work = [master_weights.load_local(p, m) for p, m in zip(params, masters, strict=True)]
         grads = [g.float() for g in grads]
 
     if hp.weight_decay != 0:
@@ -118,7 +121,13 @@ def _foreach_group(
             [work[j] for j in index], [exp_avgs[j] for j in index], alpha=-step_size
         )
 
-    if low_precision:
+    if low_precision and (hp.master_weights == "stochastic" or any(m is not None for m in masters)):
+        # The master's split is element-wise: one parameter at a time (see master_weights).
+        for param, master, param_work, step_t in zip(
+            params, masters, work, state_steps, strict=True
+        ):
+            master_weights.store_(param, master, param_work, hp.master_weights, step_t)
+    elif low_precision:
         if all(type(p) in (Tensor, torch.nn.Parameter) for p in params):
             torch._foreach_copy_(params, work)
         else:  # DTensor (FSDP2) has no sharding strategy for aten._foreach_copy_

@@ -24,6 +24,13 @@ class GroupTensors(NamedTuple):
     exp_avg_vars: list[Moment]
     max_exp_avg_vars: list[Moment]
     state_steps: list[Tensor]
+    #: Each 16-bit parameter's master (``master_weights``): int8 residual codes, a float32
+    #: master, or None; empty when no parameter has one (see :mod:`adabelief.master_weights`).
+    masters: Sequence[Tensor | None] = ()
+
+    def master_of(self, i: int) -> Tensor | None:
+        """Parameter ``i``'s master (:mod:`adabelief.master_weights`), or None."""
+        return self.masters[i] if self.masters else None
 
     def format_of(self, i: int) -> StorageFormat:
         """How parameter ``i``'s moments are stored."""
@@ -42,6 +49,7 @@ class GroupTensors(NamedTuple):
             pick(self.exp_avg_vars),
             pick(self.max_exp_avg_vars),
             pick(self.state_steps),
+            [self.masters[i] for i in index] if self.masters else (),
         )
 
     def float_moments(self) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:

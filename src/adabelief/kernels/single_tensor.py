@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from adabelief import master_weights
 from adabelief._hyper import LOW_PRECISION_DTYPES, Hyperparameters
 from adabelief.kernels.lists import GroupTensors
 from adabelief.scalars import StepScalars, step_scalars
@@ -36,6 +37,8 @@ def single_tensor_step(tensors: GroupTensors, hp: Hyperparameters) -> None:
             max_exp_avg_vars[i] if hp.amsgrad else None,
             scalars,
             hp,
+            master=tensors.master_of(i),
+            step=step_t,
         )
 
 
@@ -47,11 +50,16 @@ def update_one(
     max_exp_avg_var: Tensor | None,
     scalars: StepScalars,
     hp: Hyperparameters,
+    *,
+    master: Tensor | None = None,
+    step: int | Tensor = 0,
 ) -> None:
     """One AdaBelief step of one parameter, in place, with float ``scalars``.
 
     The gradient is never written to. 16-bit parameters are updated through a float32 copy;
-    their state is float32 already. Complex tensors are updated as their real views.
+    their state is float32 already. Their copy is the master (``master``, with
+    ``hp.master_weights``: :mod:`adabelief.master_weights`), split back after the update, with
+    the dither of the new ``step``. Complex tensors are updated as their real views.
     """
     if torch.is_complex(param):
         param, grad = torch.view_as_real(param), torch.view_as_real(grad)
@@ -62,7 +70,7 @@ def update_one(
         grad = -grad
     work = param
     if param.dtype in LOW_PRECISION_DTYPES:
-        work, grad = param.float(), grad.float()
+        work, grad = master_weights.load_local(param, master), grad.float()
 
     if hp.weight_decay != 0:
         if hp.weight_decouple:
@@ -88,4 +96,4 @@ def update_one(
         work.add_(exp_avg, alpha=-float(step_size))
 
     if work is not param:
-        param.copy_(work)
+        master_weights.store_(param, master, work, hp.master_weights, step)

@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from adabelief import master_weights
 from adabelief._hyper import LOW_PRECISION_DTYPES, Hyperparameters
 from adabelief.kernels.lists import GroupTensors
 from adabelief.scalars import StepScalars, step_scalars
@@ -99,8 +100,12 @@ def tensor_step(
             stored.append(tensors.max_exp_avg_vars[i])
         # Decoded in the graph; "fp32" moments are the stored tensors themselves.
         moments = [_as_real(m.decode()) for m in stored]
+        master = tensors.master_of(i)
+        split = param.dtype in LOW_PRECISION_DTYPES and (
+            master is not None or hp.master_weights == "stochastic"
+        )
         new = belief_update(
-            _as_real(param),
+            master_weights.load(param, master) if split else _as_real(param),
             _as_real(tensors.grads[i]),
             moments[0],
             moments[1],
@@ -111,6 +116,14 @@ def tensor_step(
         )
         targets: list[Tensor] = [_as_real(param), step_t]
         values: list[Tensor] = [new[0], new_step]
+        if split:  # the float32 result split into the weight and its master (master_weights)
+            weight, kept = master_weights.store(
+                param, master, new[0], hp.master_weights, new_step.to(torch.int64)
+            )
+            values[0] = weight
+            if master is not None and kept is not None:
+                targets.append(master)
+                values.append(kept)
         new_moments = [m for m in new[1:] if m is not None]
         encoded = tensors.format_of(i).encode(new_moments, new_step.to(torch.int64))
         for m, (codes, scale) in zip(stored, encoded, strict=True):
