@@ -29,7 +29,11 @@ Configurations (``--configs``, default all):
 * ``int8-sib``: float32 model, int8 moments, step in backward (about 6 bytes);
 * ``bf16-round-int8-sib``: bfloat16 model rounded at each step (no master weight), int8
   moments, step in backward (about 4 bytes; the update below half a bfloat16 unit in the last
-  place is lost, see docs/low-memory-state.md).
+  place is lost, see docs/low-memory-state.md);
+* ``bf16-residual-int8-sib``: the same with ``master_weights="residual"``, an int8 residual that
+  restores the float32 master weight (about 5 bytes: 2 + 1 + 2.03);
+* ``bf16-fp32master-int8-sib``: the same with a float32 master weight (about 8 bytes);
+* ``bf16-stochastic-int8-sib``: the same with stochastic rounding of the weight (about 4 bytes).
 """
 
 from __future__ import annotations
@@ -69,6 +73,25 @@ CONFIGS = {
         "AdaBelief, bf16 model (rounded, no master), int8 state, step in backward",
         dtype="bfloat16",
         options={"state_precision": "int8", "step_in_backward": True},
+    ),
+    "bf16-residual-int8-sib": Config(
+        "AdaBelief, bf16 model + int8 residual, int8 state, step in backward",
+        dtype="bfloat16",
+        options={"state_precision": "int8", "step_in_backward": True, "master_weights": "residual"},
+    ),
+    "bf16-fp32master-int8-sib": Config(
+        "AdaBelief, bf16 model + fp32 master, int8 state, step in backward",
+        dtype="bfloat16",
+        options={"state_precision": "int8", "step_in_backward": True, "master_weights": "fp32"},
+    ),
+    "bf16-stochastic-int8-sib": Config(
+        "AdaBelief, bf16 model (stochastic rounding), int8 state, step in backward",
+        dtype="bfloat16",
+        options={
+            "state_precision": "int8",
+            "step_in_backward": True,
+            "master_weights": "stochastic",
+        },
     ),
 }
 REFERENCE = "adam"

@@ -23,6 +23,9 @@ _TINY = argparse.Namespace(width=300, depth=2, batch=4)
         ("fp32", 4, 4, (8.0, 8.01)),
         ("int8-sib", 4, 0, (2.0, 2.1)),  # codes, one float32 scale per 256-element block
         ("bf16-round-int8-sib", 2, 0, (2.0, 2.1)),
+        ("bf16-residual-int8-sib", 2, 0, (3.0, 3.1)),  # + the int8 residual
+        ("bf16-fp32master-int8-sib", 2, 0, (6.0, 6.1)),  # + the float32 master
+        ("bf16-stochastic-int8-sib", 2, 0, (2.0, 2.1)),
     ],
 )
 def test_persistent_bytes_per_parameter(bench, name, weights, grads, state):
