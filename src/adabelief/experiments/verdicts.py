@@ -386,8 +386,10 @@ def _assess(results: list[ExperimentResult], claim: str) -> ClaimAssessment:
         )
     stability = _stability(results) if claim == "gan" else None
     if stability is not None:
-        if verdict in ("supported", "consistent (no significant difference)"):
-            verdict = verdict if stability.stable else "mixed"
+        # The budget-limited note after the word stays: "mixed (1 budget-limited ... counted)".
+        for word in ("supported", "consistent (no significant difference)"):
+            if verdict.startswith(word) and not stability.stable:
+                verdict = "mixed" + verdict.removeprefix(word)
         n = len(stability.rows)
         summary = (
             f"quality {summary}; spread <= Adam's in {stability.smaller_than_adam} of {n}; "
