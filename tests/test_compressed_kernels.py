@@ -66,11 +66,19 @@ def reference_run(dtype, precision, steps, grad_scale=None, grads=grads_for, **o
                 [work["exp_avg_var"]],
                 [work["max_exp_avg_var"]] if group["amsgrad"] else [],
                 [state["step"]],
-                group=group,
+                **functional_options(group),
                 grad_scale=None if grad_scale is None else torch.tensor(grad_scale),
             )
             cs.encode_moments_(state, work, int(state["step"].item()))
     return params, states
+
+
+def functional_options(group):
+    """The keyword options of the functional ``adabelief`` for a param group's."""
+    beta1, beta2 = group["betas"]
+    names = ("lr", "eps", "weight_decay", "amsgrad", "weight_decouple", "fixed_decay", "rectify")
+    names += ("degenerated_to_sgd", "maximize", "foreach", "fused", "capturable", "differentiable")
+    return dict({name: group[name] for name in names}, beta1=beta1, beta2=beta2)
 
 
 def optimizer_run(dtype, precision, steps, path, grad_scale=None, grads=grads_for, **options):

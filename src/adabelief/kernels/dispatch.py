@@ -115,25 +115,57 @@ def adabelief(
     max_exp_avg_vars: Sequence[Tensor | Moment],
     state_steps: list[Tensor],
     *,
-    group: Mapping[str, Any],
+    lr: float | Tensor = 1e-3,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-16,
+    weight_decay: float = 0.0,
+    amsgrad: bool = False,
+    weight_decouple: bool = True,
+    fixed_decay: bool = False,
+    rectify: bool = True,
+    degenerated_to_sgd: bool = True,
+    maximize: bool = False,
+    foreach: bool | None = None,
+    fused: bool | None = None,
+    capturable: bool = False,
+    differentiable: bool = False,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
 ) -> None:
-    """Functional AdaBelief step over lists of tensors with the options of ``group`` (a param
-    group of :class:`adabelief.AdaBelief`), in place.
+    """Functional AdaBelief step over lists of tensors, in place, with the options of
+    :class:`adabelief.AdaBelief` (its defaults; ``betas`` as ``beta1``, ``beta2``), as torch's
+    functional ``adam``.
 
-    ``max_exp_avg_vars`` is empty unless ``group["amsgrad"]``. A moment is a plain tensor
-    (float32, the parameter's dtype for float64 and complex, or bfloat16 for the ``"bf16"``
-    format) or a :class:`~adabelief.compressed_state.Moment` in any format (``"int8"`` needs
-    one: its codes with their block scales). ``grad_scale``/``found_inf`` (GradScaler) are
-    taken by the fused paths only.
+    ``max_exp_avg_vars`` is empty unless ``amsgrad``. ``state_steps`` are 0-dim float tensors,
+    incremented here. A moment is a plain tensor (float32, the parameter's dtype for float64
+    and complex, or bfloat16 for the ``"bf16"`` format) or a
+    :class:`~adabelief.compressed_state.Moment` in any format (``"int8"`` needs one: its codes
+    with their block scales, as ``compressed_state.FORMATS["int8"].zeros(param, belief)`` makes
+    them). ``grad_scale``/``found_inf`` (GradScaler) are taken by the fused paths only.
     """
     exp_avgs, exp_avg_vars, max_exp_avg_vars = (
         [as_moment(t, belief) for t in column]
         for column, belief in ((exp_avgs, False), (exp_avg_vars, True), (max_exp_avg_vars, True))
     )
     tensors = GroupTensors(params, grads, exp_avgs, exp_avg_vars, max_exp_avg_vars, state_steps)
-    run(tensors, group, grad_scale=grad_scale, found_inf=found_inf)
+    options = dict(
+        lr=lr,
+        betas=(beta1, beta2),
+        eps=eps,
+        weight_decay=weight_decay,
+        amsgrad=amsgrad,
+        weight_decouple=weight_decouple,
+        fixed_decay=fixed_decay,
+        rectify=rectify,
+        degenerated_to_sgd=degenerated_to_sgd,
+        maximize=maximize,
+        foreach=foreach,
+        fused=fused,
+        capturable=capturable,
+        differentiable=differentiable,
+    )
+    run(tensors, options, grad_scale=grad_scale, found_inf=found_inf)
 
 
 def run(
