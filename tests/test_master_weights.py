@@ -297,6 +297,24 @@ def test_compiled_path_agrees_within_rounding(mode):
     assert_masters_close(compiled, fused, torch.bfloat16, 4)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["residual", "stochastic"])
+def test_torch_compile_of_step_agrees_with_eager(mode):
+    """opt.step compiled by the caller (the tensor step traced into its graph, inductor) splits
+    the masters as the eager step does, within float32 rounding of the update."""
+    runs = []
+    for compiled in (False, True):
+        params = make_params(torch.bfloat16)
+        opt = AdaBelief(params, lr=torch.tensor(1e-3), master_weights=mode)
+        step = torch.compile(opt.step) if compiled else opt.step
+        for k in range(4):
+            for p, g in zip(params, grads_for(params, k), strict=True):
+                p.grad = g
+            step()
+        runs.append((params, [opt.state[p] for p in params]))
+    assert_masters_close(runs[1], runs[0], torch.bfloat16, 4 * 512 if mode == "stochastic" else 4)
+
+
 # ---- training ----------------------------------------------------------------------------
 
 

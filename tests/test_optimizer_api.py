@@ -405,6 +405,7 @@ def test_defaults_hold_every_constructor_option():
         differentiable=True,
         state_precision="bf16",
         step_in_backward=True,
+        master_weights="residual",
     )
     assert sorted(names) == sorted(non_default), "a new option needs a test value here"
     # differentiable=True and step_in_backward=True exclude each other: one optimizer each.
