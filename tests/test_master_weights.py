@@ -516,3 +516,21 @@ def test_every_option_with_residual():
         for p, state in zip(params, states, strict=True):
             assert torch.isfinite(p).all()
             assert state[mw.RESIDUAL_KEY].dtype == torch.int8
+
+
+@needs_kernel
+def test_functional_step_takes_the_masters():
+    from adabelief.kernels.dispatch import adabelief
+
+    expected = optimizer_run(torch.bfloat16, "residual", 3, dict(fused=True), lr=1e-3)
+    params = make_params(torch.bfloat16)
+    moments = [[torch.zeros_like(p, dtype=torch.float32) for p in params] for _ in range(2)]
+    steps = [torch.zeros(()) for _ in params]
+    codes = [torch.zeros_like(p, dtype=torch.int8) for p in params]
+    for k in range(3):
+        grads = grads_for(params, k)
+        adabelief(
+            params, grads, *moments, [], steps, lr=1e-3, master_weights="residual", masters=codes
+        )
+    for p, c, q, state in zip(params, codes, *expected, strict=True):
+        assert torch.equal(p, q.detach()) and torch.equal(c, state[mw.RESIDUAL_KEY])

@@ -38,6 +38,7 @@ from adabelief.kernels import cpu, tensor_math
 from adabelief.kernels.foreach import foreach_step
 from adabelief.kernels.lists import GroupTensors
 from adabelief.kernels.single_tensor import single_tensor_step
+from adabelief.master_weights import check_master_weights
 
 __all__ = ["FusedFallbackWarning", "Path", "adabelief", "choose_path", "fused_is_default", "run"]
 
@@ -130,6 +131,8 @@ def adabelief(
     fused: bool | None = None,
     capturable: bool = False,
     differentiable: bool = False,
+    master_weights: str = "round",
+    masters: Sequence[Tensor | None] = (),
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
 ) -> None:
@@ -142,13 +145,18 @@ def adabelief(
     and complex, or bfloat16 for the ``"bf16"`` format) or a
     :class:`~adabelief.compressed_state.Moment` in any format (``"int8"`` needs one: its codes
     with their block scales, as ``compressed_state.FORMATS["int8"].zeros(param, belief)`` makes
-    them). ``grad_scale``/``found_inf`` (GradScaler) are taken by the fused paths only.
+    them). ``masters``, with ``master_weights="residual"`` or ``"fp32"``, holds each 16-bit
+    parameter's int8 residual codes or float32 master (None for other parameters; see
+    :mod:`adabelief.master_weights`). ``grad_scale``/``found_inf`` (GradScaler) are taken by
+    the fused paths only.
     """
     exp_avgs, exp_avg_vars, max_exp_avg_vars = (
         [as_moment(t, belief) for t in column]
         for column, belief in ((exp_avgs, False), (exp_avg_vars, True), (max_exp_avg_vars, True))
     )
-    tensors = GroupTensors(params, grads, exp_avgs, exp_avg_vars, max_exp_avg_vars, state_steps)
+    tensors = GroupTensors(
+        params, grads, exp_avgs, exp_avg_vars, max_exp_avg_vars, state_steps, list(masters)
+    )
     options = dict(
         lr=lr,
         betas=(beta1, beta2),
@@ -164,6 +172,7 @@ def adabelief(
         fused=fused,
         capturable=capturable,
         differentiable=differentiable,
+        master_weights=check_master_weights(master_weights),
     )
     run(tensors, options, grad_scale=grad_scale, found_inf=found_inf)
 
