@@ -85,6 +85,8 @@ KERNEL_OPTIONS: dict[str, dict[str, Any]] = {
         "rectify": False,
     },
     "capturable-tensor-lr": {"lr": "tensor", "capturable": True, "weight_decay": 0.1},
+    # bfloat16 parameters keep an int8 residual placed as the parameter (element-wise)
+    "residual": {"lr": KERNEL_LR, "weight_decay": 0.1, "master_weights": "residual"},
 }
 KERNEL_PLACEMENTS = ("shard0", "replicate")
 KERNEL_STEPS = 7

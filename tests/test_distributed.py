@@ -430,7 +430,7 @@ def _kernel_params() -> list[Any]:
             for dtype in helper.KERNEL_CASES:
                 for placement in helper.KERNEL_PLACEMENTS:
                     marks = list(path_param.marks)
-                    if helper.KERNEL_CASES[dtype][1] != "fp32":
+                    if helper.KERNEL_CASES[dtype][1] != "fp32" or options == "residual":
                         marks.append(pytest.mark.slow)
                     cases.append(
                         pytest.param(
@@ -463,7 +463,9 @@ def test_kernel_on_dtensor_matches_plain_tensor(distributed, path, options, dtyp
             difference = (actual - wanted).abs()
             bound = helper.KERNEL_LR + KERNEL_TOL[dtype]["rtol"] * wanted.abs()
             assert (difference <= bound).all(), float((difference - bound).max())
-            assert float(difference.mean()) <= PRECISION_TOL["int8"][1]
+            # A residual keeps the master's differences that rounding to bfloat16 would hide.
+            mean_tol = PRECISION_TOL["int8"][1] * (2 if options == "residual" else 1)
+            assert float(difference.mean()) <= mean_tol
         else:
             torch.testing.assert_close(result[placement]["param"], expected, **KERNEL_TOL[dtype])
     if int8:
@@ -477,6 +479,10 @@ def test_kernel_on_dtensor_matches_plain_tensor(distributed, path, options, dtyp
                     assert torch.equal(value, state[key]), (name, key)
         if path != "fused":  # the unfused paths run the same operations on both
             for key, value in expected_state.items():
+                if key == "master_residual":
+                    # Its codes hash the master, whose float32 rounding follows the update's
+                    # (the plain default path is the fused kernel): the parameter is checked.
+                    continue
                 assert torch.equal(state[key].to(value.dtype), value), key
 
 
