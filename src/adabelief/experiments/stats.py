@@ -337,8 +337,10 @@ def late_improvement(
     rule is the 1% tolerance, as it was before the noise term; a noisy one (a GAN's sample
     quality or Frechet distance, which swing by up to tens of percent between evaluations, so
     that the tolerance alone flags flat curves) counts only when its late trend stands out of
-    that noise: a flat-but-noisy curve is not flagged, a rising one is.  2 standard errors
-    make a false alarm on a flat curve with Gaussian noise about 2.5% likely.
+    that noise: a flat-but-noisy curve is not flagged, a rising one is.  With the noise known,
+    2 standard errors make a false alarm on a flat curve with Gaussian noise 2.5% likely; the
+    noise is itself estimated from a few evaluations (and ``noise / sqrt(n)`` treats the median
+    as a mean), so expect somewhat more (1 of the tests' 20 synthetic flat curves is flagged).
     """
     window = _late_window(values, steps, higher_is_better)
     if window is None:
