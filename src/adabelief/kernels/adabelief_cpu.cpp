@@ -104,8 +104,8 @@ template <typename P>
 constexpr bool kSixteenBit = std::is_same_v<P, BF16> || std::is_same_v<P, F16>;
 
 // The portable loops: update_range on the fp32 moments, or on blocks of decoded compressed ones.
-// With MASTER, the parameters' master weights (master_weights.h; the 16-bit types only).
-template <typename P, int FORMAT, bool L2, bool AMS, int KIND, bool MASTER>
+// With a MASTER mode, the parameters' master weights (master_weights.h; 16-bit types only).
+template <typename P, int FORMAT, bool L2, bool AMS, int KIND, int MASTER>
 void update_portable(const adabelief_tensor& t, int64_t begin, int64_t end,
                      const adabelief_options& o, const MasterWeights& mw) {
   using T = typename Math<P>::T;
@@ -121,7 +121,7 @@ void update_portable(const adabelief_tensor& t, int64_t begin, int64_t end,
     for (int64_t b = begin; b < end; b += kBlock) {
       const int64_t n = end - b < kBlock ? end - b : kBlock;
       decode_block<FORMAT, AMS>(t, b, n, m, s, s_max);
-      const MasterWeights at{mw.mode, master_at(mw.master, mw.mode, b), mw.step_key};
+      const MasterWeights at{master_at<MASTER>(mw.master, b), mw.step_key};
       update_range<P, L2, AMS, KIND, roots, float, MASTER>(
           p + b, g + b, m, s, s_max, 0, n, o, t.step_size, t.sqrt_bc2, belief_root, at);
       encode_block<FORMAT, AMS, roots>(t, b, n, m, s, s_max, belief_root);
@@ -132,12 +132,17 @@ void update_portable(const adabelief_tensor& t, int64_t begin, int64_t end,
 template <typename P, int FORMAT, bool L2, bool AMS, int KIND>
 void update_erased(const adabelief_tensor& t, int64_t begin, int64_t end,
                    const adabelief_options& o, int master) {
-  const MasterWeights none{kMasterRound, nullptr, 0};
-  if constexpr (kSixteenBit<P>) {
-    if (master != kMasterRound) {  // one element at a time, on the portable loops
-      const MasterWeights mw{master, t.master, t.step_key};
-      update_portable<P, FORMAT, L2, AMS, KIND, true>(t, begin, end, o, mw);
-      return;
+  if constexpr (kSixteenBit<P>) {  // master weights: on the portable loops
+    const MasterWeights mw{t.master, t.step_key};
+    switch (master) {
+      case kMasterResidual:
+        return update_portable<P, FORMAT, L2, AMS, KIND, kMasterResidual>(t, begin, end, o, mw);
+      case kMasterFp32:
+        return update_portable<P, FORMAT, L2, AMS, KIND, kMasterFp32>(t, begin, end, o, mw);
+      case kMasterStochastic:
+        return update_portable<P, FORMAT, L2, AMS, KIND, kMasterStochastic>(t, begin, end, o, mw);
+      default:
+        break;
     }
   }
 #if defined(__AVX2__)
@@ -153,7 +158,7 @@ void update_erased(const adabelief_tensor& t, int64_t begin, int64_t end,
     }
   }
 #endif
-  update_portable<P, FORMAT, L2, AMS, KIND, false>(t, begin, end, o, none);
+  update_portable<P, FORMAT, L2, AMS, KIND, kMasterRound>(t, begin, end, o, {nullptr, 0});
 }
 
 template <typename P, int FORMAT, bool L2, bool AMS>

@@ -62,30 +62,29 @@ inline void belief_step(V& param, V grad, V& avg, V& var, V& max_var, V& root,
   }
 }
 
-// The master weight of a 16-bit parameter (master_weights.h): the mode (kMaster*), the
-// residual codes or float32 master (indexed as the parameter), and the dither's step key.
+// The master weight of a 16-bit parameter (master_weights.h): the residual codes or float32
+// master (indexed as the parameter), and the dither's step key.
 struct MasterWeights {
-  int mode;
   void* master;
   uint32_t step_key;
 };
 
 // belief_step over elements [begin, end): on the moments themselves for the fp32 format, on a
 // block of decoded float32 moments for the compressed ones. With ROOTS (the adaptive kind only),
-// belief_root receives the square roots of the belief. With MASTER (16-bit parameters whose
-// master_weights is not "round"), the update starts from the master and splits it back.
+// belief_root receives the square roots of the belief. With a MASTER mode other than round
+// (16-bit parameters only), the update starts from the master and splits it back.
 template <typename P, bool L2, bool AMS, int KIND, bool ROOTS = false,
-          typename T = typename Math<P>::T, bool MASTER = false>
+          typename T = typename Math<P>::T, int MASTER = kMasterRound>
 void update_range(P* __restrict p, const P* __restrict g, T* __restrict m, T* __restrict s,
                   T* __restrict s_max, int64_t begin, int64_t end, const adabelief_options& o,
                   double step_size, double sqrt_bc2, T* __restrict belief_root = nullptr,
-                  const MasterWeights& mw = {kMasterRound, nullptr, 0}) {
+                  const MasterWeights& mw = {nullptr, 0}) {
   static_assert(!ROOTS || KIND == kAdaptive, "only the adaptive step takes the square root");
   const Coefficients<T> c(o, step_size, sqrt_bc2);
   for (int64_t i = begin; i < end; ++i) {
     T param = T(0), avg = m[i], var = s[i];
-    if constexpr (MASTER) {
-      param = load_master(p, mw.master, mw.mode, i);
+    if constexpr (MASTER != kMasterRound) {
+      param = load_master<MASTER>(p, mw.master, i);
     } else {
       param = load(p, i);
     }
@@ -95,8 +94,8 @@ void update_range(P* __restrict p, const P* __restrict g, T* __restrict m, T* __
     if (ROOTS) belief_root[i] = root;
     m[i] = avg;
     s[i] = var;
-    if constexpr (MASTER) {
-      store_master(p, mw.master, mw.mode, mw.step_key, i, param);
+    if constexpr (MASTER != kMasterRound) {
+      store_master<MASTER>(p, mw.master, mw.step_key, i, param);
     } else {
       store(p, i, param);
     }

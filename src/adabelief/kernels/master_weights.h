@@ -18,6 +18,12 @@
 
 namespace {
 
+#if defined(__GNUC__)
+#define ADABELIEF_INLINE inline __attribute__((always_inline))
+#else
+#define ADABELIEF_INLINE inline
+#endif
+
 constexpr int kMasterRound = ADABELIEF_MASTER_ROUND;
 constexpr int kMasterResidual = ADABELIEF_MASTER_RESIDUAL;
 constexpr int kMasterFp32 = ADABELIEF_MASTER_FP32;
@@ -40,7 +46,7 @@ inline float power_of_two(int32_t field) {
 }
 
 // unit = ulp(w) / 256 and inverse = 256 / ulp(w), powers of two; both 0 without a residual.
-template <typename P> inline void residual_units(float w, float& unit, float& inverse) {
+template <typename P> ADABELIEF_INLINE void residual_units(float w, float& unit, float& inverse) {
   int32_t field = int32_t((to_bits(w) >> 23) & 0xffu);
   bool kept = field < 255;
   if (Format16<P>::clamp) {
@@ -53,37 +59,39 @@ template <typename P> inline void residual_units(float w, float& unit, float& in
   inverse = kept ? power_of_two(254 - unit_field) : 0.0f;
 }
 
-template <typename P> inline P nearest16(float v) {
+template <typename P> ADABELIEF_INLINE P nearest16(float v) {
   P w;
   store(&w, 0, v);
   return w;
 }
 
-template <typename P> inline float merge_residual(P w, int8_t code) {
+template <typename P> ADABELIEF_INLINE float merge_residual(P w, int8_t code) {
   const float low = load(&w, 0);
   float unit, inverse;
   residual_units<P>(low, unit, inverse);
   return low + float(code) * unit;
 }
 
-template <typename P> inline void split_residual(float m, uint32_t step_key, P& w, int8_t& code) {
-  w = nearest16<P>(m);
+// Written without branches (selects only), so that the loops over elements vectorise.
+template <typename P>
+ADABELIEF_INLINE void split_residual(float m, uint32_t step_key, P& w_out, int8_t& code_out) {
+  const P w = nearest16<P>(m);
   const float low = load(&w, 0);
   float unit, inverse;
   residual_units<P>(low, unit, inverse);
-  const float fixed = inverse != 0.0f ? std::nearbyint((m - low) * inverse * 65536.0f) : 0.0f;
+  const float scaled = std::nearbyint((m - low) * inverse * 65536.0f);
+  const float fixed = inverse != 0.0f ? scaled : 0.0f;
   const uint32_t d = mix32(to_bits(m) ^ step_key) & 0xffffu;
-  float q = std::floor((fixed + float(d)) * (1.0f / 65536.0f));
+  const float q = std::floor((fixed + float(d)) * (1.0f / 65536.0f));
   const P up = nearest16<P>(low + 256.0f * unit);
   float up_unit, up_inverse;
   residual_units<P>(load(&up, 0), up_unit, up_inverse);
-  if (q >= 128.0f && up_inverse != 0.0f) {  // the midpoint above w: carry
-    w = up;
-    q = -128.0f * unit * up_inverse;
-  } else if (q > 127.0f) {
-    q = 127.0f;
-  }
-  code = int8_t(q);
+  // The midpoint above w carries into the next weight up; the largest finite weight clamps.
+  const bool carry = (q >= 128.0f) & (up_inverse != 0.0f);
+  const float clamped = q > 127.0f ? 127.0f : q;
+  const float code = carry ? -128.0f * unit * up_inverse : clamped;
+  w_out.bits = carry ? up.bits : w.bits;
+  code_out = int8_t(code);
 }
 
 inline BF16 stochastic16(float m, uint32_t d, BF16*) {
@@ -99,30 +107,35 @@ inline F16 stochastic16(float m, uint32_t d, F16*) {
   return nearest16<F16>(std::isfinite(r) && normal ? r : m);
 }
 
-// The float32 master of element i, and its write-back after the update (mode: kMaster*).
-template <typename P>
-inline float load_master(const P* p, const void* master, int mode, int64_t i) {
-  if (mode == kMasterResidual) return merge_residual(p[i], static_cast<const int8_t*>(master)[i]);
-  if (mode == kMasterFp32) return static_cast<const float*>(master)[i];
-  return load(p, i);
+// The float32 master of element i, and its write-back after the update, for the mode MODE
+// (kMaster*, a compile-time constant so that the loops over elements stay branch-free).
+template <int MODE, typename P>
+inline float load_master(const P* p, const void* master, int64_t i) {
+  if constexpr (MODE == kMasterResidual) {
+    return merge_residual(p[i], static_cast<const int8_t*>(master)[i]);
+  } else if constexpr (MODE == kMasterFp32) {
+    return static_cast<const float*>(master)[i];
+  } else {
+    return load(p, i);
+  }
 }
 
-template <typename P>
-inline void store_master(P* p, void* master, int mode, uint32_t step_key, int64_t i, float m) {
-  if (mode == kMasterResidual) {
+template <int MODE, typename P>
+inline void store_master(P* p, void* master, uint32_t step_key, int64_t i, float m) {
+  if constexpr (MODE == kMasterResidual) {
     split_residual<P>(m, step_key, p[i], static_cast<int8_t*>(master)[i]);
-  } else if (mode == kMasterStochastic) {
+  } else if constexpr (MODE == kMasterStochastic) {
     p[i] = stochastic16(m, mix32(to_bits(m) ^ step_key) & 0xffffu, static_cast<P*>(nullptr));
   } else {
-    if (mode == kMasterFp32) static_cast<float*>(master)[i] = m;
+    if constexpr (MODE == kMasterFp32) static_cast<float*>(master)[i] = m;
     store(p, i, m);
   }
 }
 
 // master advanced by n elements (its element size depends on the mode).
-inline void* master_at(void* master, int mode, int64_t n) {
+template <int MODE> inline void* master_at(void* master, int64_t n) {
   if (master == nullptr) return nullptr;
-  return static_cast<char*>(master) + n * (mode == kMasterFp32 ? 4 : 1);
+  return static_cast<char*>(master) + n * (MODE == kMasterFp32 ? 4 : 1);
 }
 
 }  // namespace
