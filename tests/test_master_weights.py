@@ -534,3 +534,37 @@ def test_functional_step_takes_the_masters():
         )
     for p, c, q, state in zip(params, codes, *expected, strict=True):
         assert torch.equal(p, q.detach()) and torch.equal(c, state[mw.RESIDUAL_KEY])
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_kernel_special_values_are_bit_identical(dtype, monkeypatch):
+    """Zero, subnormal, tiny, huge weights and inf/NaN gradients: the kernel's split (vector
+    lanes and scalar tail alike) is the Python codec's."""
+    big = torch.finfo(dtype).max / 2
+    specials = torch.tensor([0.0, -0.0, 1e-38, 6e-8, -1e-6, big, -big, 1.0, 2.0, -2.0])
+
+    plain_params, plain_grads = make_params, grads_for
+
+    def special_params(dtype, seed=0):
+        params = plain_params(dtype, seed)
+        with torch.no_grad():
+            for p in params:
+                flat = p.view(-1)
+                flat[: specials.numel()] = specials[: flat.numel()].to(dtype)
+        return params
+
+    def special_grads(params, step):
+        grads = plain_grads(params, step)
+        for g in grads:
+            flat = g.view(-1)
+            if step == 3 and flat.numel() > 20:
+                flat[11], flat[12], flat[13] = float("inf"), -float("inf"), float("nan")
+        return grads
+
+    monkeypatch.setitem(globals(), "make_params", special_params)
+    monkeypatch.setitem(globals(), "grads_for", special_grads)
+    for mode in MODES:
+        expected = reference_run(dtype, mode, 5, "fp32", lr=1e-2)
+        actual = optimizer_run(dtype, mode, 5, dict(fused=True), "fp32", lr=1e-2)
+        assert_bit_identical(actual, expected)

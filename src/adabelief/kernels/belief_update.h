@@ -7,6 +7,8 @@
 // then. 16-bit parameters are widened to float32 and rounded back to nearest even, as copy_ does.
 #pragma once
 
+#include <type_traits>
+
 #include "abi.h"
 #include "lanes.h"
 #include "master_weights.h"
@@ -80,6 +82,25 @@ void update_range(P* __restrict p, const P* __restrict g, T* __restrict m, T* __
                   double step_size, double sqrt_bc2, T* __restrict belief_root = nullptr,
                   const MasterWeights& mw = {nullptr, 0}) {
   static_assert(!ROOTS || KIND == kAdaptive, "only the adaptive step takes the square root");
+#if defined(__AVX2__)
+  if constexpr (MASTER == kMasterResidual && std::is_same_v<P, BF16> && std::is_same_v<T, float>) {
+    // bfloat16 weights with a residual: 8 elements at a time, on F8 lanes (the same bits).
+    const Coefficients<F8> c8(o, step_size, sqrt_bc2);
+    const __m256i key = _mm256_set1_epi32(int32_t(mw.step_key));
+    int8_t* codes = static_cast<int8_t*>(mw.master);
+    for (; begin + 8 <= end; begin += 8) {
+      F8 param = merge_residual8(p + begin, codes + begin);
+      F8 avg = load8(m + begin), var = load8(s + begin);
+      F8 max_var = AMS ? load8(s_max + begin) : zero8(), root = zero8();
+      belief_step<L2, AMS, KIND>(param, load8(g + begin), avg, var, max_var, root, c8);
+      if (AMS) store8(s_max + begin, max_var);
+      if (ROOTS) store8(belief_root + begin, root);
+      store8(m + begin, avg);
+      store8(s + begin, var);
+      split_residual8(param, key, p + begin, codes + begin);
+    }
+  }
+#endif
   const Coefficients<T> c(o, step_size, sqrt_bc2);
   for (int64_t i = begin; i < end; ++i) {
     T param = T(0), avg = m[i], var = s[i];

@@ -94,6 +94,81 @@ ADABELIEF_INLINE void split_residual(float m, uint32_t step_key, P& w_out, int8_
   code_out = int8_t(code);
 }
 
+#if defined(__AVX2__)
+// bf16_nearest on 8 lanes, in the low 16 bits of each 32-bit lane (as store8(BF16)).
+inline __m256i bf16_nearest8(F8 v) {
+  const __m256i u = _mm256_castps_si256(v.v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_srli_epi32(
+      _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), odd), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v.v, v.v, _CMP_UNORD_Q));
+  return _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7fc0), nan);
+}
+
+inline F8 widen_bits8(__m256i bits) { return {_mm256_castsi256_ps(_mm256_slli_epi32(bits, 16))}; }
+
+inline F8 select8(__m256i mask, F8 yes, F8 no) {
+  return {_mm256_blendv_ps(no.v, yes.v, _mm256_castsi256_ps(mask))};
+}
+
+// residual_units<BF16> on 8 lanes.
+inline void residual_units8(F8 w, F8& unit, F8& inverse) {
+  const __m256i field = _mm256_and_si256(_mm256_srli_epi32(_mm256_castps_si256(w.v), 23),
+                                         _mm256_set1_epi32(0xff));
+  const __m256i kept = _mm256_andnot_si256(
+      _mm256_cmpgt_epi32(_mm256_set1_epi32(Format16<BF16>::lowest), field),
+      _mm256_cmpgt_epi32(_mm256_set1_epi32(255), field));
+  const __m256i unit_field = _mm256_sub_epi32(field, _mm256_set1_epi32(7 + 8));
+  const __m256i one = _mm256_set1_epi32(1), top = _mm256_set1_epi32(254);
+  const auto power = [&](__m256i f) {
+    f = _mm256_min_epi32(_mm256_max_epi32(f, one), top);
+    return F8{_mm256_castsi256_ps(_mm256_slli_epi32(f, 23))};
+  };
+  const F8 zero = zero8();
+  unit = select8(kept, power(unit_field), zero);
+  inverse = select8(kept, power(_mm256_sub_epi32(top, unit_field)), zero);
+}
+
+// merge_residual<BF16> of 8 weights and their codes.
+inline F8 merge_residual8(const BF16* w, const int8_t* codes) {
+  const F8 low{widen_bf16(w)};
+  F8 unit, inverse;
+  residual_units8(low, unit, inverse);
+  return low + code_lane8(codes) * unit;
+}
+
+// split_residual<BF16> of 8 masters, operation for operation.
+inline void split_residual8(F8 m, __m256i step_key, BF16* w_out, int8_t* code_out) {
+  const __m256i w = bf16_nearest8(m);
+  const F8 low = widen_bits8(w);
+  F8 unit, inverse;
+  residual_units8(low, unit, inverse);
+  const F8 product = (m - low) * inverse * broadcast<F8>(65536.0);
+  const F8 scaled{_mm256_round_ps(product.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
+  const __m256i has = _mm256_castps_si256(_mm256_cmp_ps(inverse.v, zero8().v, _CMP_NEQ_OQ));
+  const F8 fixed = select8(has, scaled, zero8());
+  const __m256i d = low16(mix32(_mm256_xor_si256(_mm256_castps_si256(m.v), step_key)));
+  const F8 dither{_mm256_cvtepi32_ps(d)};
+  const F8 q{_mm256_floor_ps(((fixed + dither) * broadcast<F8>(1.0 / 65536.0)).v)};
+  const __m256i up = bf16_nearest8(low + broadcast<F8>(256.0) * unit);
+  F8 up_unit, up_inverse;
+  residual_units8(widen_bits8(up), up_unit, up_inverse);
+  const __m256i carry = _mm256_and_si256(
+      _mm256_castps_si256(_mm256_cmp_ps(q.v, _mm256_set1_ps(128.0f), _CMP_GE_OQ)),
+      _mm256_castps_si256(_mm256_cmp_ps(up_inverse.v, zero8().v, _CMP_NEQ_OQ)));
+  const F8 clamped{_mm256_min_ps(q.v, _mm256_set1_ps(127.0f))};
+  const F8 code = select8(carry, broadcast<F8>(-128.0) * unit * up_inverse, clamped);
+  const __m256i bits = _mm256_blendv_epi8(w, up, carry);
+  const __m128i packed =
+      _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(w_out), packed);
+  const __m256i codes = _mm256_cvtps_epi32(code.v);
+  const __m128i words =
+      _mm_packs_epi32(_mm256_castsi256_si128(codes), _mm256_extracti128_si256(codes, 1));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(code_out), _mm_packs_epi16(words, words));
+}
+#endif
+
 inline BF16 stochastic16(float m, uint32_t d, BF16*) {
   BF16 w;
   const uint32_t bits = round_bf16(m, d);
