@@ -85,6 +85,8 @@ def storage_format(param: Tensor, precision: str) -> str:
     """The format the moments of ``param`` are stored in: ``precision`` where it applies to
     ``param`` (:meth:`StorageFormat.applies_to`: compressed formats take float32 and 16-bit
     parameters only, int8 also needs :data:`MIN_QUANTIZED_NUMEL` elements), else ``"fp32"``."""
+    if precision == "fp32":  # the default, which applies to every parameter
+        return precision
     return precision if FORMATS[precision].applies_to(param) else "fp32"
 
 
@@ -501,6 +503,22 @@ def moment(state: Mapping[str, Any], key: str, fmt: StorageFormat) -> Moment:
     return Moment(state[key], state.get(key + SCALE_SUFFIX), fmt, key != MOMENT_KEYS[0])
 
 
+def step_moments(
+    state: Mapping[str, Any], fmt: StorageFormat, amsgrad: bool
+) -> tuple[Moment, Moment, Moment | None]:
+    """(exp_avg, exp_avg_var, max_exp_avg_var or None) of a parameter's ``state`` in ``fmt``:
+    :func:`moment` of each, with the keys spelled out (this runs for every parameter at every
+    step)."""
+    get = state.get
+    return (
+        Moment(state["exp_avg"], get("exp_avg_scale"), fmt, False),
+        Moment(state["exp_avg_var"], get("exp_avg_var_scale"), fmt, True),
+        Moment(state["max_exp_avg_var"], get("max_exp_avg_var_scale"), fmt, True)
+        if amsgrad
+        else None,
+    )
+
+
 def layout(key: str, stored: Moment) -> dict[str, Tensor]:
     """The plain layout of moment ``key``: its codes under ``key``, its scales (if any) under
     ``key + "_scale"``."""
@@ -545,7 +563,10 @@ def encode_(stored: Sequence[Moment], work: Sequence[Tensor], step: int | Tensor
 
 def format_of(state: Mapping[str, Any]) -> str:
     """The storage format a parameter's saved ``state`` (the plain layout) is in."""
-    return next(f.name for f in reversed(FORMATS.values()) if f.holds(state))
+    for fmt in reversed(FORMATS.values()):
+        if fmt.holds(state):
+            return fmt.name
+    return FP32.name
 
 
 def _moments(state: Mapping[str, Any]) -> list[Moment]:

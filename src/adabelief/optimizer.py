@@ -280,22 +280,20 @@ class AdaBelief(Optimizer):
                     f"AdaBelief does not support sparse gradients (parameter of shape "
                     f"{tuple(p.shape)}); use torch.optim.SparseAdam for sparse embeddings"
                 )
-            state = self._param_state(group, p)
+            state, fmt = self._param_state_and_format(group, p)
             if differentiable and state["step"].requires_grad:
                 raise ValueError(
                     "`requires_grad` is not supported for `step` in differentiable mode"
                 )
             tensors.params.append(p)
             tensors.grads.append(grad)
-            fmt = compressed_state.FORMATS[
-                compressed_state.storage_format(p, group["state_precision"])
-            ]
-            tensors.exp_avgs.append(compressed_state.moment(state, "exp_avg", fmt))
-            tensors.exp_avg_vars.append(compressed_state.moment(state, "exp_avg_var", fmt))
-            if amsgrad:
-                tensors.max_exp_avg_vars.append(
-                    compressed_state.moment(state, "max_exp_avg_var", fmt)
-                )
+            exp_avg, exp_avg_var, max_exp_avg_var = compressed_state.step_moments(
+                state, fmt, amsgrad
+            )
+            tensors.exp_avgs.append(exp_avg)
+            tensors.exp_avg_vars.append(exp_avg_var)
+            if max_exp_avg_var is not None:
+                tensors.max_exp_avg_vars.append(max_exp_avg_var)
             tensors.state_steps.append(state["step"])
             if isinstance(tensors.masters, list):  # master_weights: see _step_params
                 tensors.masters.append(
@@ -306,6 +304,12 @@ class AdaBelief(Optimizer):
         """``p``'s state, created on first use (step 0, zero moments in the group's
         ``state_precision``), converted when ``state_precision`` changed, with the AMSGrad
         maximum when ``amsgrad``."""
+        return self._param_state_and_format(group, p)[0]
+
+    def _param_state_and_format(
+        self, group: dict[str, Any], p: Tensor
+    ) -> tuple[dict[str, Any], compressed_state.StorageFormat]:
+        """:meth:`_param_state`, and the format its moments are stored in."""
         state = self.state[p]
         fmt = compressed_state.storage_format(p, group["state_precision"])
         if len(state) == 0:
@@ -321,7 +325,7 @@ class AdaBelief(Optimizer):
             compressed_state.replace_moments_(state, dict(state), p, fmt)
         if group["amsgrad"] and "max_exp_avg_var" not in state:
             state.update(compressed_state.new_moment(p, "max_exp_avg_var", fmt))
-        return state
+        return state, compressed_state.FORMATS[fmt]
 
     def _step_params(
         self,
