@@ -1,4 +1,4 @@
-"""Low-memory storage of the moments: ``state_precision="fp32" | "bf16" | "int8"``.
+"""Low-memory storage of the moments: ``state_precision="fp32" | "bf16" | "int8" | "int4"``.
 
 The kernels always compute in float32 (or the parameter's float64); only the storage between
 steps changes. This module is the reference for the formats: the fused CPU kernel
@@ -24,6 +24,13 @@ float32 work tensors, run their update and encode them back with :func:`encode_`
   value (one ``inf`` gradient element without GradScaler) is stored as the clamp (``+-127`` or
   ``255`` for ``+-inf``, ``0`` for NaN), so it costs its own element, as with float32 state,
   and not the other 255 of its block.
+
+* ``"int4"``: block-wise 4-bit codes, two per byte, one float32 scale per
+  :data:`INT4_BLOCK_SIZE` elements (about 0.53 bytes per moment); the code maps, the unbiased
+  rounding and the layout are :class:`_Int4Format`'s. Parameters it does not apply to (under
+  :data:`MIN_QUANTIZED_NUMEL` elements, an odd first dimension, DTensors) take its
+  :attr:`~StorageFormat.fallback`, int8 (and so float32 for small tensors). The fused CPU kernel
+  has no int4 code yet: the dispatcher steps int4 parameters with the eager tensor step.
 
 DTensor parameters (FSDP2) keep the same format over the same global blocks: the codes are a
 DTensor with the parameter's placements, the block scales a replicated DTensor of the whole
@@ -64,6 +71,14 @@ BLOCK_SIZE = 256
 #: Tensors with fewer elements keep float32 state under ``"int8"`` (the scales would not pay).
 MIN_QUANTIZED_NUMEL = 4096
 
+#: Elements that share one float32 scale in the int4 format (chosen by measurement:
+#: docs/low-memory-state.md, "int4").
+INT4_BLOCK_SIZE = 128
+#: int4 code maps, levels ``(k / top)**power`` of the block scale: ``exp_avg`` (top 7) and the
+#: belief (top 15; a power of two, its root taken by square roots).
+INT4_SIGNED_POWER = 2
+INT4_BELIEF_POWER = 2
+
 _MASK32 = 0xFFFFFFFF
 #: The dither's range: 16 bits, one half of a 32-bit hash.
 _DITHER_RANGE = 65536.0
@@ -84,10 +99,14 @@ def check_state_precision(value: object) -> str:
 def storage_format(param: Tensor, precision: str) -> str:
     """The format the moments of ``param`` are stored in: ``precision`` where it applies to
     ``param`` (:meth:`StorageFormat.applies_to`: compressed formats take float32 and 16-bit
-    parameters only, int8 also needs :data:`MIN_QUANTIZED_NUMEL` elements), else ``"fp32"``."""
-    if precision == "fp32":  # the default, which applies to every parameter
-        return precision
-    return precision if FORMATS[precision].applies_to(param) else "fp32"
+    parameters only, int8 also needs :data:`MIN_QUANTIZED_NUMEL` elements), else its
+    :attr:`~StorageFormat.fallback`'s, in turn (int4 falls back to int8, int8 to ``"fp32"``)."""
+    while precision != "fp32":  # the default, which applies to every parameter
+        fmt = FORMATS[precision]
+        if fmt.applies_to(param):
+            return precision
+        precision = fmt.fallback
+    return precision
 
 
 def bytes_per_parameter(precision: str, amsgrad: bool = False) -> float:
@@ -122,6 +141,8 @@ class StorageFormat:
     name: str = ""
     #: Bytes per element of one moment of a large float32 tensor.
     bytes_per_element: float = 4.0
+    #: The format a parameter this one does not apply to is stored in instead (asked in turn).
+    fallback: str = "fp32"
 
     def __repr__(self) -> str:
         return f"<storage format {self.name!r}>"
@@ -297,13 +318,131 @@ class _Int8Format(_DitheredFormat):
         return "exp_avg_scale" in state
 
 
+class _Int4Format(_DitheredFormat):
+    """Block-wise 4-bit codes, two per byte (see docs/low-memory-state.md, "int4"): one float32
+    scale per :attr:`block_size` elements, the block's largest finite magnitude ``M``.
+    ``exp_avg`` takes signed codes ``c`` in -7..7, ``M * sign(c) * (|c| / 7)**signed_power``; a
+    belief unsigned codes 1..15 (0 for zero only), ``M * (c / 15)**belief_power``. A value is
+    rounded stochastically between its two neighbouring levels with the probability that makes
+    the stored *value* unbiased (the 16-bit dither of :func:`dithers`, in fixed point as int8).
+    The codes are uint8, the element ``2i`` of the flattened tensor in the low nibble of byte
+    ``i`` and ``2i + 1`` in its high nibble (two's complement for ``exp_avg``), shaped as the
+    parameter with its first dimension halved (so the codes give the parameter's shape).
+    Parameters with an odd first dimension, and DTensor parameters (packed codes cannot be
+    placed as the parameter), fall back to int8."""
+
+    name = "int4"
+    #: Elements that share one float32 scale.
+    block_size = INT4_BLOCK_SIZE
+    bytes_per_element = 0.5 + 4.0 / INT4_BLOCK_SIZE
+    fallback = "int8"
+    #: ``exp_avg``'s code map: levels ``(k / 7)**signed_power`` of the block's absmax.
+    signed_power = INT4_SIGNED_POWER
+    #: A belief's code map: levels ``(k / 15)**belief_power`` of the block's max (a power of two).
+    belief_power = INT4_BELIEF_POWER
+
+    def applies_to(self, param: Tensor) -> bool:
+        return (
+            param.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and param.numel() >= MIN_QUANTIZED_NUMEL
+            and param.dim() > 0
+            and param.shape[0] % 2 == 0
+            and _dtensor(param) is None
+        )
+
+    def zeros(self, param: Tensor, belief: bool) -> Moment:
+        shape = (param.shape[0] // 2, *param.shape[1:])
+        codes = torch.zeros(shape, dtype=torch.uint8, device=param.device)
+        blocks = -(-param.numel() // self.block_size)
+        scale = torch.zeros(blocks, dtype=torch.float32, device=param.device)
+        return Moment(codes, scale, self, belief)
+
+    def _levels(self, belief: bool, device: torch.device) -> Tensor:
+        """The levels of the code map, as fractions of the block scale (float32, from float64)."""
+        top, power = (15, self.belief_power) if belief else (7, self.signed_power)
+        k = torch.arange(top + 1, dtype=torch.float64, device=device)
+        return (k / top).pow(power).float()
+
+    def decode(self, moment: Moment) -> Tensor:
+        assert moment.scale is not None
+        packed = moment.codes
+        shape = (packed.shape[0] * 2, *packed.shape[1:])
+        flat = packed.reshape(-1)
+        nibbles = torch.stack([flat & 15, flat >> 4], dim=1).reshape(-1).to(torch.int64)
+        levels = self._levels(moment.belief, packed.device)
+        if moment.belief:
+            values = levels[nibbles]
+        else:
+            signed = nibbles - 16 * (nibbles >= 8).to(torch.int64)
+            values = levels[signed.abs()] * signed.sign().float()
+        blocks = _padded(values, self.block_size) * moment.scale.unsqueeze(1)
+        return blocks.reshape(-1)[: flat.numel() * 2].view(shape)
+
+    def _round(
+        self, coded: Sequence[Tensor], noise: Sequence[Tensor], sharded: DTensor | None
+    ) -> list[tuple[Tensor, Tensor | None]]:
+        return [
+            self._encode(c, k > 0, d) for k, (c, d) in enumerate(zip(coded, noise, strict=True))
+        ]
+
+    def _encode(self, values: Tensor, belief: bool, dither: Tensor) -> tuple[Tensor, Tensor]:
+        top, power = (15, self.belief_power) if belief else (7, self.signed_power)
+        n = values.numel()
+        blocks = _padded(values.reshape(-1), self.block_size)
+        noise = _padded(dither.reshape(-1).float(), self.block_size)
+        magnitude = blocks.clamp(min=0.0) if belief else blocks.abs()
+        # The scale is the largest finite magnitude; +-inf gets the top code, NaN code 0.
+        block_max = torch.where(magnitude.isfinite(), magnitude, 0.0).amax(dim=1)
+        inv = torch.where(block_max > 0, 1.0 / block_max, torch.zeros_like(block_max))
+        u = (magnitude * inv.unsqueeze(1)).clamp(0.0, 1.0)
+        # The level below u: floor(top * u**(1/power)), the root by correctly rounded square
+        # roots in float64 (as a C++ kernel's std::sqrt would).
+        root = u.double()
+        for _ in range(power.bit_length() - 1):
+            root = root.sqrt()
+        low = (root * top).floor().clamp(max=top - 1).float().nan_to_num(0.0)
+        index = low.to(torch.int64)
+        levels = self._levels(belief, values.device)
+        below, above = levels[index], levels[index + 1]
+        # Up with probability (u - below) / (above - below): the stored value is unbiased.
+        frac = ((u - below) / (above - below)).clamp(0.0, 1.0)
+        up = (((frac * _DITHER_RANGE).round() + noise) * (1.0 / _DITHER_RANGE)).floor()
+        codes = low + up
+        if belief:  # a positive belief never gets code 0 (its step would be m / eps)
+            codes = torch.where(u > 0, codes.clamp(min=1.0), codes)
+        else:
+            codes = codes * blocks.sign()
+        codes = codes.nan_to_num(nan=0.0).reshape(-1)[:n].to(torch.int64) & 15
+        pairs = codes.view(-1, 2)
+        packed = (pairs[:, 0] | (pairs[:, 1] << 4)).to(torch.uint8)
+        return packed.view(values.shape[0] // 2, *values.shape[1:]), block_max
+
+    def local(self, moment: Moment) -> Moment | None:
+        return moment  # never a DTensor (applies_to)
+
+    def holds(self, state: Mapping[str, Any]) -> bool:
+        moment = state.get("exp_avg")
+        return (
+            "exp_avg_scale" in state and isinstance(moment, Tensor) and moment.dtype == torch.uint8
+        )
+
+
 FP32: StorageFormat = _Fp32Format()
 BF16: StorageFormat = _Bf16Format()
 INT8: StorageFormat = _Int8Format()
+INT4: StorageFormat = _Int4Format()
 #: Every storage format by name; a saved state's is the first that :meth:`~StorageFormat.holds`
 #: it, from the last to the first (fp32, which holds any, is asked last).
-FORMATS: dict[str, StorageFormat] = {f.name: f for f in (FP32, BF16, INT8)}
+FORMATS: dict[str, StorageFormat] = {f.name: f for f in (FP32, BF16, INT8, INT4)}
 STATE_PRECISIONS = tuple(FORMATS)
+
+
+def _padded(flat: Tensor, block: int) -> Tensor:
+    """``flat`` in rows of ``block``, the last zero-padded."""
+    tail = (-flat.numel()) % block
+    if tail:
+        flat = torch.nn.functional.pad(flat, (0, tail))
+    return flat.view(-1, block)
 
 
 def _blocks(numel: int) -> int:

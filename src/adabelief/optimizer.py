@@ -111,9 +111,10 @@ class AdaBelief(Optimizer):
             (CUDA graphs).
         differentiable: let autograd run through the step (single-tensor kernel).
         state_precision: how the moments are stored between steps: ``"fp32"`` (default, 8 bytes
-            per parameter), ``"bf16"`` (4 bytes, stochastic rounding) or ``"int8"`` (about 2
-            bytes, block-wise quantized, tensors of 4096 elements or more); the math is float32
-            in every case. See :mod:`adabelief.compressed_state`.
+            per parameter), ``"bf16"`` (4 bytes, stochastic rounding), ``"int8"`` (about 2
+            bytes, block-wise quantized, tensors of 4096 elements or more) or ``"int4"`` (about
+            1.06 bytes, two 4-bit codes per byte; int8 where it does not apply); the math is
+            float32 in every case. See :mod:`adabelief.compressed_state`.
         step_in_backward: update each parameter inside ``loss.backward()`` as soon as its
             gradient is accumulated, and set its ``.grad`` to None at once, so the gradients of
             the model are never all held (saves up to 4 bytes per float32 parameter). The same
@@ -141,7 +142,8 @@ class AdaBelief(Optimizer):
 
     State per parameter: ``step`` (0-dim tensor), ``exp_avg``, ``exp_avg_var`` and, with AMSGrad,
     ``max_exp_avg_var``; the moments are float32 for float16 and bfloat16 parameters (with
-    ``state_precision="int8"`` also ``exp_avg_scale``, ``exp_avg_var_scale``, ... per block).
+    ``state_precision="int8"`` or ``"int4"`` also ``exp_avg_scale``, ``exp_avg_var_scale``, ...
+    per block).
     """
 
     def __init__(

@@ -9,7 +9,9 @@
                other devices, or with ``capturable=True``
 ``"tensor"``   :func:`~adabelief.kernels.tensor_math.tensor_step` eagerly: ``differentiable``,
                ``capturable`` without ``fused``, inside ``torch.compile`` (traced into the
-               caller's graph), tensor subclasses the fused paths cannot unwrap
+               caller's graph), tensor subclasses the fused paths cannot unwrap, and on
+               ``"cpu"`` the parameters whose storage format the kernel has no code for
+               (``"int4"``, as yet), silently: the rest of the group stays on the kernel
 ``"foreach"``  :mod:`~adabelief.kernels.foreach`: ``foreach=True``, or the default on CUDA
 ``"single"``   :mod:`~adabelief.kernels.single_tensor`: ``foreach=False``, or the default
                elsewhere
@@ -217,6 +219,17 @@ def _run_one_device(
     if path == "cpu" and grad_scale is not None and not cpu.exact_inverse(float(grad_scale)):
         path = "tensor"  # the kernel multiplies by 1/grad_scale, exact for powers of two only
     if path == "cpu":
+        # Formats the fused kernel has no code for (int4, as yet) take the tensor step, as
+        # other cases the kernel cannot take do: no warning, since nothing is unavailable.
+        eager = [i for i in range(len(tensors.params)) if not _fused_format(tensors, i)]
+        if eager:
+            tensor_math.tensor_step(
+                tensors.select(eager), hp, grad_scale=grad_scale, found_inf=found_inf
+            )
+            if len(eager) == len(tensors.params):
+                return
+            tensors = tensors.select([i for i in range(len(tensors.params)) if i not in eager])
+    if path == "cpu":
         lib = cpu.kernel()
         if lib is not None:
             cpu.cpu_step(lib, tensors, hp, grad_scale=grad_scale, found_inf=found_inf)
@@ -241,6 +254,11 @@ def _run_one_device(
     elif grad_scale is not None or found_inf is not None:
         raise ValueError("grad_scale/found_inf are only supported by the fused path (fused=True)")
     _run_float_kernel(path, tensors, hp._replace(lr=float(hp.lr)))
+
+
+def _fused_format(tensors: GroupTensors, i: int) -> bool:
+    """Whether the fused CPU kernel has code for parameter ``i``'s storage format."""
+    return tensors.format_of(i).name in cpu._STATE_CODES
 
 
 def _run_float_kernel(path: Path, tensors: GroupTensors, hp: Hyperparameters) -> None:

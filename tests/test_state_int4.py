@@ -1,0 +1,271 @@
+"""state_precision="int4": packed 4-bit codes, unbiased rounding, paths, checkpoints, fallbacks."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import pytest
+import torch
+
+from adabelief import AdaBelief
+from adabelief import compressed_state as cs
+
+
+def _model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.Tanh(), torch.nn.Linear(96, 4))
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(128, 64, generator=g), torch.randn(128, 4, generator=g)
+
+
+def _train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int) -> float:
+    x, y = _data()
+    loss = torch.tensor(0.0)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+    return float(loss.detach())
+
+
+def _stored(m: torch.Tensor, s: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+    param = torch.zeros(m.shape)
+    state = {
+        **cs.new_moment(param, "exp_avg", "int4"),
+        **cs.new_moment(param, "exp_avg_var", "int4"),
+    }
+    cs.encode_moments_(state, {"exp_avg": m, "exp_avg_var": s}, step)
+    return state
+
+
+def test_layout_and_packing():
+    block = cs.INT4.block_size
+    m = torch.zeros(2, block)
+    m[0, 0], m[0, 1], m[1, 0] = 1.0, -1.0, -2.0  # block maxima: the top codes, exactly
+    s = torch.zeros(2, block)
+    s[0, 1], s[1, 0] = 3.0, 5.0
+    state = _stored(m, s, step=1)
+    assert cs.format_of(state) == "int4"
+    assert state["exp_avg"].dtype == state["exp_avg_var"].dtype == torch.uint8
+    assert state["exp_avg"].shape == (1, block)  # the first dimension halved
+    assert state["exp_avg_scale"].tolist() == [1.0, 2.0]
+    assert state["exp_avg_var_scale"].tolist() == [3.0, 5.0]
+    # Element 2i in the low nibble of byte i, 2i + 1 in the high one; -7 is 0b1001.
+    assert int(state["exp_avg"][0, 0]) == 0x97
+    assert int(state["exp_avg"][0, block // 2]) == 0x09
+    assert int(state["exp_avg_var"][0, 0]) == 0xF0
+    assert int(state["exp_avg_var"][0, block // 2]) == 0x0F
+    decoded = cs.decode_moments(state)
+    assert torch.equal(decoded["exp_avg"], m)
+    assert torch.equal(decoded["exp_avg_var"], s)
+
+
+def test_round_trip_error_is_one_level_and_beliefs_stay_positive():
+    torch.manual_seed(0)
+    m = torch.randn(64, 256) * 1e-2
+    s = torch.rand(64, 256).pow(6) * 1e-6 + 1e-16  # small and heavy-tailed, like a belief
+    decoded = cs.decode_moments(_stored(m, s, step=3))
+    block = cs.INT4.block_size
+    for key, values, top, power in (
+        ("exp_avg", m, 7, cs.INT4.signed_power),
+        ("exp_avg_var", s, 15, cs.INT4.belief_power),
+    ):
+        scale = values.reshape(-1, block).abs().amax(1, keepdim=True)
+        levels = (torch.arange(top + 1, dtype=torch.float64) / top).pow(power).float()
+        gap = float((levels[1:] - levels[:-1]).max())
+        error = (decoded[key] - values).reshape(-1, block).abs()
+        assert (error <= gap * scale * 1.0001).all(), key
+    assert (decoded["exp_avg_var"] > 0).all()
+
+
+def test_rounding_is_unbiased_in_value_and_deterministic():
+    torch.manual_seed(1)
+    m = torch.randn(32, 128) * 1e-3
+    s = torch.rand(32, 128).pow(4) * 1e-6 + 1e-12
+    first = _stored(m, s, step=5)
+    again = _stored(m, s, step=5)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    total = {"exp_avg": torch.zeros_like(m), "exp_avg_var": torch.zeros_like(s)}
+    steps = 400
+    for step in range(steps):
+        for key, value in cs.decode_moments(_stored(m, s, step)).items():
+            total[key] += value
+    for key, truth in (("exp_avg", m), ("exp_avg_var", s)):
+        bias = (total[key] / steps - truth).abs().mean() / truth.abs().mean()
+        assert bias < 0.03, key
+
+
+def test_non_finite_values_cost_their_own_element():
+    m = torch.full((64, 128), 1e-3)
+    m[0, 3], m[0, 4], m[1, 0] = float("inf"), float("-inf"), float("nan")
+    decoded = cs.decode_moments(_stored(m, m.abs().nan_to_num(0.0), step=1))
+    assert float(decoded["exp_avg"][0, 3]) == pytest.approx(1e-3)
+    assert float(decoded["exp_avg"][0, 4]) == pytest.approx(-1e-3)
+    assert float(decoded["exp_avg"][1, 0]) == 0.0
+    assert torch.allclose(decoded["exp_avg"][0, :3], m[0, :3])
+
+
+def test_which_parameters_take_int4():
+    assert cs.storage_format(torch.zeros(64, 96), "int4") == "int4"
+    assert cs.storage_format(torch.zeros(96), "int4") == "fp32"  # too small for scales
+    assert cs.storage_format(torch.zeros(64, 32, 3, 3), "int4") == "int4"
+    assert cs.storage_format(torch.zeros(63, 96), "int4") == "int8"  # odd first dimension
+    assert cs.storage_format(torch.zeros(64, 96, dtype=torch.float64), "int4") == "fp32"
+    model = _model()
+    opt = AdaBelief(model.parameters(), state_precision="int4")
+    _train(model, opt, 1)
+    assert cs.format_of(opt.state[model[0].weight]) == "int4"
+    assert cs.format_of(opt.state[model[0].bias]) == "fp32"
+
+
+def test_bytes_per_parameter():
+    assert cs.bytes_per_parameter("int4") == pytest.approx(2 * (0.5 + 4 / cs.INT4.block_size))
+    assert cs.bytes_per_parameter("int4", amsgrad=True) == pytest.approx(
+        1.5 * cs.bytes_per_parameter("int4")
+    )
+    model = _model()
+    opt = AdaBelief([model[0].weight], state_precision="int4")
+    _train(model, opt, 1)
+    state = opt.state[model[0].weight]
+    nbytes = sum(t.numel() * t.element_size() for k, t in state.items() if k != "step")
+    assert nbytes / model[0].weight.numel() == pytest.approx(cs.bytes_per_parameter("int4"))
+
+
+def test_validation_lists_int4():
+    p = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match=r"'int4'"):
+        AdaBelief([p], state_precision="int2")
+
+
+PATHS = [dict(foreach=False), dict(foreach=True), dict(capturable=True), dict(fused=True), {}]
+
+
+def _run_paths(steps: int) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """A 64x96 weight (int4 state) stepped on each of :data:`PATHS`, with warnings as errors."""
+    x, _ = _data()
+    y = torch.randn(128, 96, generator=torch.Generator().manual_seed(2))
+    results = []
+    for path in PATHS:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(64, 96, bias=False)
+        opt = AdaBelief(model.parameters(), lr=1e-2, amsgrad=True, state_precision="int4", **path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for _ in range(steps):
+                opt.zero_grad()
+                torch.nn.functional.mse_loss(model(x), y).backward()
+                opt.step()
+        assert cs.format_of(opt.state[model.weight]) == "int4"
+        results.append((model.weight.detach().clone(), opt.state[model.weight]))
+    return results
+
+
+def _same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_every_path_stores_the_same_codes():
+    """The format is one function on every path: from the same work moments (the first step
+    from zero state) the single-tensor, foreach, tensor and fused-CPU paths store the same
+    codes and scales bit for bit. (Their update arithmetic differs within float32 rounding:
+    torch's float32 sqrt and division on each path, as for int8.)"""
+    first = _run_paths(1)
+    for _, state in first[1:]:
+        assert _same_state(first[0][1], state)
+
+
+def test_paths_are_bit_identical_over_a_run():
+    """single-tensor and foreach agree bit for bit over several steps; so do the tensor path and
+    the fused CPU path (the default and fused=True), which routes int4 parameters to the tensor
+    step silently (no FusedFallbackWarning: warnings are errors in :func:`_run_paths`)."""
+    single, foreach, tensor, fused, default = _run_paths(6)
+    for a, b in ((single, foreach), (tensor, fused), (tensor, default)):
+        assert torch.equal(a[0], b[0])
+        assert _same_state(a[1], b[1])
+
+
+@pytest.mark.parametrize("path", [dict(foreach=False), dict(fused=True)], ids=str)
+def test_checkpoint_resume_is_bit_exact(path):
+    kwargs = dict(lr=1e-2, amsgrad=True, state_precision="int4", **path)
+    model = _model()
+    opt = AdaBelief(model.parameters(), **kwargs)
+    _train(model, opt, 8)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed = _model(seed=5)
+    resumed.load_state_dict(saved["model"])
+    resumed_opt = AdaBelief(resumed.parameters(), **kwargs)
+    resumed_opt.load_state_dict(saved["opt"])
+    _train(model, opt, 4)
+    _train(resumed, resumed_opt, 4)
+    for a, b in zip(model.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+        for key, value in opt.state[a].items():
+            assert torch.equal(value, resumed_opt.state[b][key]), key
+
+
+@pytest.mark.parametrize(
+    ("saved", "chosen"),
+    [("fp32", "int4"), ("bf16", "int4"), ("int8", "int4"), ("int4", "int8"), ("int4", "fp32")],
+    ids=str,
+)
+def test_loading_another_format_converts(saved, chosen):
+    model = _model()
+    opt = AdaBelief(model.parameters(), lr=1e-2, amsgrad=True, state_precision=saved)
+    _train(model, opt, 6)
+    loaded = AdaBelief(model.parameters(), lr=1e-2, amsgrad=True, state_precision=chosen)
+    loaded.load_state_dict(opt.state_dict())
+    weight = model[0].weight
+    state = loaded.state[weight]
+    assert cs.format_of(state) == chosen
+    want, got = cs.decode_moments(opt.state[weight]), cs.decode_moments(state)
+    for key, value in want.items():
+        # Within the int4 levels' widest gap of the largest magnitude, and unbiased.
+        error = got[key] - value
+        assert error.abs().max() <= 0.5 * value.abs().max(), key
+        assert error.abs().mean() <= 0.3 * value.abs().mean(), key
+        assert abs(float(error.mean())) <= 0.05 * float(value.abs().mean()), key
+    _train(model, loaded, 2)
+    assert cs.format_of(loaded.state[weight]) == chosen
+
+
+def test_training_quality_close_to_fp32():
+    reference = _model()
+    loss_fp32 = _train(reference, AdaBelief(reference.parameters(), lr=1e-2), 150)
+    model = _model()
+    loss = _train(model, AdaBelief(model.parameters(), lr=1e-2, state_precision="int4"), 150)
+    initial = _train(_model(), torch.optim.SGD(_model().parameters(), lr=0.0), 1)
+    assert loss < 0.05 * initial
+    assert loss == pytest.approx(loss_fp32, rel=0.5, abs=1e-3)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+def test_a_dtensor_parameter_falls_back_to_int8():
+    """Packed codes cannot be placed as their DTensor parameter: int4 on a DTensor is int8,
+    with its global block grid (float32 where int8 does not apply)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized")
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        weight = torch.nn.Parameter(distribute_tensor(torch.randn(64, 96), mesh, [Shard(0)]))
+        assert cs.storage_format(weight, "int4") == "int8"
+        small = distribute_tensor(torch.randn(96), mesh, [Shard(0)])
+        assert cs.storage_format(small, "int4") == "fp32"
+        opt = AdaBelief([weight], state_precision="int4")
+        weight.grad = distribute_tensor(torch.randn(64, 96), mesh, [Shard(0)])
+        opt.step()
+        assert cs.format_of(opt.state[weight]) == "int8"
+    finally:
+        dist.destroy_process_group()
