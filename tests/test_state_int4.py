@@ -10,27 +10,7 @@ import torch
 
 from adabelief import AdaBelief
 from adabelief import compressed_state as cs
-
-
-def _model(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.Tanh(), torch.nn.Linear(96, 4))
-
-
-def _data() -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(128, 64, generator=g), torch.randn(128, 4, generator=g)
-
-
-def _train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int) -> float:
-    x, y = _data()
-    loss = torch.tensor(0.0)
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        opt.step()
-    return float(loss.detach())
+from tiny_training import tiny_data, tiny_model, train_tiny
 
 
 def _stored(m: torch.Tensor, s: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
@@ -116,9 +96,9 @@ def test_which_parameters_take_int4():
     assert cs.storage_format(torch.zeros(64, 32, 3, 3), "int4") == "int4"
     assert cs.storage_format(torch.zeros(63, 96), "int4") == "int8"  # odd first dimension
     assert cs.storage_format(torch.zeros(64, 96, dtype=torch.float64), "int4") == "fp32"
-    model = _model()
+    model = tiny_model()
     opt = AdaBelief(model.parameters(), state_precision="int4")
-    _train(model, opt, 1)
+    train_tiny(model, opt, 1)
     assert cs.format_of(opt.state[model[0].weight]) == "int4"
     assert cs.format_of(opt.state[model[0].bias]) == "fp32"
 
@@ -128,9 +108,9 @@ def test_bytes_per_parameter():
     assert cs.bytes_per_parameter("int4", amsgrad=True) == pytest.approx(
         1.5 * cs.bytes_per_parameter("int4")
     )
-    model = _model()
+    model = tiny_model()
     opt = AdaBelief([model[0].weight], state_precision="int4")
-    _train(model, opt, 1)
+    train_tiny(model, opt, 1)
     state = opt.state[model[0].weight]
     nbytes = sum(t.numel() * t.element_size() for k, t in state.items() if k != "step")
     assert nbytes / model[0].weight.numel() == pytest.approx(cs.bytes_per_parameter("int4"))
@@ -147,7 +127,7 @@ PATHS = [dict(foreach=False), dict(foreach=True), dict(capturable=True), dict(fu
 
 def _run_paths(steps: int) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
     """A 64x96 weight (int4 state) stepped on each of :data:`PATHS`, with warnings as errors."""
-    x, _ = _data()
+    x, _ = tiny_data()
     y = torch.randn(128, 96, generator=torch.Generator().manual_seed(2))
     results = []
     for path in PATHS:
@@ -192,19 +172,19 @@ def test_paths_are_bit_identical_over_a_run():
 @pytest.mark.parametrize("path", [dict(foreach=False), dict(fused=True)], ids=str)
 def test_checkpoint_resume_is_bit_exact(path):
     kwargs = dict(lr=1e-2, amsgrad=True, state_precision="int4", **path)
-    model = _model()
+    model = tiny_model()
     opt = AdaBelief(model.parameters(), **kwargs)
-    _train(model, opt, 8)
+    train_tiny(model, opt, 8)
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
-    resumed = _model(seed=5)
+    resumed = tiny_model(seed=5)
     resumed.load_state_dict(saved["model"])
     resumed_opt = AdaBelief(resumed.parameters(), **kwargs)
     resumed_opt.load_state_dict(saved["opt"])
-    _train(model, opt, 4)
-    _train(resumed, resumed_opt, 4)
+    train_tiny(model, opt, 4)
+    train_tiny(resumed, resumed_opt, 4)
     for a, b in zip(model.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)
         for key, value in opt.state[a].items():
@@ -217,9 +197,9 @@ def test_checkpoint_resume_is_bit_exact(path):
     ids=str,
 )
 def test_loading_another_format_converts(saved, chosen):
-    model = _model()
+    model = tiny_model()
     opt = AdaBelief(model.parameters(), lr=1e-2, amsgrad=True, state_precision=saved)
-    _train(model, opt, 6)
+    train_tiny(model, opt, 6)
     loaded = AdaBelief(model.parameters(), lr=1e-2, amsgrad=True, state_precision=chosen)
     loaded.load_state_dict(opt.state_dict())
     weight = model[0].weight
@@ -232,16 +212,16 @@ def test_loading_another_format_converts(saved, chosen):
         assert error.abs().max() <= 0.5 * value.abs().max(), key
         assert error.abs().mean() <= 0.3 * value.abs().mean(), key
         assert abs(float(error.mean())) <= 0.05 * float(value.abs().mean()), key
-    _train(model, loaded, 2)
+    train_tiny(model, loaded, 2)
     assert cs.format_of(loaded.state[weight]) == chosen
 
 
 def test_training_quality_close_to_fp32():
-    reference = _model()
-    loss_fp32 = _train(reference, AdaBelief(reference.parameters(), lr=1e-2), 150)
-    model = _model()
-    loss = _train(model, AdaBelief(model.parameters(), lr=1e-2, state_precision="int4"), 150)
-    initial = _train(_model(), torch.optim.SGD(_model().parameters(), lr=0.0), 1)
+    reference = tiny_model()
+    loss_fp32 = train_tiny(reference, AdaBelief(reference.parameters(), lr=1e-2), 150)
+    model = tiny_model()
+    loss = train_tiny(model, AdaBelief(model.parameters(), lr=1e-2, state_precision="int4"), 150)
+    initial = train_tiny(tiny_model(), torch.optim.SGD(tiny_model().parameters(), lr=0.0), 1)
     assert loss < 0.05 * initial
     assert loss == pytest.approx(loss_fp32, rel=0.5, abs=1e-3)
 

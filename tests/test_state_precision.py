@@ -9,29 +9,9 @@ import torch
 
 from adabelief import AdaBelief
 from adabelief import compressed_state as cs
+from tiny_training import tiny_data, tiny_model, train_tiny
 
 PRECISIONS = ["fp32", "bf16", "int8"]
-
-
-def _model(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.Tanh(), torch.nn.Linear(96, 4))
-
-
-def _data() -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(128, 64, generator=g), torch.randn(128, 4, generator=g)
-
-
-def _train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int) -> float:
-    x, y = _data()
-    loss = torch.tensor(0.0)
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        opt.step()
-    return float(loss.detach())
 
 
 def test_invalid_state_precision_is_rejected():
@@ -52,9 +32,9 @@ def test_invalid_state_precision_is_rejected():
     ],
 )
 def test_storage_dtypes_and_small_tensors_stay_fp32(precision, dtypes):
-    model = _model()
+    model = tiny_model()
     opt = AdaBelief(model.parameters(), state_precision=precision)
-    _train(model, opt, 1)
+    train_tiny(model, opt, 1)
     big = opt.state[model[0].weight]  # 6144 elements
     for key, dtype in dtypes.items():
         assert big[key].dtype == dtype
@@ -71,10 +51,10 @@ def test_bytes_per_parameter():
     assert cs.bytes_per_parameter("fp32") == 8.0
     assert cs.bytes_per_parameter("bf16") == 4.0
     assert cs.bytes_per_parameter("int8") == pytest.approx(2.03125)
-    model = _model()
+    model = tiny_model()
     for precision, budget in (("bf16", 4.0), ("int8", 2.05)):
         opt = AdaBelief([model[0].weight], state_precision=precision)
-        _train(model, opt, 1)
+        train_tiny(model, opt, 1)
         state = opt.state[model[0].weight]
         nbytes = sum(t.numel() * t.element_size() for k, t in state.items() if k != "step")
         assert nbytes / model[0].weight.numel() <= budget
@@ -172,11 +152,11 @@ def test_int8_moving_average_does_not_freeze():
 
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
 def test_training_quality_close_to_fp32(precision):
-    reference = _model()
-    loss_fp32 = _train(reference, AdaBelief(reference.parameters(), lr=1e-2), 150)
-    model = _model()
-    loss = _train(model, AdaBelief(model.parameters(), lr=1e-2, state_precision=precision), 150)
-    initial = _train(_model(), torch.optim.SGD(_model().parameters(), lr=0.0), 1)
+    reference = tiny_model()
+    loss_fp32 = train_tiny(reference, AdaBelief(reference.parameters(), lr=1e-2), 150)
+    model = tiny_model()
+    loss = train_tiny(model, AdaBelief(model.parameters(), lr=1e-2, state_precision=precision), 150)
+    initial = train_tiny(tiny_model(), torch.optim.SGD(tiny_model().parameters(), lr=0.0), 1)
     assert loss < 0.05 * initial
     assert loss == pytest.approx(loss_fp32, rel=0.5, abs=1e-3)
 
@@ -185,22 +165,22 @@ def test_training_quality_close_to_fp32(precision):
 @pytest.mark.parametrize("foreach", [False, True])
 def test_checkpoint_resume_is_bit_exact(precision, foreach):
     kwargs = dict(lr=1e-2, amsgrad=True, state_precision=precision, foreach=foreach)
-    model = _model()
+    model = tiny_model()
     opt = AdaBelief(model.parameters(), **kwargs)
-    _train(model, opt, 8)
+    train_tiny(model, opt, 8)
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
-    resumed = _model(seed=5)
+    resumed = tiny_model(seed=5)
     resumed.load_state_dict(saved["model"])
     resumed_opt = AdaBelief(resumed.parameters(), **kwargs)
     resumed_opt.load_state_dict(saved["opt"])
     for original, loaded in zip(model.parameters(), resumed.parameters(), strict=True):
         for key, value in opt.state[original].items():
             assert resumed_opt.state[loaded][key].dtype == value.dtype, key
-    _train(model, opt, 4)
-    _train(resumed, resumed_opt, 4)
+    train_tiny(model, opt, 4)
+    train_tiny(resumed, resumed_opt, 4)
     for a, b in zip(model.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)
     for a, b in zip(model.parameters(), resumed.parameters(), strict=True):
@@ -209,9 +189,9 @@ def test_checkpoint_resume_is_bit_exact(precision, foreach):
 
 
 def test_bf16_parameters_with_bf16_state_keep_bf16_after_load():
-    model = _model().to(torch.bfloat16)
+    model = tiny_model().to(torch.bfloat16)
     opt = AdaBelief(model.parameters(), state_precision="bf16")
-    x, y = _data()
+    x, y = tiny_data()
     for _ in range(3):
         opt.zero_grad()
         torch.nn.functional.mse_loss(model(x.bfloat16()), y.bfloat16()).backward()
@@ -233,19 +213,19 @@ def test_bf16_parameters_with_bf16_state_keep_bf16_after_load():
 
 
 def test_switching_precision_mid_run_converts_state():
-    model = _model()
+    model = tiny_model()
     opt = AdaBelief(model.parameters(), lr=1e-2)
-    _train(model, opt, 10)
+    train_tiny(model, opt, 10)
     before = opt.state[model[0].weight]["exp_avg"].clone()
     opt.param_groups[0]["state_precision"] = "int8"
     work_before = cs.decode_moments(opt.state[model[0].weight])["exp_avg"]
     assert torch.equal(work_before, before)
-    _train(model, opt, 1)
+    train_tiny(model, opt, 1)
     state = opt.state[model[0].weight]
     assert state["exp_avg"].dtype == torch.int8
     assert "exp_avg_scale" in state
     opt.param_groups[0]["state_precision"] = "fp32"
-    _train(model, opt, 1)
+    train_tiny(model, opt, 1)
     assert opt.state[model[0].weight]["exp_avg"].dtype == torch.float32
     assert "exp_avg_scale" not in opt.state[model[0].weight]
 
@@ -259,9 +239,9 @@ def test_loading_another_format_keeps_the_optimizers_own(saved, chosen):
     """An optimizer built with "int8" for memory stays int8 when it loads a bf16 (or fp32)
     checkpoint: the moments are decoded to float32 and encoded in its format, not the
     checkpoint's, and training goes on from them."""
-    model = _model()
+    model = tiny_model()
     opt = AdaBelief(model.parameters(), lr=1e-2, amsgrad=True, state_precision=saved)
-    _train(model, opt, 6)
+    train_tiny(model, opt, 6)
     checkpoint = opt.state_dict()
     loaded = AdaBelief(model.parameters(), lr=1e-2, amsgrad=True, state_precision=chosen)
     loaded.load_state_dict(checkpoint)
@@ -280,7 +260,7 @@ def test_loading_another_format_keeps_the_optimizers_own(saved, chosen):
         tolerance = 2 / 127 if coarse == "int8" else 2**-7
         assert (got[key] - value).abs().max() <= tolerance * scale, key
     before = state["exp_avg"].clone()
-    _train(model, loaded, 2)
+    train_tiny(model, loaded, 2)
     assert cs.format_of(loaded.state[weight]) == chosen
     assert not torch.equal(loaded.state[weight]["exp_avg"], before)
 
@@ -314,24 +294,24 @@ def test_a_new_format_is_one_storage_format_object(monkeypatch, path):
     and its state_dict round-trips through torch.load(weights_only=True) bit for bit."""
     monkeypatch.setitem(cs.FORMATS, "fp16", _Fp16Format())
     monkeypatch.setattr(cs, "STATE_PRECISIONS", (*cs.STATE_PRECISIONS, "fp16"))
-    model = _model()
-    reference = _model()
-    fp32_loss = _train(reference, AdaBelief(reference.parameters(), lr=1e-2, **path), 10)
+    model = tiny_model()
+    reference = tiny_model()
+    fp32_loss = train_tiny(reference, AdaBelief(reference.parameters(), lr=1e-2, **path), 10)
     opt = AdaBelief(model.parameters(), lr=1e-2, state_precision="fp16", **path)
-    loss = _train(model, opt, 5)
+    loss = train_tiny(model, opt, 5)
     for state in opt.state.values():
         assert state["exp_avg"].dtype == state["exp_avg_var"].dtype == torch.float16
         assert cs.format_of(state) == "fp16"
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
-    loss = _train(model, opt, 5)
+    loss = train_tiny(model, opt, 5)
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
-    resumed = _model()
+    resumed = tiny_model()
     resumed.load_state_dict(saved["model"])
     resumed_opt = AdaBelief(resumed.parameters(), lr=1e-2, state_precision="fp16", **path)
     resumed_opt.load_state_dict(saved["opt"])
-    assert _train(resumed, resumed_opt, 5) == loss
+    assert train_tiny(resumed, resumed_opt, 5) == loss
     for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(p, q)
     assert loss == pytest.approx(fp32_loss, rel=0.05)
