@@ -9,7 +9,7 @@ import torch
 
 from adabelief import AdaBelief
 from adabelief import compressed_state as cs
-from tiny_training import tiny_data, tiny_model, train_tiny
+from tiny_training import resume_through_checkpoint, tiny_data, tiny_model, train_tiny
 
 PRECISIONS = ["fp32", "bf16", "int8"]
 
@@ -168,14 +168,9 @@ def test_checkpoint_resume_is_bit_exact(precision, foreach):
     model = tiny_model()
     opt = AdaBelief(model.parameters(), **kwargs)
     train_tiny(model, opt, 8)
-    buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
-    resumed = tiny_model(seed=5)
-    resumed.load_state_dict(saved["model"])
-    resumed_opt = AdaBelief(resumed.parameters(), **kwargs)
-    resumed_opt.load_state_dict(saved["opt"])
+    resumed, resumed_opt = resume_through_checkpoint(
+        model, opt, lambda params: AdaBelief(params, **kwargs)
+    )
     for original, loaded in zip(model.parameters(), resumed.parameters(), strict=True):
         for key, value in opt.state[original].items():
             assert resumed_opt.state[loaded][key].dtype == value.dtype, key

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import io
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 
@@ -24,3 +28,19 @@ def train_tiny(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int) -
         loss.backward()
         opt.step()
     return float(loss.detach())
+
+
+def resume_through_checkpoint(
+    model: torch.nn.Module, opt: torch.optim.Optimizer, make_opt: Callable[..., Any]
+) -> tuple[torch.nn.Module, Any]:
+    """A fresh ``tiny_model`` and optimizer (``make_opt(params)``) loaded from ``model`` and
+    ``opt`` through ``torch.save`` and ``torch.load(weights_only=True)``."""
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed = tiny_model(seed=5)
+    resumed.load_state_dict(saved["model"])
+    resumed_opt = make_opt(resumed.parameters())
+    resumed_opt.load_state_dict(saved["opt"])
+    return resumed, resumed_opt
