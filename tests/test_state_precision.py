@@ -275,9 +275,8 @@ class _Fp16Format(cs.StorageFormat):
     def encode(self, work, step):
         return [(w.half(), None) for w in work]
 
-    def holds(self, state) -> bool:
-        moment = state.get("exp_avg")
-        return isinstance(moment, torch.Tensor) and moment.dtype == torch.float16
+    def holds(self, dtype: torch.dtype, scaled: bool) -> bool:
+        return dtype == torch.float16 and not scaled
 
 
 @pytest.mark.parametrize(

@@ -176,8 +176,10 @@ class StorageFormat:
         memory), for the fused kernels; None when the shard cannot be stepped alone."""
         return moment._replace(codes=_local_of(moment.codes))
 
-    def holds(self, state: Mapping[str, Any]) -> bool:
-        """Whether a parameter's saved ``state`` (the plain layout) is in this format."""
+    def holds(self, dtype: torch.dtype, scaled: bool) -> bool:
+        """Whether a saved state (the plain layout) whose ``exp_avg`` codes are of ``dtype``,
+        with block scales beside them (``scaled``) or not, is in this format: the layout alone
+        names the format, so finding it costs no more than a dtype read per step."""
         raise NotImplementedError
 
 
@@ -203,7 +205,7 @@ class _Fp32Format(StorageFormat):
     ) -> list[tuple[Tensor, Tensor | None]]:
         return [(w, None) for w in work]
 
-    def holds(self, state: Mapping[str, Any]) -> bool:
+    def holds(self, dtype: torch.dtype, scaled: bool) -> bool:
         return True  # what no other format holds (FP32 is the last one asked)
 
 
@@ -253,10 +255,9 @@ class _Bf16Format(_DitheredFormat):
     ) -> list[tuple[Tensor, Tensor | None]]:
         return [(_round_to_bf16(c, d), None) for c, d in zip(coded, noise, strict=True)]
 
-    def holds(self, state: Mapping[str, Any]) -> bool:
+    def holds(self, dtype: torch.dtype, scaled: bool) -> bool:
         # The fp32 format keeps float32 moments for 16-bit parameters, so bfloat16 means bf16.
-        moment = state.get("exp_avg")
-        return isinstance(moment, Tensor) and moment.dtype == torch.bfloat16
+        return dtype is torch.bfloat16 and not scaled  # dtypes are singletons: `is` is cheap
 
 
 class _Int8Format(_DitheredFormat):
@@ -314,8 +315,8 @@ class _Int8Format(_DitheredFormat):
         # step, with its all-reduce, steps it.
         return None if _dtensor(moment.codes) is not None else moment
 
-    def holds(self, state: Mapping[str, Any]) -> bool:
-        return "exp_avg_scale" in state
+    def holds(self, dtype: torch.dtype, scaled: bool) -> bool:
+        return scaled  # asked after int4, the other scaled format
 
 
 class _Int4Format(_DitheredFormat):
@@ -420,11 +421,8 @@ class _Int4Format(_DitheredFormat):
     def local(self, moment: Moment) -> Moment | None:
         return moment  # never a DTensor (applies_to)
 
-    def holds(self, state: Mapping[str, Any]) -> bool:
-        moment = state.get("exp_avg")
-        return (
-            "exp_avg_scale" in state and isinstance(moment, Tensor) and moment.dtype == torch.uint8
-        )
+    def holds(self, dtype: torch.dtype, scaled: bool) -> bool:
+        return scaled and dtype is torch.uint8
 
 
 FP32: StorageFormat = _Fp32Format()
@@ -648,11 +646,11 @@ def step_moments(
     """(exp_avg, exp_avg_var, max_exp_avg_var or None) of a parameter's ``state`` in ``fmt``:
     :func:`moment` of each, with the keys spelled out (this runs for every parameter at every
     step)."""
-    get = state.get
+    get, new = state.get, tuple.__new__  # Moment's own __new__ is one Python call more
     return (
-        Moment(state["exp_avg"], get("exp_avg_scale"), fmt, False),
-        Moment(state["exp_avg_var"], get("exp_avg_var_scale"), fmt, True),
-        Moment(state["max_exp_avg_var"], get("max_exp_avg_var_scale"), fmt, True)
+        new(Moment, (state["exp_avg"], get("exp_avg_scale"), fmt, False)),
+        new(Moment, (state["exp_avg_var"], get("exp_avg_var_scale"), fmt, True)),
+        new(Moment, (state["max_exp_avg_var"], get("max_exp_avg_var_scale"), fmt, True))
         if amsgrad
         else None,
     )
@@ -701,11 +699,24 @@ def encode_(stored: Sequence[Moment], work: Sequence[Tensor], step: int | Tensor
 
 
 def format_of(state: Mapping[str, Any]) -> str:
-    """The storage format a parameter's saved ``state`` (the plain layout) is in."""
-    for fmt in reversed(FORMATS.values()):
-        if fmt.holds(state):
-            return fmt.name
-    return FP32.name
+    """The storage format a parameter's saved ``state`` (the plain layout) is in: the first of
+    :data:`FORMATS`, from the last, that :meth:`~StorageFormat.holds` its layout."""
+    codes = state.get("exp_avg")
+    if codes is None:
+        return FP32.name
+    # This runs for every parameter at every step, so each layout is looked up once (per size
+    # of FORMATS, and checked to be still registered: formats may be added at run time).
+    # dtypes are singletons keyed by id (hashing a torch.dtype costs more than the lookup).
+    dtype, scaled = codes.dtype, "exp_avg_scale" in state
+    layout = (id(dtype), scaled, len(FORMATS))
+    fmt = _FORMAT_OF_LAYOUT.get(layout)
+    if fmt is None or FORMATS.get(fmt.name) is not fmt:
+        holders = (f for f in reversed(FORMATS.values()) if f.holds(dtype, scaled))
+        fmt = _FORMAT_OF_LAYOUT[layout] = next(holders, FP32)
+    return fmt.name
+
+
+_FORMAT_OF_LAYOUT: dict[tuple[int, bool, int], StorageFormat] = {}
 
 
 def _moments(state: Mapping[str, Any]) -> list[Moment]:

@@ -87,6 +87,8 @@ MASTER_WEIGHTS = ("round", "residual", "fp32", "stochastic")
 RESIDUAL_KEY = "master_residual"
 #: The state key of the float32 master weight (``"fp32"``).
 FP32_KEY = "master_weight"
+#: The state key of each mode that keeps a master.
+_STATE_KEYS = {"residual": RESIDUAL_KEY, "fp32": FP32_KEY}
 #: Residual codes per ulp of the weight.
 CODES_PER_ULP = 256
 _FIXED = 65536.0
@@ -278,7 +280,7 @@ def sync_state_(state: dict[str, Any], param: Tensor, mode: str) -> Tensor | Non
     """Make ``state`` hold the master ``mode`` keeps for ``param`` (created from the weight,
     converted from the master of another mode, or dropped) and return it (None when none is
     kept). A residual missing from a loaded checkpoint is zero: the master is the weight."""
-    key = {"residual": RESIDUAL_KEY, "fp32": FP32_KEY}.get(mode) if applies(param, mode) else None
+    key = _STATE_KEYS.get(mode) if applies(param, mode) else None
     if key is None and RESIDUAL_KEY not in state and FP32_KEY not in state:
         return None  # the usual case: nothing kept, nothing to drop
     current = state.get(key) if key is not None else None

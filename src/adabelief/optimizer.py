@@ -273,6 +273,8 @@ class AdaBelief(Optimizer):
 
         torch's convention (``torch.compile`` runs this method eagerly, not traced)."""
         amsgrad, differentiable = group["amsgrad"], group["differentiable"]
+        masters = tensors.masters if isinstance(tensors.masters, list) else None  # _step_params
+        master_weights = group["master_weights"]
         for p in group["params"] if params is None else params:
             grad = p.grad
             if grad is None:
@@ -297,10 +299,8 @@ class AdaBelief(Optimizer):
             if max_exp_avg_var is not None:
                 tensors.max_exp_avg_vars.append(max_exp_avg_var)
             tensors.state_steps.append(state["step"])
-            if isinstance(tensors.masters, list):  # master_weights: see _step_params
-                tensors.masters.append(
-                    _master_weights.sync_state_(state, p, group["master_weights"])
-                )
+            if masters is not None:
+                masters.append(_master_weights.sync_state_(state, p, master_weights))
 
     def _param_state(self, group: dict[str, Any], p: Tensor) -> dict[str, Any]:
         """``p``'s state, created on first use (step 0, zero moments in the group's
