@@ -8,8 +8,8 @@ the single-process references) and run as a script, once per rank, by the test's
 
 One process group (gloo, CPU, a FileStore rendezvous) runs the two-rank scenarios of the given
 paths and kinds (DDP, ZeroRedundancyOptimizer, FSDP2 + torch.distributed.checkpoint in each
-``state_precision``, AdaBelief on bare DTensors); each scenario's outcome, or its traceback, goes to ``DIR/rank{R}.pt`` for the test
-to check.
+``state_precision`` and with the master weights of a bfloat16 model, AdaBelief on bare DTensors);
+each scenario's outcome, or its traceback, goes to ``DIR/rank{R}.pt`` for the test to check.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import itertools
 import traceback
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -68,10 +68,33 @@ CONFIGS: dict[str, dict[str, Any]] = {
     },
 }
 
-#: The storage formats of the FSDP2 scenarios. fp32 trains :func:`make_model`; the compressed
-#: ones the wider :func:`make_mlp`, whose hidden weights are int8 (not float32: at least
-#: MIN_QUANTIZED_NUMEL elements) in blocks that straddle the shards.
-STATE_PRECISIONS = ("fp32", "bf16", "int8")
+
+class FsdpCase(NamedTuple):
+    """What an FSDP2 scenario stores: the moments' ``state_precision``, and for a bfloat16 model
+    its ``master_weights`` (None: a float32 model)."""
+
+    precision: str
+    master_weights: str | None = None
+    #: The keys of CONFIGS it runs with (the newer cases with one, to keep the runs short).
+    configs: tuple[str, ...] = tuple(CONFIGS)
+
+    @property
+    def bfloat16(self) -> bool:
+        return self.master_weights is not None
+
+
+#: The FSDP2 scenarios' state. fp32 trains :func:`make_model`; the others the wider
+#: :func:`make_mlp` (in bfloat16 for the master weights), whose hidden weights have compressed
+#: moments (not float32: at least MIN_QUANTIZED_NUMEL elements) in blocks that straddle the
+#: shards.
+FSDP_CASES: dict[str, FsdpCase] = {
+    "fp32": FsdpCase("fp32"),
+    "bf16": FsdpCase("bf16"),
+    "int8": FsdpCase("int8"),
+    "bf16-residual": FsdpCase("bf16", "residual", configs=("rectified",)),
+    "int8-residual": FsdpCase("int8", "residual", configs=("rectified",)),
+    "int8-fp32master": FsdpCase("int8", "fp32", configs=("rectified",)),
+}
 
 #: Options of the bare-DTensor kernel checks (on top of the path).
 KERNEL_LR = 5e-2  # large enough that one step more or less is far outside bfloat16 rounding
@@ -113,8 +136,13 @@ def fused_unavailable_reason() -> str | None:
     return None
 
 
-def optimizer_kwargs(path: str, config: dict[str, Any], precision: str = "fp32") -> dict[str, Any]:
-    kwargs = {**config, **PATHS[path], "state_precision": precision}
+def optimizer_kwargs(path: str, config: dict[str, Any], case: str = "fp32") -> dict[str, Any]:
+    """The options of a scenario: ``config`` on ``path``, storing the state of FSDP_CASES[case]
+    (the bare-DTensor checks name a ``state_precision`` instead, which is also a case)."""
+    fsdp_case = FSDP_CASES[case]
+    kwargs = {**config, **PATHS[path], "state_precision": fsdp_case.precision}
+    if fsdp_case.master_weights is not None:
+        kwargs["master_weights"] = fsdp_case.master_weights
     if kwargs.get("lr") == "tensor":
         kwargs["lr"] = torch.tensor(KERNEL_LR)
     return kwargs
@@ -130,12 +158,15 @@ def make_model() -> nn.Sequential:
     return model
 
 
-def make_mlp() -> nn.Sequential:
+def make_mlp(width: int = 67) -> nn.Sequential:
     """A 5-layer MLP (5 -> 67 -> 67 -> 67 -> 67 -> 3), the same in every process: its three
-    67x67 weights (4489 elements) have int8 state, in blocks that cross rows and shards."""
+    67x67 weights (4489 elements) have int8 state, in blocks that cross rows and shards. With
+    ``width=68`` the hidden weights have int4 state: 34 rows per shard of 2, an even number, so
+    that each shard holds whole bytes of packed codes, and 2312 elements, so that the blocks of
+    128 (and 256) cross the shards."""
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(4321)
-    widths = (5, 67, 67, 67, 67, 3)
+    widths = (5, width, width, width, width, 3)
     layers: list[nn.Module] = []
     for i, (fan_in, fan_out) in enumerate(itertools.pairwise(widths)):
         layers += [nn.Linear(fan_in, fan_out)] + ([nn.Tanh()] if i < len(widths) - 2 else [])
@@ -144,9 +175,14 @@ def make_mlp() -> nn.Sequential:
     return model
 
 
-def model_for(precision: str) -> nn.Sequential:
-    """The model of the FSDP2 scenarios in ``precision``."""
-    return make_model() if precision == "fp32" else make_mlp()
+def model_for(case: str) -> nn.Sequential:
+    """The model of the FSDP2 scenarios of FSDP_CASES[case]."""
+    fsdp_case = FSDP_CASES[case]
+    if fsdp_case.bfloat16:
+        return make_mlp().to(torch.bfloat16)
+    if fsdp_case.precision == "int4":
+        return make_mlp(width=68)
+    return make_model() if fsdp_case.precision == "fp32" else make_mlp()
 
 
 def batches(steps: int = STEPS) -> list[tuple[Tensor, Tensor]]:
@@ -169,25 +205,47 @@ def train(
     world_size: int = 1,
 ) -> None:
     """One step per batch; each rank takes its contiguous share of the global batch and the mean
-    loss over it, so the gradient averaged over the ranks is the full batch's mean gradient."""
+    loss over it, so the gradient averaged over the ranks is the full batch's mean gradient.
+    The inputs take the model's dtype, the loss is float32."""
+    dtype = next(model.parameters()).dtype
     for x, y in data:
         x_local, y_local = x.chunk(world_size)[rank], y.chunk(world_size)[rank]
-        loss = nn.functional.mse_loss(model(x_local), y_local)
+        loss = nn.functional.mse_loss(model(x_local.to(dtype)).float(), y_local)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
 
 def reference_params(
-    path: str, config: str, steps: int = STEPS, precision: str = "fp32"
+    path: str, config: str, steps: int = STEPS, case: str = "fp32"
 ) -> list[Tensor]:
     """Single-process training on the full global batches."""
-    model = model_for(precision)
+    model = model_for(case)
     optimizer = adabelief.AdaBelief(
-        model.parameters(), **optimizer_kwargs(path, CONFIGS[config], precision)
+        model.parameters(), **optimizer_kwargs(path, CONFIGS[config], case)
     )
     train(model, optimizer, batches()[:steps])
     return [p.detach().clone() for p in model.parameters()]
+
+
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[dict[str, Tensor]]:
+    """Each parameter's optimizer state as full (unsharded) tensors, in the order of
+    ``model.parameters()``."""
+    return [
+        {
+            key: _full(value)
+            for key, value in optimizer.state[p].items()
+            if isinstance(value, Tensor)
+        }
+        for p in model.parameters()
+    ]
+
+
+def parameter_formats(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The storage format each parameter's moments got, in the order of ``model.parameters()``."""
+    from adabelief import compressed_state
+
+    return [compressed_state.format_of(optimizer.state[p]) for p in model.parameters()]
 
 
 def kernel_inputs(case: str) -> tuple[Tensor, list[Tensor]]:
@@ -232,14 +290,21 @@ def scenario_names(paths: Iterable[str] = PATHS) -> Iterator[tuple[str, str]]:
             yield path, config
 
 
+def fsdp_cases() -> Iterator[tuple[str, str]]:
+    """(config, case) of every FSDP2 scenario of a path."""
+    for case, fsdp_case in FSDP_CASES.items():
+        for config in fsdp_case.configs:
+            yield config, case
+
+
 def fsdp_scenario_names(paths: Iterable[str] = PATHS) -> Iterator[tuple[str, str, str]]:
-    for path, config in scenario_names(paths):
-        for precision in STATE_PRECISIONS:
-            yield path, config, precision
+    for path in paths:
+        for config, case in fsdp_cases():
+            yield path, config, case
 
 
-def checkpoint_dir(workdir: Path, world_size: int, path: str, config: str, precision: str) -> Path:
-    return workdir / f"ckpt-world{world_size}-{path}-{config}-{precision}"
+def checkpoint_dir(workdir: Path, world_size: int, path: str, config: str, case: str) -> Path:
+    return workdir / f"ckpt-world{world_size}-{path}-{config}-{case}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,10 +358,10 @@ def _zero(rank: int, world_size: int, path: str, config: str) -> dict[str, Any]:
     return result
 
 
-def _fsdp_model(precision: str, mesh: Any = None) -> nn.Module:
+def _fsdp_model(case: str, mesh: Any = None) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
-    model = model_for(precision)
+    model = model_for(case)
     for layer in model:
         if isinstance(layer, nn.Linear):
             fully_shard(layer, mesh=mesh)
@@ -317,19 +382,18 @@ def load_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, director
 
 
 def _fsdp(
-    rank: int, world_size: int, path: str, config: str, precision: str, workdir: Path
+    rank: int, world_size: int, path: str, config: str, case: str, workdir: Path
 ) -> dict[str, Any]:
     """Uninterrupted FSDP2 training with a DCP checkpoint at RESUME_AT; resumed from that
-    checkpoint (2 -> 2) and from the one-process checkpoint the test wrote (1 -> 2)."""
+    checkpoint (2 -> 2) and from the one-process checkpoint the test wrote (1 -> 2), with the
+    state each load restored."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
     from torch.distributed.tensor import DTensor
 
-    from adabelief import compressed_state
-
-    kwargs = optimizer_kwargs(path, CONFIGS[config], precision)
+    kwargs = optimizer_kwargs(path, CONFIGS[config], case)
     data = batches()
-    model = _fsdp_model(precision)
+    model = _fsdp_model(case)
     optimizer = adabelief.AdaBelief(model.parameters(), **kwargs)
     train(model, optimizer, data[:RESUME_AT], rank, world_size)
     states = list(optimizer.state.values())
@@ -342,22 +406,24 @@ def _fsdp(
     model_state, optim_state = get_state_dict(model, optimizer)
     dcp.save(
         {"model": model_state, "optim": optim_state},
-        checkpoint_id=str(checkpoint_dir(workdir, world_size, path, config, precision)),
+        checkpoint_id=str(checkpoint_dir(workdir, world_size, path, config, case)),
     )
-    train(model, optimizer, data[RESUME_AT:], rank, world_size)
     result: dict[str, Any] = {
-        "params": _params(model),
         "sharded_state": sharded_state,
-        "formats": sorted({compressed_state.format_of(s) for s in states}),
+        "formats": parameter_formats(model, optimizer),
+        "state_at_resume": full_state(model, optimizer),
     }
+    train(model, optimizer, data[RESUME_AT:], rank, world_size)
+    result["params"] = _params(model)
 
     for source_world_size in (world_size, 1):
-        source = checkpoint_dir(workdir, source_world_size, path, config, precision)
+        source = checkpoint_dir(workdir, source_world_size, path, config, case)
         if source_world_size == 1 and not source.exists():
             continue  # the test wrote none (path unavailable in the test process)
-        model = _fsdp_model(precision)
+        model = _fsdp_model(case)
         optimizer = adabelief.AdaBelief(model.parameters(), **kwargs)
         load_checkpoint(model, optimizer, source)
+        result[f"loaded_from_world{source_world_size}"] = full_state(model, optimizer)
         train(model, optimizer, data[RESUME_AT:], rank, world_size)
         result[f"resumed_from_world{source_world_size}"] = _params(model)
     return result
@@ -384,9 +450,11 @@ def _kernel(mesh: Any, path: str, options: str, case: str) -> dict[str, Any]:
 
 
 def _guard(function: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
     try:
         return function(*args)
-    except Exception:
+    except (Exception, CheckpointException):
         return {"error": traceback.format_exc()}
 
 
@@ -424,11 +492,13 @@ def main() -> None:
                         function, rank, world_size, path, config
                     )
                     dist.barrier()
-            for precision in STATE_PRECISIONS if "fsdp" in kinds else ():
-                results[f"fsdp/{path}/{config}/{precision}"] = _guard(
-                    _fsdp, rank, world_size, path, config, precision, workdir
-                )
-                dist.barrier()
+        for path, config, case in fsdp_scenario_names(paths) if "fsdp" in kinds else ():
+            if path == "fused" and fused_reason is not None:
+                continue
+            results[f"fsdp/{path}/{config}/{case}"] = _guard(
+                _fsdp, rank, world_size, path, config, case, workdir
+            )
+            dist.barrier()
         mesh = init_device_mesh("cpu", (world_size,))
         for path in paths:
             if "kernel" not in kinds or (path == "fused" and fused_reason is not None):
