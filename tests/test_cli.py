@@ -128,6 +128,19 @@ def test_presets_lists_every_task(capsys: pytest.CaptureFixture[str]) -> None:
     assert "lm/ptb-1layer" in only_lm and "classify/" not in only_lm
 
 
+def test_presets_lists_the_bfloat16_model_variants(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["presets", "user"]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # undo the wrapping
+    for name in (
+        "adabelief_bf16w_fp32master",
+        "adabelief_bf16w_round",
+        "adabelief_bf16w_residual_int8",
+        "adabelief_bf16w_residual_int4",
+    ):
+        assert f"{name}: bfloat16 model;" in out
+    assert "about 5 bytes per parameter) (trains the model in bfloat16)" in out
+
+
 def test_bench_forwards_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
     received: list[list[str]] = []
     fake = types.ModuleType("adabelief.experiments.bench")

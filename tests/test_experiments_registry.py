@@ -14,9 +14,11 @@ from adabelief.experiments.registry import (
     available_optimizers,
     check_optimizer_names,
     create_optimizer,
+    get_entry,
     known_optimizers,
     register_optimizer,
 )
+from adabelief.experiments.training import model_for_optimizer
 
 
 def _params() -> list[torch.nn.Parameter]:
@@ -130,3 +132,64 @@ def test_state_precision_variants(precision: str) -> None:
     opt = create_optimizer(f"adabelief_{precision}", layer.parameters(), lr=1e-3)
     assert isinstance(opt, AdaBelief)
     assert opt.param_groups[0]["state_precision"] == precision
+
+
+#: The bfloat16-model variants and the (master_weights, state_precision) each names.
+BF16_MODEL_VARIANTS = {
+    "adabelief_bf16w_fp32master": ("fp32", "fp32"),
+    "adabelief_bf16w_round": ("round", "fp32"),
+    "adabelief_bf16w_residual_int8": ("residual", "int8"),
+    "adabelief_bf16w_residual_int4": ("residual", "int4"),
+}
+
+
+@pytest.mark.parametrize(("name", "modes"), BF16_MODEL_VARIANTS.items())
+def test_bfloat16_model_variants_train_a_bfloat16_model(name: str, modes: tuple[str, str]) -> None:
+    assert get_entry(name).model_dtype == torch.bfloat16
+    torch.manual_seed(0)
+    model = model_for_optimizer(torch.nn.Linear(64, 80), name)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    opt = create_optimizer(name, model.parameters(), lr=1e-3)
+    assert isinstance(opt, AdaBelief)
+    group = opt.param_groups[0]
+    assert (group["master_weights"], group["state_precision"]) == modes
+    before = model.weight.detach().clone()
+    output = model(torch.randn(4, 64))  # float32 in, float32 out
+    assert output.dtype == torch.float32
+    output.square().mean().backward()
+    opt.step()
+    assert model.weight.dtype == torch.bfloat16 and not torch.equal(model.weight, before)
+
+
+def test_model_for_optimizer_leaves_float32_optimizers_alone() -> None:
+    model = torch.nn.Linear(3, 2)
+    assert model_for_optimizer(model, "adabelief_int8") is model
+    assert model.weight.dtype == torch.float32
+    assert not model._forward_pre_hooks and not model._forward_hooks
+
+
+class _Recurrent(torch.nn.Module):
+    """Token ids and a nested float state in, logits and the new state out (as the LSTM)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(5, 4)
+        self.cell = torch.nn.Linear(8, 4)
+        self.seen: list[torch.dtype] = []
+
+    def forward(
+        self, ids: torch.Tensor, state: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        self.seen += [ids.dtype, state[0][0].dtype]
+        hidden = torch.tanh(self.cell(torch.cat([self.embed(ids), state[0][0]], -1)))
+        return hidden, [(hidden, state[0][1])]
+
+
+def test_the_cast_model_takes_and_returns_float32_through_nested_values() -> None:
+    model = model_for_optimizer(_Recurrent(), "adabelief_bf16w_residual_int8")
+    state = [(torch.zeros(2, 4), torch.ones(2, 4))]
+    for _ in range(2):  # the returned state goes back in
+        logits, state = model(torch.tensor([1, 3]), state)
+        assert logits.dtype == torch.float32
+        assert [t.dtype for t in state[0]] == [torch.float32, torch.float32]
+    assert model.seen == [torch.int64, torch.bfloat16] * 2

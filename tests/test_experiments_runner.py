@@ -14,6 +14,7 @@ from adabelief.experiments.analysis import analyze
 from adabelief.experiments.data import DataNotFoundError
 from adabelief.experiments.report import build_report
 from adabelief.experiments.runner import (
+    OptimizerRefusedError,
     RunOptions,
     plan,
     resolve_data,
@@ -24,7 +25,7 @@ from adabelief.experiments.search import TUNING_SEED
 from adabelief.experiments.spec import Experiment, Metric, RunSpec
 from adabelief.experiments.stats import paired_comparison
 from adabelief.experiments.store import RunStore, atomic_write_text, json_safe
-from adabelief.experiments.tasks import TASKS
+from adabelief.experiments.tasks import TASKS, PlanOptions
 from adabelief.experiments.verdicts import Evidence, claim_verdict
 from test_experiments_data import write_fake_cifar
 
@@ -115,6 +116,35 @@ def test_plan_counts_paper_and_fair(tmp_path: Path) -> None:
     assert len(adam_lrs) == 4 and all(0.01 / 3.17 < lr < 0.01 * 3.17 for lr in adam_lrs)
     assert len({s.key() for s in specs}) == len(specs)
     assert fair[0].spaces["sgd"].family == "sgd" and fair[0].spaces["adam"].family == "adaptive"
+
+
+def test_settings_and_lr_scale_change_every_planned_run(tmp_path: Path) -> None:
+    tasks = resolve_tasks(["classify"])
+    options = options_for(tmp_path, ("classify",), settings={"epochs": 3}, lr_scale=0.1)
+    (item,) = plan(options, tasks, {"classify": None})
+    assert {spec.settings["epochs"] for spec in item.specs} == {3}
+    preset = TASKS["classify"].preset_hparams(item.experiment, "adam")
+    assert {s.hparams["lr"] for s in item.specs if s.optimizer == "adam"} == {preset["lr"] * 0.1}
+    (default,) = plan(options_for(tmp_path, ("classify",)), tasks, {"classify": None})
+    assert {s.key() for s in item.specs}.isdisjoint(s.key() for s in default.specs)
+    with pytest.raises(ValueError, match="has no setting stepz"):
+        plan(options_for(tmp_path, ("classify",), settings={"stepz": 3}), tasks, {"classify": None})
+
+
+@pytest.mark.parametrize("optimizer", ["adabelief_bf16w_round", "adabelief_bf16w_residual_int4"])
+def test_a_bfloat16_model_variant_is_refused_where_no_model_can_be_cast(
+    tmp_path: Path, optimizer: str
+) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(OptimizerRefusedError) as refused:
+        run_experiments(options_for(out, ("classify", "toy"), optimizers=("adam", optimizer)))
+    message = str(refused.value)
+    assert "\n" not in message
+    assert f"{optimizer!r} trains a bfloat16 model, which toy" in message and "float64" in message
+    assert not out.exists()  # refused before anything trains or is written
+    assert (
+        TASKS["gan"].model_dtype_refusal(TASKS["gan"].experiments(PlanOptions(tiny=True))[0]) == ""
+    )
 
 
 def test_run_key_depends_on_everything_that_matters() -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -107,6 +109,38 @@ def test_tiny_runs_are_deterministic_given_the_seed(task: str, name: str) -> Non
     if experiment.target is not None:  # time to target needs the curve, steps and seconds
         assert experiment.target.name in first.curves
         assert len(first.curves["step"]) == len(first.curves["time_s"]) == len(first.curves["x"])
+
+
+@pytest.mark.parametrize(
+    ("task", "name"),
+    [
+        ("classify", "digits-digits-cnn"),
+        ("lm", "stdlib-source-lstm1"),
+        ("transformer", "python-docs-1layer"),
+        ("gan", "wgan-gp-mog"),
+        ("gan", "dcgan-digits"),
+    ],
+)
+def test_tiny_runs_of_a_bfloat16_variant_train_a_bfloat16_model(
+    task: str, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = sys.modules[type(TASKS[task]).__module__]
+    build = module.create_optimizer
+    dtypes: list[set[torch.dtype]] = []
+
+    def recording(optimizer: str, params: Any, **hparams: Any) -> torch.optim.Optimizer:
+        params = list(params)
+        dtypes.append({p.dtype for p in params})
+        return build(optimizer, params, **hparams)
+
+    monkeypatch.setattr(module, "create_optimizer", recording)
+    experiment = _experiment(task, name)
+    output = _run(experiment, "adabelief_bf16w_residual_int8")
+    assert dtypes and all(seen == {torch.bfloat16} for seen in dtypes)
+    assert not output.diverged
+    assert output.metrics[experiment.score.name] is not None
+    if experiment.target is not None:
+        assert output.curves[experiment.target.name]
 
 
 def test_toy_run_far_from_the_optimum_is_diverged() -> None:

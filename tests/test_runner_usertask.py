@@ -133,6 +133,17 @@ def test_user_task_runs_through_the_protocol_with_builtin_tasks(
     assert "4 runs done, 24 reused" in capsys.readouterr().out
 
 
+def test_a_bfloat16_model_variant_is_refused_for_a_user_task(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "line_task.py"
+    path.write_text(_TASK)
+    argv = ["run", f"{path}:fit_line", "--optimizers", "adabelief_bf16w_residual_int8"]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 2
+    line = one_error_line(capsys)
+    assert "trains a bfloat16 model" in line and "passes only its parameters" in line
+
+
 def test_fair_mode_gives_the_user_task_its_trials(tmp_path: Path) -> None:
     path = tmp_path / "line.py"
     path.write_text(_TASK)

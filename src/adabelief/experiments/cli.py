@@ -194,7 +194,9 @@ def _build_parser() -> _Parser:
         default="adabelief,sgd,adam,adamw,radam",
         metavar="LIST",
         help="comma-separated optimizer names (default: %(default)s; also adabound, yogi and "
-        "adabelief_ref when their packages are installed)",
+        "adabelief_ref when their packages are installed, and AdaBelief's variants such as "
+        "adabelief_int8 or adabelief_bf16w_residual_int8, a bfloat16 model with 5 bytes per "
+        "parameter; adabelief presets lists them all)",
     )
     run.add_argument(
         "--mode",
@@ -317,7 +319,12 @@ def _command_run(args: argparse.Namespace, argv: list[str]) -> int:
         raise UsageError(f"adabelief run: --data {args.data} is not a folder")
     from adabelief.experiments.data import DataNotFoundError
     from adabelief.experiments.executors import ExecutorError
-    from adabelief.experiments.runner import RunOptions, one_line, run_experiments
+    from adabelief.experiments.runner import (
+        OptimizerRefusedError,
+        RunOptions,
+        one_line,
+        run_experiments,
+    )
     from adabelief.experiments.store import OutputError
     from adabelief.experiments.usertask import TaskLoadError
 
@@ -349,7 +356,7 @@ def _command_run(args: argparse.Namespace, argv: list[str]) -> int:
     command = "adabelief " + shlex.join(argv)
     try:
         summary, report = run_experiments(options, command)
-    except (TaskLoadError, DataNotFoundError, ExecutorError) as exc:
+    except (TaskLoadError, OptimizerRefusedError, DataNotFoundError, ExecutorError) as exc:
         raise UsageError(f"adabelief run: {exc}") from None
     except OutputError as exc:
         raise UsageError(f"adabelief run: --out {exc}") from None
@@ -432,7 +439,12 @@ def _format_mapping(mapping: dict[str, Any]) -> str:
 
 def _command_presets(args: argparse.Namespace) -> int:
     from adabelief.experiments.presets import PRESETS
-    from adabelief.experiments.registry import DEFAULT_OPTIMIZERS, available_optimizers
+    from adabelief.experiments.registry import (
+        DEFAULT_OPTIMIZERS,
+        available_optimizers,
+        get_entry,
+        known_optimizers,
+    )
     from adabelief.experiments.search import default_trials, search_space
 
     available = set(available_optimizers())
@@ -466,6 +478,15 @@ def _command_presets(args: argparse.Namespace) -> int:
     print(
         f"default optimizers: {', '.join(DEFAULT_OPTIMIZERS)}; installed: {', '.join(sorted(available))}"
     )
+    print("optimizers (--optimizers):")
+    for name in known_optimizers():
+        entry = get_entry(name)
+        notes = [] if name in available else ["not installed"]
+        if entry.model_dtype is not None:
+            dtype = str(entry.model_dtype).removeprefix("torch.")
+            notes.append(f"trains the model in {dtype}")
+        suffix = f" ({'; '.join(notes)})" if notes else ""
+        print(wrap.fill(f"{name}: {entry.description}{suffix}"))
     return EXIT_OK
 
 

@@ -43,12 +43,17 @@ class OptimizerEntry:
 
     ``candidates`` lists ``(module, attribute)`` pairs tried in order; the first importable one is
     the optimizer class.  ``defaults`` are keyword arguments applied before the caller's.
+    ``model_dtype``, when set, is the dtype of the parameters this optimizer is meant to train:
+    a task puts its model in it before building the optimizer
+    (:func:`adabelief.experiments.training.model_for_optimizer`), and the runner refuses the
+    optimizer for a task that cannot.
     """
 
     name: str
     candidates: tuple[tuple[str, str], ...]
     description: str
     defaults: dict[str, Any] = field(default_factory=dict)
+    model_dtype: torch.dtype | None = None
 
     def resolve(self) -> type[torch.optim.Optimizer] | None:
         """Return the optimizer class, or ``None`` when no candidate package is installed."""
@@ -96,6 +101,41 @@ for _entry in (
         (("adabelief", "AdaBelief"),),
         "AdaBelief with block-wise int8 moments (state_precision='int8')",
         {"state_precision": "int8"},
+    ),
+    OptimizerEntry(
+        "adabelief_bf16w_fp32master",
+        (("adabelief", "AdaBelief"),),
+        "bfloat16 model; AdaBelief keeps a float32 master copy of each weight "
+        "(master_weights='fp32'; weight, master and moments: 14 bytes per parameter)",
+        {"master_weights": "fp32"},
+        torch.bfloat16,
+    ),
+    OptimizerEntry(
+        "adabelief_bf16w_round",
+        (("adabelief", "AdaBelief"),),
+        "bfloat16 model; each update rounded into the bfloat16 weight, no master "
+        "(master_weights='round'; weight and moments: 10 bytes per parameter; an update under half "
+        "a bfloat16 step is lost)",
+        {"master_weights": "round"},
+        torch.bfloat16,
+    ),
+    OptimizerEntry(
+        "adabelief_bf16w_residual_int8",
+        (("adabelief", "AdaBelief"),),
+        "bfloat16 model; int8 residual with the weight as the master, int8 moments "
+        "(master_weights='residual', state_precision='int8'; weight, residual and moments: "
+        "about 5 bytes per parameter)",
+        {"master_weights": "residual", "state_precision": "int8"},
+        torch.bfloat16,
+    ),
+    OptimizerEntry(
+        "adabelief_bf16w_residual_int4",
+        (("adabelief", "AdaBelief"),),
+        "bfloat16 model; int8 residual with the weight as the master, 4-bit moments "
+        "(master_weights='residual', state_precision='int4'; weight, residual and moments: "
+        "about 4 bytes per parameter)",
+        {"master_weights": "residual", "state_precision": "int4"},
+        torch.bfloat16,
     ),
     OptimizerEntry(
         "sgd", (("torch.optim", "SGD"),), "SGD with momentum 0.9 (torch)", {"momentum": 0.9}

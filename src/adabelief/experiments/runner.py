@@ -43,7 +43,7 @@ from adabelief.experiments.executors import (
     JobResult,
     make_executor,
 )
-from adabelief.experiments.registry import DEFAULT_OPTIMIZERS
+from adabelief.experiments.registry import DEFAULT_OPTIMIZERS, get_entry
 from adabelief.experiments.report import Report, build_report
 from adabelief.experiments.search import TUNING_SEED, SearchSpace, search_space, unit_point
 from adabelief.experiments.spec import Experiment, RunSpec
@@ -52,6 +52,7 @@ from adabelief.experiments.tasks import TASKS, PlanOptions, Task
 from adabelief.experiments.usertask import TaskLoadError, is_task_reference, load_user_task
 
 __all__ = [
+    "OptimizerRefusedError",
     "PlannedExperiment",
     "RunOptions",
     "RunSummary",
@@ -70,6 +71,9 @@ class RunOptions:
 
     ``tasks`` holds built-in task names, ``"all"`` and user task references.  ``trials`` is the
     number of fair-mode trials per optimizer (``None``: the default for the scale).
+    ``settings`` replaces values of every experiment's settings (each key must be one of them)
+    and ``lr_scale`` multiplies every preset learning rate: both become part of each run's
+    identity (used by studies such as benchmarks/master_weights_quality.py).
     """
 
     tasks: tuple[str, ...]
@@ -87,6 +91,8 @@ class RunOptions:
     progress: bool = True
     tiny: bool = False
     make_plots: bool = True
+    settings: dict[str, Any] = field(default_factory=dict)
+    lr_scale: float = 1.0
 
 
 @dataclass
@@ -125,6 +131,40 @@ class PlannedExperiment:
     specs: list[RunSpec]
     data: DataCheck | None = None
     spaces: dict[str, SearchSpace] = field(default_factory=dict)
+
+
+class OptimizerRefusedError(ValueError):
+    """Raised before anything trains for an optimizer that a requested task cannot run (a
+    bfloat16-model variant on a task that cannot put its model in bfloat16)."""
+
+
+def _check_model_dtype(task: Task, experiment: Experiment, optimizer: str) -> None:
+    dtype = get_entry(optimizer).model_dtype
+    if dtype is None:
+        return
+    reason = task.model_dtype_refusal(experiment)
+    if reason:
+        dtype_name = str(dtype).removeprefix("torch.")
+        raise OptimizerRefusedError(
+            f"optimizer {optimizer!r} trains a {dtype_name} model, which {task.name} "
+            f"({experiment.name}) cannot: {reason}"
+        )
+
+
+def _with_settings(experiment: Experiment, overrides: dict[str, Any]) -> Experiment:
+    unknown = sorted(set(overrides) - set(experiment.settings))
+    if unknown:
+        raise ValueError(
+            f"{experiment.task}/{experiment.name} has no setting {', '.join(unknown)}; its "
+            f"settings: {', '.join(experiment.settings)}"
+        )
+    return dataclasses.replace(experiment, settings={**experiment.settings, **overrides})
+
+
+def _scaled_lr(hparams: dict[str, Any], scale: float) -> dict[str, Any]:
+    if scale == 1.0 or "lr" not in hparams:
+        return hparams
+    return {**hparams, "lr": hparams["lr"] * scale}
 
 
 def resolve_tasks(names: Sequence[str]) -> list[Task]:
@@ -225,7 +265,8 @@ def plan(
 
     Paper mode: every seed of every optimizer's preset.  Fair mode: every trial at the tuning
     seed (the reruns of the winners follow from :func:`plan_reruns`).  An experiment on real
-    data carries the data's fingerprint in its settings.
+    data carries the data's fingerprint in its settings.  Raises
+    :class:`OptimizerRefusedError` for an optimizer that a task cannot train.
     """
     planned = []
     for task in tasks:
@@ -233,12 +274,15 @@ def plan(
         data_dir = options.data_dir if check is not None else None
         plan_options = PlanOptions(options.quick, options.mode, data_dir, options.tiny)
         for experiment in task.experiments(plan_options):
+            if options.settings:
+                experiment = _with_settings(experiment, options.settings)
             if check is not None:
                 settings = {**experiment.settings, "data_fingerprint": check.fingerprint}
                 experiment = dataclasses.replace(experiment, settings=settings)
             item = PlannedExperiment(task, experiment, [], check)
             for optimizer in options.optimizers:
-                preset = task.preset_hparams(experiment, optimizer)
+                _check_model_dtype(task, experiment, optimizer)
+                preset = _scaled_lr(task.preset_hparams(experiment, optimizer), options.lr_scale)
                 if options.mode == "fair":
                     space = search_space(optimizer, preset, options.quick)
                     item.spaces[optimizer] = space
@@ -500,7 +544,8 @@ def run_experiments(options: RunOptions, command: str = "") -> tuple[RunSummary,
     """Plan, execute what is missing, and rebuild the report; returns the summary and report.
 
     Raises :class:`~adabelief.experiments.usertask.TaskLoadError` for a task that cannot be
-    loaded, :class:`DataNotFoundError` for unusable ``--data``,
+    loaded, :class:`OptimizerRefusedError` for an optimizer a task cannot train,
+    :class:`DataNotFoundError` for unusable ``--data``,
     :class:`~adabelief.experiments.store.OutputError` for an unusable ``--out`` and
     :class:`~adabelief.experiments.executors.ExecutorError` when the executor cannot start,
     all before anything trains (and before anything is created in ``--out``).  The report is

@@ -1,6 +1,8 @@
 """Training machinery shared by the tasks.
 
 * :func:`seed_everything` / :func:`configure_torch` - determinism and thread count.
+* :func:`model_for_optimizer` - the model in the dtype its optimizer variant trains (e.g. the
+  bfloat16 variants), taking and returning float32 tensors.
 * :func:`optimizer_step` - zero grads, backward, optional clipping, step (every task uses it).
 * :func:`minibatches` - generator-driven shuffled index batches.
 * :func:`fit` - the epoch loop of the supervised tasks (classification and language modelling):
@@ -24,6 +26,7 @@ import random
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -31,6 +34,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from adabelief.experiments.registry import get_entry
 from adabelief.experiments.spec import Metric
 from adabelief.experiments.stats import convergence_metrics
 
@@ -44,6 +48,7 @@ __all__ = [
     "inverse_sqrt_schedule",
     "is_finite",
     "minibatches",
+    "model_for_optimizer",
     "optimizer_step",
     "seed_everything",
     "train_classifier_epoch",
@@ -70,6 +75,50 @@ def seed_everything(seed: int) -> torch.Generator:
 def is_finite(value: float) -> bool:
     """True for a finite float."""
     return math.isfinite(value)
+
+
+def _cast_floats(value: object, dtype: torch.dtype) -> object:
+    """``value`` (a tensor, or tensors nested in tuples, lists and dicts) with every floating
+    tensor cast to ``dtype``; other values unchanged."""
+
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() and value.dtype != dtype else value
+    if isinstance(value, tuple | list):
+        return type(value)(_cast_floats(item, dtype) for item in value)
+    if isinstance(value, dict):
+        return {key: _cast_floats(item, dtype) for key, item in value.items()}
+    return value
+
+
+ModelT = TypeVar("ModelT", bound=nn.Module)
+
+
+def model_for_optimizer(model: ModelT, optimizer: str) -> ModelT:
+    """Put ``model`` in the dtype that the registered ``optimizer`` trains (its entry's
+    ``model_dtype``) and return it; unchanged when the entry names none.
+
+    Every task calls this before building the optimizer.  The cast model takes and returns
+    float32: hooks on ``model`` cast its floating inputs to the model's dtype and its floating
+    outputs back to float32, so losses, metrics and evaluation stay the task's float32 code.
+    Integer inputs (token ids, labels) pass as they are.  Only calls of ``model`` itself are
+    wrapped, not of its submodules.
+    """
+    dtype = get_entry(optimizer).model_dtype
+    if dtype is None:
+        return model
+    model.to(dtype)
+
+    def cast_inputs(
+        _: nn.Module, args: tuple[object, ...], kwargs: dict[str, object]
+    ) -> tuple[object, dict[str, object]]:
+        return _cast_floats(args, dtype), _cast_floats(kwargs, dtype)  # type: ignore[return-value]
+
+    def cast_outputs(_: nn.Module, __: tuple[object, ...], output: object) -> object:
+        return _cast_floats(output, torch.float32)
+
+    model.register_forward_pre_hook(cast_inputs, with_kwargs=True)
+    model.register_forward_hook(cast_outputs)
+    return model
 
 
 def optimizer_step(

@@ -405,6 +405,14 @@ class UserTask(Task):
             )
         ]
 
+    def model_dtype_refusal(self, experiment: Experiment) -> str:
+        """A user's function builds its own model and hands ``make_optimizer`` only its
+        parameters, so the runner cannot put the model in a variant's dtype."""
+        return (
+            "a user task builds its own model and passes only its parameters to make_optimizer; "
+            "put the model in that dtype yourself and use the optimizer the variant names"
+        )
+
     def preset_hparams(self, experiment: Experiment, optimizer: str) -> dict[str, Any]:
         """The default hyperparameters of ``optimizer`` with the task's ``hparams`` overrides."""
         return {

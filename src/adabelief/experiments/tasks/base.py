@@ -54,6 +54,13 @@ class Task(ABC):
     def run(self, spec: RunSpec, context: RunContext) -> RunOutput:
         """Train once and measure (must be deterministic given ``spec``)."""
 
+    def model_dtype_refusal(self, experiment: Experiment) -> str:
+        """Why ``experiment`` cannot train its model in an optimizer's ``model_dtype`` (the
+        bfloat16 variants), or ``""`` when it can: its :meth:`run` passes the model through
+        :func:`~adabelief.experiments.training.model_for_optimizer` before building the
+        optimizer.  The runner refuses such a variant for a task that gives a reason."""
+        return ""
+
     def check_data(self, data_dir: Path) -> DataCheck:
         """Find and validate this task's files in ``data_dir`` before anything trains.
 

@@ -39,6 +39,7 @@ from adabelief.experiments.training import (
     convergence_metrics,
     evaluate_classifier,
     fit,
+    model_for_optimizer,
     seed_everything,
     train_classifier_epoch,
 )
@@ -186,6 +187,7 @@ class ClassifyTask(Task):
         generator = seed_everything(spec.seed)
         device = spec.device
         model = build_classifier(settings["model"], data.num_classes).to(device)
+        model = model_for_optimizer(model, spec.optimizer)
         optimizer = create_optimizer(spec.optimizer, model.parameters(), **spec.hparams)
         has_validation = len(data.val_y) > 0
 

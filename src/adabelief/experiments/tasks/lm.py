@@ -27,6 +27,7 @@ from adabelief.experiments.tasks.base import PlanOptions, Task
 from adabelief.experiments.training import (
     convergence_metrics,
     fit,
+    model_for_optimizer,
     optimizer_step,
     seed_everything,
 )
@@ -163,6 +164,7 @@ class LanguageModelTask(Task):
             float(settings["dropout"]),
             bool(settings["tie_weights"]),
         ).to(device)
+        model = model_for_optimizer(model, spec.optimizer)
         optimizer = create_optimizer(spec.optimizer, model.parameters(), **spec.hparams)
         bptt, clip = int(settings["bptt"]), float(settings["clip"])
         train = batchify(corpus.train, int(settings["batch_size"]))

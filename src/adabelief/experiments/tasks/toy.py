@@ -145,6 +145,10 @@ class ToyTask(Task):
             )
         return result
 
+    def model_dtype_refusal(self, experiment: Experiment) -> str:
+        """The toy functions optimise one float64 point, not a model: no model dtype applies."""
+        return "it optimises a float64 2-D point, not a model that could be put in another dtype"
+
     def run(self, spec: RunSpec, context: RunContext) -> RunOutput:
         """Optimise the function from the (seed-shifted) start point."""
         settings = spec.settings

@@ -45,6 +45,7 @@ from adabelief.experiments.training import (
     StepClock,
     convergence_metrics,
     inverse_sqrt_schedule,
+    model_for_optimizer,
     optimizer_step,
     seed_everything,
 )
@@ -197,6 +198,7 @@ class TransformerTask(Task):
             window,
             float(settings["dropout"]),
         ).to(device)
+        model = model_for_optimizer(model, spec.optimizer)
         optimizer = create_optimizer(spec.optimizer, model.parameters(), **spec.hparams)
         schedule = inverse_sqrt_schedule(optimizer, int(settings["warmup"]))
         steps, batch = int(settings["steps"]), int(settings["batch_size"])
