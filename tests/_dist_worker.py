@@ -86,11 +86,12 @@ class FsdpCase(NamedTuple):
 #: The FSDP2 scenarios' state. fp32 trains :func:`make_model`; the others the wider
 #: :func:`make_mlp` (in bfloat16 for the master weights), whose hidden weights have compressed
 #: moments (not float32: at least MIN_QUANTIZED_NUMEL elements) in blocks that straddle the
-#: shards.
+#: shards; int4 the same with widths of 68 (its rows come in pairs: see :func:`make_mlp`).
 FSDP_CASES: dict[str, FsdpCase] = {
     "fp32": FsdpCase("fp32"),
     "bf16": FsdpCase("bf16"),
     "int8": FsdpCase("int8"),
+    "int4": FsdpCase("int4", configs=("amsgrad-l2",)),  # AMSGrad: all three moments in int4
     "bf16-residual": FsdpCase("bf16", "residual", configs=("rectified",)),
     "int8-residual": FsdpCase("int8", "residual", configs=("rectified",)),
     "int8-fp32master": FsdpCase("int8", "fp32", configs=("rectified",)),
@@ -116,6 +117,9 @@ KERNEL_STEPS = 7
 KERNEL_SHAPE = (5, 3)  # 5 rows: uneven shards over 2 ranks
 #: int8 blocks of 256 elements over rows of 129: the shards (19 and 18 rows) split a block.
 KERNEL_INT8_SHAPE = (37, 129)
+#: int4 blocks of 128 elements over rows of 129, 18 per shard (whole pairs of rows: the shards'
+#: codes are whole bytes), so that the shards split a block and pairs of elements cross rows.
+KERNEL_INT4_SHAPE = (36, 129)
 #: The bare-DTensor cases: parameter dtype, state_precision, shape.
 KERNEL_CASES: dict[str, tuple[torch.dtype, str, tuple[int, ...]]] = {
     "float32": (torch.float32, "fp32", KERNEL_SHAPE),
@@ -124,6 +128,14 @@ KERNEL_CASES: dict[str, tuple[torch.dtype, str, tuple[int, ...]]] = {
     "float32-bf16": (torch.float32, "bf16", KERNEL_SHAPE),
     "float32-int8": (torch.float32, "int8", KERNEL_INT8_SHAPE),
     "bfloat16-int8": (torch.bfloat16, "int8", KERNEL_INT8_SHAPE),
+    "float32-int4": (torch.float32, "int4", KERNEL_INT4_SHAPE),
+}
+#: Shapes and placements of a DTensor on the 2-rank mesh, and the format int4 gives it: int4
+#: where each shard holds whole pairs of rows (34 of 68), else its fallback, int8 (33 of 66).
+INT4_ON_DTENSOR: dict[str, tuple[tuple[int, int], str, str]] = {
+    "68x68-shard0": ((68, 68), "shard0", "int4"),
+    "68x68-replicate": ((68, 68), "replicate", "int4"),
+    "66x66-shard0": ((66, 66), "shard0", "int8"),
 }
 
 
@@ -449,6 +461,20 @@ def _kernel(mesh: Any, path: str, options: str, case: str) -> dict[str, Any]:
     return results
 
 
+def _int4_on_dtensor(mesh: Any) -> dict[str, Any]:
+    """The format ``state_precision="int4"`` gives each DTensor of INT4_ON_DTENSOR."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from adabelief import compressed_state
+
+    formats = {}
+    for name, (shape, placement, _) in INT4_ON_DTENSOR.items():
+        placements = [Shard(0) if placement == "shard0" else Replicate()]
+        param = distribute_tensor(torch.zeros(shape), mesh, placements)
+        formats[name] = compressed_state.storage_format(param, "int4")
+    return formats
+
+
 def _guard(function: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
@@ -500,6 +526,8 @@ def main() -> None:
             )
             dist.barrier()
         mesh = init_device_mesh("cpu", (world_size,))
+        if "kernel" in kinds and "default" in paths:
+            results["kernel/default/int4-on-dtensor"] = _guard(_int4_on_dtensor, mesh)
         for path in paths:
             if "kernel" not in kinds or (path == "fused" and fused_reason is not None):
                 continue

@@ -221,25 +221,43 @@ def test_training_quality_close_to_fp32():
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
-def test_a_dtensor_parameter_falls_back_to_int8():
-    """Packed codes cannot be placed as their DTensor parameter: int4 on a DTensor is int8,
-    with its global block grid (float32 where int8 does not apply)."""
+def test_a_dtensor_parameter_keeps_int4_where_its_shards_are_whole_pairs_of_rows():
+    """On a DTensor whose shards hold whole pairs of rows the codes are those of the unsharded
+    tensor, placed as the parameter (tests/test_distributed.py shards them over 2 ranks); a
+    DTensor sharded along another dimension falls back to int8, which needs contiguous shards
+    too, and so keeps float32."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
     if dist.is_initialized():
         pytest.skip("a process group is already initialized")
     dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
     try:
         mesh = init_device_mesh("cpu", (1,))
-        weight = torch.nn.Parameter(distribute_tensor(torch.randn(64, 96), mesh, [Shard(0)]))
-        assert cs.storage_format(weight, "int4") == "int8"
+        initial, grad = torch.randn(64, 97), torch.randn(64, 97)  # odd rows: pairs cross them
+        plain = torch.nn.Parameter(initial.clone())
+        weight = torch.nn.Parameter(distribute_tensor(initial.clone(), mesh, [Shard(0)]))
+        assert cs.storage_format(weight, "int4") == "int4"
+        optimizers = [
+            AdaBelief([p], state_precision="int4", foreach=False) for p in (plain, weight)
+        ]
+        for p, opt in zip((plain, weight), optimizers, strict=True):
+            p.grad = (
+                grad.clone() if p is plain else distribute_tensor(grad.clone(), mesh, [Shard(0)])
+            )
+            opt.step()
+        state, expected = optimizers[1].state[weight], optimizers[0].state[plain]
+        assert cs.format_of(state) == "int4"
+        assert isinstance(state["exp_avg"], DTensor) and state["exp_avg"].placements == (Shard(0),)
+        for key, value in expected.items():
+            stored = state[key]
+            assert torch.equal(
+                stored.full_tensor() if isinstance(stored, DTensor) else stored, value
+            )
+        across = distribute_tensor(torch.randn(64, 96), mesh, [Shard(1)])
+        assert cs.storage_format(across, "int4") == "fp32"
         small = distribute_tensor(torch.randn(96), mesh, [Shard(0)])
         assert cs.storage_format(small, "int4") == "fp32"
-        opt = AdaBelief([weight], state_precision="int4")
-        weight.grad = distribute_tensor(torch.randn(64, 96), mesh, [Shard(0)])
-        opt.step()
-        assert cs.format_of(opt.state[weight]) == "int8"
     finally:
         dist.destroy_process_group()

@@ -28,12 +28,14 @@ float32 work tensors, run their update and encode them back with :func:`encode_`
 * ``"int4"``: block-wise 4-bit codes, two per byte, one float32 scale per
   :data:`INT4_BLOCK_SIZE` elements (about 0.53 bytes per moment); the code maps, the unbiased
   rounding and the layout are :class:`_Int4Format`'s. Parameters it does not apply to (under
-  :data:`MIN_QUANTIZED_NUMEL` elements, an odd first dimension, DTensors) take its
-  :attr:`~StorageFormat.fallback`, int8 (and so float32 for small tensors). The fused CPU kernel
+  :data:`MIN_QUANTIZED_NUMEL` elements, an odd first dimension, DTensors whose shards are not
+  whole pairs of rows) take its :attr:`~StorageFormat.fallback`, int8 (and so float32 for
+  small tensors). The fused CPU kernel
   has no int4 code yet: the dispatcher steps int4 parameters with the eager tensor step.
 
 DTensor parameters (FSDP2) keep the same format over the same global blocks: the codes are a
-DTensor with the parameter's placements, the block scales a replicated DTensor of the whole
+DTensor with the parameter's placements (int4's packed codes, the first dimension halved, where
+each shard holds whole pairs of rows), the block scales a replicated DTensor of the whole
 tensor's blocks. A block that straddles two shards gets its scale from an all-reduce (max) of the
 partial maxima, so the stored state, and the training, are those of the unsharded tensor on any
 mesh, and a checkpoint loads at any world size. This needs each rank's shard to be a contiguous
@@ -223,9 +225,13 @@ class _DitheredFormat(StorageFormat):
         if sharded is None:
             return stored
         return [
-            (_like(sharded, codes), None if scale is None else _replicated(sharded, scale))
+            (self._place(sharded, codes), None if scale is None else _replicated(sharded, scale))
             for codes, scale in stored
         ]
+
+    def _place(self, sharded: DTensor, codes: Tensor) -> Tensor:
+        """The local ``codes`` of the work DTensor ``sharded`` as the stored DTensor."""
+        return _like(sharded, codes)
 
     def _coded(self, work: Tensor, belief: bool) -> Tensor:
         """The float32 values whose codes are stored."""
@@ -329,8 +335,12 @@ class _Int4Format(_DitheredFormat):
     The codes are uint8, the element ``2i`` of the flattened tensor in the low nibble of byte
     ``i`` and ``2i + 1`` in its high nibble (two's complement for ``exp_avg``), shaped as the
     parameter with its first dimension halved (so the codes give the parameter's shape).
-    Parameters with an odd first dimension, and DTensor parameters (packed codes cannot be
-    placed as the parameter), fall back to int8."""
+    Parameters with an odd first dimension fall back to int8.
+
+    A DTensor parameter keeps the same codes and blocks as unsharded where each of its shards
+    holds whole pairs of rows (:func:`_paired_rows`): then the packed codes of a shard's rows
+    are the shard of the codes tensor placed as the parameter, and blocks that straddle the
+    shards take their scale from an all-reduce, as int8's. Other DTensors fall back to int8."""
 
     name = "int4"
     #: Elements that share one float32 scale.
@@ -348,15 +358,22 @@ class _Int4Format(_DitheredFormat):
             and param.numel() >= MIN_QUANTIZED_NUMEL
             and param.dim() > 0
             and param.shape[0] % 2 == 0
-            and _dtensor(param) is None
+            and ((sharded := _dtensor(param)) is None or _paired_rows(sharded))
         )
 
     def zeros(self, param: Tensor, belief: bool) -> Moment:
-        shape = (param.shape[0] // 2, *param.shape[1:])
-        codes = torch.zeros(shape, dtype=torch.uint8, device=param.device)
-        blocks = -(-param.numel() // self.block_size)
-        scale = torch.zeros(blocks, dtype=torch.float32, device=param.device)
-        return Moment(codes, scale, self, belief)
+        sharded = _dtensor(param)
+        local = param if sharded is None else sharded.to_local()
+        codes = torch.zeros(_packed_shape(local.shape), dtype=torch.uint8, device=local.device)
+        blocks = _blocks(param.numel(), self.block_size)
+        scale = torch.zeros(blocks, dtype=torch.float32, device=local.device)
+        if sharded is None:
+            return Moment(codes, scale, self, belief)
+        return Moment(self._place(sharded, codes), _replicated(sharded, scale), self, belief)
+
+    def _place(self, sharded: DTensor, codes: Tensor) -> Tensor:
+        # The packed codes of the shard's rows, as a shard of codes placed as the parameter.
+        return _like(sharded, codes, _packed_shape(sharded.shape))
 
     def _levels(self, belief: bool, device: torch.device) -> Tensor:
         """The levels of the code map, as fractions of the block scale (float32, from float64)."""
@@ -366,34 +383,54 @@ class _Int4Format(_DitheredFormat):
 
     def decode(self, moment: Moment) -> Tensor:
         assert moment.scale is not None
-        packed = moment.codes
-        shape = (packed.shape[0] * 2, *packed.shape[1:])
+        sharded = _dtensor(moment.codes)
+        if sharded is None:
+            return self._decode(moment.codes, moment.scale, moment.belief, 0, 0)
+        shard = _shard_of(sharded, self.block_size, elements_per_item=2)
+        scale = _local_of(moment.scale)
+        local = self._decode(shard.local, scale, moment.belief, shard.head, shard.first)
+        return _like(sharded, local, _unpacked_shape(sharded.shape))
+
+    def _decode(self, packed: Tensor, scale: Tensor, belief: bool, head: int, first: int) -> Tensor:
+        """The values of ``packed`` codes whose first element is at position ``head`` of block
+        ``first`` of ``scale``."""
         flat = packed.reshape(-1)
         nibbles = torch.stack([flat & 15, flat >> 4], dim=1).reshape(-1).to(torch.int64)
-        levels = self._levels(moment.belief, packed.device)
-        if moment.belief:
+        levels = self._levels(belief, packed.device)
+        if belief:
             values = levels[nibbles]
         else:
             signed = nibbles - 16 * (nibbles >= 8).to(torch.int64)
             values = levels[signed.abs()] * signed.sign().float()
-        blocks = _padded(values, self.block_size) * moment.scale.unsqueeze(1)
-        return blocks.reshape(-1)[: flat.numel() * 2].view(shape)
+        blocks = _padded_blocks(values, head, self.block_size)
+        blocks = blocks * scale[first : first + blocks.shape[0]].unsqueeze(1)
+        return blocks.reshape(-1)[head : head + values.numel()].view(_unpacked_shape(packed.shape))
 
     def _round(
         self, coded: Sequence[Tensor], noise: Sequence[Tensor], sharded: DTensor | None
     ) -> list[tuple[Tensor, Tensor | None]]:
+        shard = _shard_of(sharded, self.block_size) if sharded is not None else None
         return [
-            self._encode(c, k > 0, d) for k, (c, d) in enumerate(zip(coded, noise, strict=True))
+            self._encode(c, k > 0, d, shard)
+            for k, (c, d) in enumerate(zip(coded, noise, strict=True))
         ]
 
-    def _encode(self, values: Tensor, belief: bool, dither: Tensor) -> tuple[Tensor, Tensor]:
+    def _encode(
+        self, values: Tensor, belief: bool, dither: Tensor, shard: _Shard | None
+    ) -> tuple[Tensor, Tensor]:
+        """The packed codes of ``values`` and the block scales; for the local shard of a
+        DTensor (``shard``), the scales of all the tensor's blocks, reduced over the mesh."""
         top, power = (15, self.belief_power) if belief else (7, self.signed_power)
         n = values.numel()
-        blocks = _padded(values.reshape(-1), self.block_size)
-        noise = _padded(dither.reshape(-1).float(), self.block_size)
+        head = shard.head if shard is not None else 0
+        blocks = _padded_blocks(values.reshape(-1), head, self.block_size)
+        noise = _padded_blocks(dither.reshape(-1).float(), head, self.block_size)
         magnitude = blocks.clamp(min=0.0) if belief else blocks.abs()
         # The scale is the largest finite magnitude; +-inf gets the top code, NaN code 0.
         block_max = torch.where(magnitude.isfinite(), magnitude, 0.0).amax(dim=1)
+        all_blocks = block_max
+        if shard is not None:
+            block_max, all_blocks = _reduce_block_max(block_max, shard)
         inv = torch.where(block_max > 0, 1.0 / block_max, torch.zeros_like(block_max))
         u = (magnitude * inv.unsqueeze(1)).clamp(0.0, 1.0)
         # The level below u: floor(top * u**(1/power)), the root by correctly rounded square
@@ -413,13 +450,14 @@ class _Int4Format(_DitheredFormat):
             codes = torch.where(u > 0, codes.clamp(min=1.0), codes)
         else:
             codes = codes * blocks.sign()
-        codes = codes.nan_to_num(nan=0.0).reshape(-1)[:n].to(torch.int64) & 15
+        codes = codes.nan_to_num(nan=0.0).reshape(-1)[head : head + n].to(torch.int64) & 15
         pairs = codes.view(-1, 2)
         packed = (pairs[:, 0] | (pairs[:, 1] << 4)).to(torch.uint8)
-        return packed.view(values.shape[0] // 2, *values.shape[1:]), block_max
+        return packed.view(_packed_shape(values.shape)), all_blocks
 
     def local(self, moment: Moment) -> Moment | None:
-        return moment  # never a DTensor (applies_to)
+        # As int8's: a DTensor's block scales span the shards.
+        return None if _dtensor(moment.codes) is not None else moment
 
     def holds(self, dtype: torch.dtype, scaled: bool) -> bool:
         return scaled and dtype is torch.uint8
@@ -435,16 +473,18 @@ FORMATS: dict[str, StorageFormat] = {f.name: f for f in (FP32, BF16, INT8, INT4)
 STATE_PRECISIONS = tuple(FORMATS)
 
 
-def _padded(flat: Tensor, block: int) -> Tensor:
-    """``flat`` in rows of ``block``, the last zero-padded."""
-    tail = (-flat.numel()) % block
-    if tail:
-        flat = torch.nn.functional.pad(flat, (0, tail))
-    return flat.view(-1, block)
+def _blocks(numel: int, block: int = BLOCK_SIZE) -> int:
+    return -(-numel // block)
 
 
-def _blocks(numel: int) -> int:
-    return -(-numel // BLOCK_SIZE)
+def _packed_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    """The shape of int4's packed codes of a tensor of ``shape``: the first dimension halved."""
+    return (shape[0] // 2, *shape[1:])
+
+
+def _unpacked_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    """The shape of the tensor whose int4 codes have ``shape``."""
+    return (shape[0] * 2, *shape[1:])
 
 
 def _dtensor(t: Tensor) -> DTensor | None:
@@ -475,8 +515,33 @@ def _contiguous_shards(t: DTensor) -> bool:
     return placements_ok and t.is_contiguous()
 
 
+def _paired_rows(t: DTensor) -> bool:
+    """Whether every shard of ``t`` is a contiguous range (:func:`_contiguous_shards`) of whole
+    pairs of rows: its first row and its number of rows even, on every rank. Then the int4
+    codes of a shard (two consecutive elements per byte) are whole bytes, and the codes tensor
+    (first dimension halved) placed as ``t`` splits into exactly those bytes: DTensor's
+    ``Shard(0)`` cuts ``n`` rows into chunks of ``ceil(n / k)``, and ``ceil(n / 2k)`` is half
+    of an even ``ceil(n / k)``. It holds where the first dimension is a multiple of twice the
+    number of shards, and depends on the mesh otherwise."""
+    from torch.distributed.tensor import Shard
+
+    if not _contiguous_shards(t) or t.dim() == 0:
+        return False
+    ranges = [(0, t.shape[0])]  # (first row, rows) of each shard, over all ranks
+    for mesh_dim, placement in enumerate(t.placements):
+        if isinstance(placement, Shard):
+            k = t.device_mesh.size(mesh_dim)
+            ranges = [
+                (start + min(i * chunk, rows), max(0, min(chunk, rows - i * chunk)))
+                for start, rows in ranges
+                for chunk in [-(-rows // k)]
+                for i in range(k)
+            ]
+    return all(start % 2 == 0 and rows % 2 == 0 for start, rows in ranges)
+
+
 class _Shard(NamedTuple):
-    """Where a DTensor's local shard lies in the global block grid of the int8 format."""
+    """Where a DTensor's local shard lies in the global block grid of a block-wise format."""
 
     tensor: DTensor  #: the DTensor
     local: Tensor  #: its local shard
@@ -485,26 +550,46 @@ class _Shard(NamedTuple):
     blocks: int  #: blocks of the whole tensor
 
 
-def _shard_of(t: DTensor) -> _Shard:
+def _shard_of(t: DTensor, block: int = BLOCK_SIZE, elements_per_item: int = 1) -> _Shard:
+    """Where ``t``'s local shard lies in the grid of ``block`` elements of the flattened
+    tensor; each item of ``t`` stands for ``elements_per_item`` elements (2 for int4's packed
+    codes)."""
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     if not _contiguous_shards(t):
         raise ValueError(
-            f"int8 state of a DTensor needs placements Shard(0) or Replicate(), not {t.placements}"
+            f"block-wise state of a DTensor needs placements Shard(0) or Replicate(), not "
+            f"{t.placements}"
         )
     _, offsets = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
     row = t.numel() // t.shape[0] if t.dim() and t.shape[0] else 0
-    offset = offsets[0] * row if t.dim() else 0
-    return _Shard(t, t.to_local(), offset % BLOCK_SIZE, offset // BLOCK_SIZE, _blocks(t.numel()))
+    offset = offsets[0] * row * elements_per_item if t.dim() else 0
+    blocks = _blocks(t.numel() * elements_per_item, block)
+    return _Shard(t, t.to_local(), offset % block, offset // block, blocks)
 
 
-def _like(t: DTensor, local: Tensor) -> Tensor:
-    """``local`` as the local shard of a DTensor placed as ``t``."""
+def _like(t: DTensor, local: Tensor, shape: Sequence[int] | None = None) -> Tensor:
+    """``local`` as the local shard of a DTensor placed as ``t``, of ``t``'s shape or of
+    ``shape`` (contiguous)."""
     from torch.distributed.tensor import DTensor
 
+    if shape is None:
+        size, stride = t.shape, t.stride()
+    else:
+        size = torch.Size(shape)
+        stride = _contiguous_stride(size)
     return DTensor.from_local(
-        local, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride()
+        local, t.device_mesh, t.placements, run_check=False, shape=size, stride=stride
     )
+
+
+def _contiguous_stride(shape: Sequence[int]) -> tuple[int, ...]:
+    """The strides of a contiguous tensor of ``shape``."""
+    stride, step = [], 1
+    for size in reversed(shape):
+        stride.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(stride))
 
 
 def _replicated(t: DTensor, full: Tensor) -> Tensor:
@@ -517,13 +602,13 @@ def _replicated(t: DTensor, full: Tensor) -> Tensor:
     )
 
 
-def _padded_blocks(flat: Tensor, head: int = 0) -> Tensor:
-    """``flat`` in rows of :data:`BLOCK_SIZE`, zero-padded: ``head`` zeros before it (its first
-    element's position in its block) and as many as the last block needs after it."""
-    tail = (-(head + flat.numel())) % BLOCK_SIZE
+def _padded_blocks(flat: Tensor, head: int = 0, block: int = BLOCK_SIZE) -> Tensor:
+    """``flat`` in rows of ``block``, zero-padded: ``head`` zeros before it (its first element's
+    position in its block) and as many as the last block needs after it."""
+    tail = (-(head + flat.numel())) % block
     if head or tail:
         flat = torch.nn.functional.pad(flat, (head, tail))
-    return flat.view(-1, BLOCK_SIZE)
+    return flat.view(-1, block)
 
 
 def _decode_blocks(stored: Tensor, scale: Tensor, belief: bool, head: int, first: int) -> Tensor:
