@@ -518,16 +518,22 @@ def test_kernel_on_dtensor_matches_plain_tensor(distributed, path, options, dtyp
     blockwise = precision in ("int8", "int4")
     for result in per_rank:
         if blockwise and path == "fused":
-            # int8 (int4) moments of a DTensor take the tensor step, the unsharded ones the
-            # fused kernel, which may round a float32 intermediate differently, so flip a code:
-            # a step (lr) at most, and one rounding of the parameter's dtype.
+            # int8 and int4 moments of a DTensor take the tensor step, the unsharded ones the
+            # fused kernel, which may round a float32 intermediate differently, so flip a code.
+            # int8: a step (lr) at most, and one rounding of the parameter's dtype. int4: a
+            # flip changes a step by up to a factor of 2 (see PRECISION_TOL), and the steps
+            # after it drift: a step per step at most; measured, a mean of 0.36 lr at most
+            # (amsgrad-wd-maximize), which a missing or doubled step would exceed.
             actual, wanted = result[placement]["param"].float(), expected.float()
             difference = (actual - wanted).abs()
-            bound = helper.KERNEL_LR + KERNEL_TOL[dtype]["rtol"] * wanted.abs()
+            steps = helper.KERNEL_STEPS if precision == "int4" else 1
+            bound = steps * helper.KERNEL_LR + KERNEL_TOL[dtype]["rtol"] * wanted.abs()
             assert (difference <= bound).all(), float((difference - bound).max())
-            # A residual keeps the master's differences that rounding to bfloat16 would hide.
-            mean_tol = PRECISION_TOL["int8"][1] * (2 if options == "residual" else 1)
-            assert float(difference.mean()) <= mean_tol
+            if precision == "int4":
+                mean_tol = helper.KERNEL_LR / 2
+            else:  # a residual keeps the master's differences that bfloat16 would hide
+                mean_tol = PRECISION_TOL["int8"][1] * (2 if options == "residual" else 1)
+            assert float(difference.mean()) <= mean_tol, float(difference.mean())
         else:
             torch.testing.assert_close(result[placement]["param"], expected, **KERNEL_TOL[dtype])
     if blockwise:
