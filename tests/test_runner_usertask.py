@@ -141,7 +141,47 @@ def test_a_bfloat16_model_variant_is_refused_for_a_user_task(
     argv = ["run", f"{path}:fit_line", "--optimizers", "adabelief_bf16w_residual_int8"]
     assert main([*argv, "--out", str(tmp_path / "out")]) == 2
     line = one_error_line(capsys)
-    assert "trains a bfloat16 model" in line and "passes only its parameters" in line
+    assert "trains a bfloat16 model" in line and "give it a prepare_model parameter" in line
+
+
+_MODEL_TASK = '''
+import torch
+from adabelief.experiments import user_task
+
+
+@user_task(score="loss", higher_is_better=False, claim="convergence")
+def fit_model(make_optimizer, seed, quick, prepare_model):
+    """A small regression whose model the runner may put in a variant's dtype."""
+    torch.manual_seed(seed)
+    x = torch.randn(256, 8)
+    y = x @ torch.randn(8, 1)
+    model = prepare_model(torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.Linear(64, 1)))
+    optimizer = make_optimizer(model.parameters())
+    dtypes = sorted({str(p.dtype) for p in model.parameters()})
+    losses = []
+    for _ in range(30):
+        loss = torch.nn.functional.mse_loss(model(x), y)  # float32 out, whatever the model's dtype
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return {"loss": losses[-1], "losses": losses, "bf16": float(dtypes == ["torch.bfloat16"])}
+'''
+
+
+def test_a_user_task_with_prepare_model_runs_the_bfloat16_variants(tmp_path: Path) -> None:
+    path = tmp_path / "model_task.py"
+    path.write_text(_MODEL_TASK)
+    out = tmp_path / "out"
+    optimizers = "adabelief,adabelief_bf16w_residual_int8"
+    argv = ["run", f"{path}:fit_model", "--optimizers", optimizers, "--seeds", "1"]
+    assert main([*argv, *_common(out)]) == 0
+    records, _ = RunStore(out).scan()
+    runs = {r["optimizer"]: r for r in records}
+    assert runs["adabelief"]["metrics"]["bf16"] == 0.0
+    assert runs["adabelief_bf16w_residual_int8"]["metrics"]["bf16"] == 1.0
+    first, last = (runs["adabelief_bf16w_residual_int8"]["curves"]["losses"][i] for i in (0, -1))
+    assert last < first
 
 
 def test_fair_mode_gives_the_user_task_its_trials(tmp_path: Path) -> None:

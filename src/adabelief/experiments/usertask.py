@@ -9,6 +9,13 @@ The user writes one function and decorates it::
         ...  # make_optimizer(params) returns this run's optimizer (preset or fair-mode trial)
         return {"test_accuracy": 97.1, "train_loss": [2.3, 1.1, 0.7]}
 
+A function that also takes ``prepare_model`` (``def my_task(make_optimizer, seed, quick,
+prepare_model)``) can run the optimizer variants that train a model in another dtype (the
+bfloat16 ones, ``adabelief_bf16w_*``): it passes its model through ``prepare_model(model)``
+before ``make_optimizer``, which puts the model in the variant's dtype, taking and returning
+float32 (:func:`adabelief.experiments.training.model_for_optimizer`; for other optimizers it
+returns the model unchanged).  Without that parameter the runner refuses those variants.
+
 The function returns floats (metrics) and lists of floats (curves, one value per evaluation;
 an optional ``"x"`` list gives their positions, ``"step"`` the optimizer steps and ``"time_s"``
 the seconds, for time-to-target).  The runner seeds Python, NumPy and torch with ``seed``
@@ -405,12 +412,23 @@ class UserTask(Task):
             )
         ]
 
+    @property
+    def takes_prepare_model(self) -> bool:
+        """Whether the function has a ``prepare_model`` parameter (see the module docstring)."""
+        try:
+            return "prepare_model" in inspect.signature(self.function).parameters
+        except (TypeError, ValueError):
+            return False
+
     def model_dtype_refusal(self, experiment: Experiment) -> str:
-        """A user's function builds its own model and hands ``make_optimizer`` only its
-        parameters, so the runner cannot put the model in a variant's dtype."""
+        """A user's function builds its own model: the runner can put it in a variant's dtype
+        only through the function's ``prepare_model`` parameter."""
+        if self.takes_prepare_model:
+            return ""
         return (
-            "a user task builds its own model and passes only its parameters to make_optimizer; "
-            "put the model in that dtype yourself and use the optimizer the variant names"
+            f"{self.function.__name__} builds its own model and passes only its parameters to "
+            "make_optimizer; give it a prepare_model parameter and build the optimizer over "
+            "prepare_model(model).parameters()"
         )
 
     def preset_hparams(self, experiment: Experiment, optimizer: str) -> dict[str, Any]:
@@ -423,13 +441,22 @@ class UserTask(Task):
     def run(self, spec: RunSpec, context: RunContext) -> RunOutput:
         """Seed everything and call the function with this run's optimizer factory."""
         from adabelief.experiments.registry import create_optimizer
-        from adabelief.experiments.training import seed_everything
+        from adabelief.experiments.training import model_for_optimizer, seed_everything
 
         def make_optimizer(params: Iterable[Any]) -> Any:
             return create_optimizer(spec.optimizer, params, **spec.hparams)
 
         seed_everything(spec.seed)
-        value = self.function(make_optimizer, spec.seed, bool(spec.settings.get("quick", True)))
+        quick = bool(spec.settings.get("quick", True))
+        if self.takes_prepare_model:
+            value = self.function(
+                make_optimizer,
+                spec.seed,
+                quick,
+                prepare_model=functools.partial(model_for_optimizer, optimizer=spec.optimizer),
+            )
+        else:
+            value = self.function(make_optimizer, spec.seed, quick)
         return _check_output(value, self.function.__name__, self.spec)
 
 
