@@ -16,7 +16,8 @@ a shared machine's load falls on all of them alike; ratios are to the first vari
 single-thread figures: ``OMP_NUM_THREADS=1 taskset -c 0 python benchmarks/kernel_profile.py
 time``. ``callgrind`` needs valgrind; its counts do not depend on the load. ``bandwidth`` streams
 in place the bytes per element of each format (fp32 28, bf16 20, int8 16: param read and written,
-gradient read, the two moments read and written), the floor a step cannot beat.
+gradient read, the two moments read and written; int4's 14 are not streamed), the floor a step
+cannot beat. ``--numel`` must be even (int4 packs two codes per byte).
 """
 
 from __future__ import annotations
@@ -32,7 +33,10 @@ from pathlib import Path
 
 from adabelief.kernels import cpu
 
-FORMATS = {"fp32": 0, "bf16": 1, "int8": 2}
+FORMATS = {
+    name: cpu.CPU_ABI[f"ADABELIEF_STATE_{name.upper()}"]
+    for name in ("fp32", "bf16", "int8", "int4")
+}
 FLAGS = ("-march=native", "-fopenmp")
 
 DRIVER = r"""
@@ -59,9 +63,14 @@ int main(int argc, char** argv) {
   std::mt19937 rng(1);
   std::normal_distribution<float> normal;
   for (long i = 0; i < n; ++i) { p[i] = normal(rng); g[i] = 0.01f * normal(rng); }
-  const size_t width = format == 0 ? 4 : format == 1 ? 2 : 1;
-  std::vector<char> m(n * width, 0), v(n * width, 0);
-  std::vector<float> m_scale(n / 256 + 1, 0.0f), v_scale(n / 256 + 1, 0.0f);
+  // Bytes of one moment: int4 packs two codes per byte (n is even).
+  const size_t bytes = format == ADABELIEF_STATE_FP32   ? 4 * n
+                       : format == ADABELIEF_STATE_BF16 ? 2 * n
+                       : format == ADABELIEF_STATE_INT4 ? n / 2
+                                                        : n;
+  std::vector<char> m(bytes, 0), v(bytes, 0);
+  const long blocks = n / ADABELIEF_INT4_BLOCK + 1;  // the smaller block: enough for both
+  std::vector<float> m_scale(blocks, 0.0f), v_scale(blocks, 0.0f);
   adabelief_tensor t{};
   t.param = p.data(); t.grad = g.data(); t.exp_avg = m.data(); t.exp_avg_var = v.data();
   t.exp_avg_scale = m_scale.data(); t.exp_avg_var_scale = v_scale.data();
@@ -176,7 +185,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("mode", choices=["time", "callgrind", "bandwidth"])
     parser.add_argument("--variant", action="append", default=[], type=Path, metavar="DIR")
-    parser.add_argument("--formats", default="fp32,bf16,int8")
+    parser.add_argument("--formats", default="fp32,bf16,int8,int4")
     parser.add_argument("--numel", type=int, default=10_900_000)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)

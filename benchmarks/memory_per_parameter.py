@@ -33,7 +33,10 @@ Configurations (``--configs``, default all):
 * ``bf16-residual-int8-sib``: the same with ``master_weights="residual"``, an int8 residual that
   restores the float32 master weight (about 5 bytes: 2 + 1 + 2.03);
 * ``bf16-fp32master-int8-sib``: the same with a float32 master weight (about 8 bytes);
-* ``bf16-stochastic-int8-sib``: the same with stochastic rounding of the weight (about 4 bytes).
+* ``bf16-stochastic-int8-sib``: the same with stochastic rounding of the weight (about 4 bytes);
+* ``int4-sib``: float32 model, int4 moments, step in backward (about 5 bytes);
+* ``bf16-residual-int4-sib``: bfloat16 model with ``master_weights="residual"``, int4 moments,
+  step in backward (about 4 bytes: 2 + 1 + 1.06).
 """
 
 from __future__ import annotations
@@ -92,6 +95,15 @@ CONFIGS = {
             "step_in_backward": True,
             "master_weights": "stochastic",
         },
+    ),
+    "int4-sib": Config(
+        "AdaBelief, fp32 model, int4 state, step in backward",
+        options={"state_precision": "int4", "step_in_backward": True},
+    ),
+    "bf16-residual-int4-sib": Config(
+        "AdaBelief, bf16 model + int8 residual, int4 state, step in backward",
+        dtype="bfloat16",
+        options={"state_precision": "int4", "step_in_backward": True, "master_weights": "residual"},
     ),
 }
 REFERENCE = "adam"

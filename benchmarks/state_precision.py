@@ -62,7 +62,7 @@ def quality_table(results: list[dict]) -> list[str]:
 
 
 def state_bytes_per_parameter(model: torch.nn.Module, precision: str) -> float:
-    """Bytes of moments (and int8 scales) per parameter after one step, ``step`` excluded."""
+    """Bytes of moments (and int8/int4 scales) per parameter after one step, ``step`` excluded."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = AdaBelief(params, state_precision=precision)
     for p in params:
@@ -83,12 +83,13 @@ def size_table() -> list[str]:
         "lm: 1-layer char LSTM (quick, vocab 100)": lambda: LSTMLanguageModel(100, 64, 128, 1),
         "a 4096x4096 linear layer": lambda: torch.nn.Linear(4096, 4096),
     }
-    rows = ["| model | parameters | fp32 | bf16 | int8 |", "|---|---|---|---|---|"]
+    formats = ("fp32", "bf16", "int8", "int4")
+    rows = [f"| model | parameters | {' | '.join(formats)} |", "|---|---|" + "---|" * len(formats)]
     for name, build in models.items():
         torch.manual_seed(0)
         model = build()
         count = sum(p.numel() for p in model.parameters())
-        sizes = [state_bytes_per_parameter(model, f) for f in ("fp32", "bf16", "int8")]
+        sizes = [state_bytes_per_parameter(model, f) for f in formats]
         rows.append(f"| {name} | {count:,} | " + " | ".join(f"{s:.2f}" for s in sizes) + " |")
     return rows
 

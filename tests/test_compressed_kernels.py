@@ -5,7 +5,7 @@ it directly: decode the stored moments into float32, run the fp32 fused CPU kern
 copies, encode them back with :mod:`adabelief.compressed_state`. The fused CPU kernel decodes,
 updates and encodes in registers with the same operations (the same dither hash, the same
 ``1/x * top`` scale, correctly rounded square roots), so its results are **bit-identical** to
-the reference for every option, parameter dtype and format. The compiled path (``torch.compile``,
+the reference for every option, parameter dtype and format (bf16, int8 and int4). The compiled path (``torch.compile``,
 CUDA's) is generated code whose float32 arithmetic may round differently, so it **agrees within
 float32 rounding** on the parameters and within one quantization step on the moments.
 """
@@ -22,13 +22,18 @@ import torch
 
 from adabelief import AdaBelief
 from adabelief import compressed_state as cs
+from adabelief import master_weights as mw
 from adabelief.kernels import cpu, dispatch
 
 KERNEL = cpu.kernel()
 needs_kernel = pytest.mark.skipif(
     KERNEL is None, reason=f"the fused CPU kernel cannot be built here: {cpu.kernel_error()}"
 )
-SHAPES = [(4096,), (70, 90), (3, 5)]  # int8 needs >= 4096 elements; a partial last block
+# int8 and int4 need >= 4096 elements (int4 an even first dimension); partial last blocks
+SHAPES = [(4096,), (70, 90), (3, 5)]
+#: The compressed formats of the fused kernel, and what each leaves the small tensor in.
+PRECISIONS = ["bf16", "int8", "int4"]
+FORMATS_OF_SHAPES = {"bf16": {"bf16"}, "int8": {"int8", "fp32"}, "int4": {"int4", "fp32"}}
 
 
 def make_params(dtype, seed=0):
@@ -43,7 +48,9 @@ def grads_for(params, step):
 
 
 def reference_run(dtype, precision, steps, grad_scale=None, grads=grads_for, **options):
-    """decode -> fp32 fused kernel -> encode, one parameter at a time."""
+    """decode -> fp32 fused kernel -> encode, one parameter at a time (with ``master_weights``,
+    the fp32 kernel splits the 16-bit parameters' masters, kept in the state as the optimizer
+    keeps them)."""
     params = make_params(dtype)
     opt = AdaBelief(params, fused=True, **options)  # only for its validated param group
     group = opt.param_groups[0]
@@ -53,6 +60,7 @@ def reference_run(dtype, precision, steps, grad_scale=None, grads=grads_for, **o
         state = {"step": torch.zeros((), dtype=torch.float32)}
         for key in ("exp_avg", "exp_avg_var") + (("max_exp_avg_var",) if group["amsgrad"] else ()):
             state.update(cs.new_moment(p, key, fmt))
+        mw.sync_state_(state, p, group["master_weights"])
         states.append(state)
     for k in range(steps):
         for p, g, state in zip(params, grads(params, k), states, strict=True):
@@ -67,6 +75,7 @@ def reference_run(dtype, precision, steps, grad_scale=None, grads=grads_for, **o
                 [work["max_exp_avg_var"]] if group["amsgrad"] else [],
                 [state["step"]],
                 **functional_options(group),
+                masters=[state.get(mw.RESIDUAL_KEY, state.get(mw.FP32_KEY))],
                 grad_scale=None if grad_scale is None else torch.tensor(grad_scale),
             )
             cs.encode_moments_(state, work, int(state["step"].item()))
@@ -78,6 +87,7 @@ def functional_options(group):
     beta1, beta2 = group["betas"]
     names = ("lr", "eps", "weight_decay", "amsgrad", "weight_decouple", "fixed_decay", "rectify")
     names += ("degenerated_to_sgd", "maximize", "foreach", "fused", "capturable", "differentiable")
+    names += ("master_weights",)
     return dict({name: group[name] for name in names}, beta1=beta1, beta2=beta2)
 
 
@@ -124,7 +134,7 @@ def assert_bit_identical(run_a, run_b):
 
 
 @needs_kernel
-@pytest.mark.parametrize("precision", ["bf16", "int8"])
+@pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("combo", COMBOS, ids=combo_id)
 def test_fused_cpu_kernel_is_bit_identical_to_decode_update_encode(precision, combo):
     options = dict(combo, lr=0.01, eps=1e-12)
@@ -132,18 +142,34 @@ def test_fused_cpu_kernel_is_bit_identical_to_decode_update_encode(precision, co
     actual = optimizer_run(torch.float32, precision, 12, {}, **options)  # the default: fused
     assert_bit_identical(actual, expected)
     formats = {cs.format_of(state) for state in actual[1]}
-    # int8 leaves tensors under 4096 elements in fp32; bf16 compresses them all.
-    assert formats == ({"int8", "fp32"} if precision == "int8" else {"bf16"})
+    # int8 and int4 leave tensors under 4096 elements in fp32; bf16 compresses them all.
+    assert formats == FORMATS_OF_SHAPES[precision]
 
 
 @needs_kernel
-@pytest.mark.parametrize("precision", ["bf16", "int8"])
+@pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_16_bit_parameters_are_bit_identical(precision, dtype):
-    options = dict(lr=0.01, weight_decay=0.1, amsgrad=True)
+@pytest.mark.parametrize("combo", COMBOS[::5], ids=combo_id)
+def test_16_bit_parameters_are_bit_identical(precision, dtype, combo):
+    options = dict(combo, lr=0.01)
     expected = reference_run(dtype, precision, 10, **options)
     actual = optimizer_run(dtype, precision, 10, {"fused": True}, **options)
     assert_bit_identical(actual, expected)
+
+
+@needs_kernel
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("mode", ["residual", "fp32", "stochastic"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("amsgrad", [False, True], ids=["", "amsgrad"])
+def test_16_bit_parameters_with_master_weights_are_bit_identical(precision, mode, dtype, amsgrad):
+    """The kernel's masters (on its portable loops) around compressed moments: decode, the fp32
+    kernel's update and split, encode."""
+    options = dict(lr=0.01, weight_decay=0.1, amsgrad=amsgrad, master_weights=mode)
+    expected = reference_run(dtype, precision, 8, **options)
+    actual = optimizer_run(dtype, precision, 8, {"fused": True}, **options)
+    assert_bit_identical(actual, expected)
+    assert {cs.format_of(state) for state in actual[1]} == FORMATS_OF_SHAPES[precision]
 
 
 def grads_with_special_values(params, step):
@@ -169,7 +195,7 @@ def grads_with_special_values(params, step):
 
 
 @needs_kernel
-@pytest.mark.parametrize("precision", ["bf16", "int8"])
+@pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("amsgrad", [False, True])
 @pytest.mark.parametrize("betas", [(0.9, 0.999), (0.01, 0.999), (0.9, 0.5)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -196,7 +222,7 @@ def portable_kernel(tmp_path_factory):
 
 
 @needs_kernel
-@pytest.mark.parametrize("precision", ["bf16", "int8"])
+@pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("betas", [(0.9, 0.999), (0.01, 0.999), (0.9, 0.5)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_build_without_avx2_is_bit_identical(
@@ -212,7 +238,7 @@ def test_a_build_without_avx2_is_bit_identical(
 
 
 @needs_kernel
-@pytest.mark.parametrize("precision", ["bf16", "int8"])
+@pytest.mark.parametrize("precision", PRECISIONS)
 def test_grad_scale_and_tensor_lr_are_bit_identical(precision):
     options = dict(lr=torch.tensor(0.02), amsgrad=True)
     expected = reference_run(torch.float32, precision, 8, grad_scale=1024.0, **options)
@@ -223,7 +249,7 @@ def test_grad_scale_and_tensor_lr_are_bit_identical(precision):
 
 
 @needs_kernel
-@pytest.mark.parametrize("precision", ["bf16", "int8"])
+@pytest.mark.parametrize("precision", PRECISIONS)
 def test_found_inf_leaves_compressed_state_untouched(precision):
     params = make_params(torch.float32)
     opt = AdaBelief(params, state_precision=precision, fused=True)
@@ -240,18 +266,19 @@ def test_found_inf_leaves_compressed_state_untouched(precision):
 
 
 @needs_kernel
-@pytest.mark.parametrize("precision", ["bf16", "int8"])
+@pytest.mark.parametrize("precision", PRECISIONS)
 def test_multithreaded_kernel_is_bit_identical(precision):
-    """Many 32768-element chunks over two threads: int8 blocks never straddle chunks."""
+    """Many 32768-element chunks over two threads: int8 and int4 blocks (and int4's bytes) never
+    straddle chunks. The tensor ends in a partial block."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        params = [torch.nn.Parameter(torch.randn(300_001) * 0.1)]
+        params = [torch.nn.Parameter(torch.randn(300_002) * 0.1)]  # even: int4 applies
         single = [torch.nn.Parameter(params[0].detach().clone())]
-        fused = AdaBelief(params, state_precision=precision, fused=True)
-        reference = AdaBelief(single, state_precision=precision, fused=True)
+        fused = AdaBelief(params, state_precision=precision, fused=True, amsgrad=True)
+        reference = AdaBelief(single, state_precision=precision, fused=True, amsgrad=True)
         for k in range(4):
-            g = torch.randn(300_001, generator=torch.Generator().manual_seed(k))
+            g = torch.randn(300_002, generator=torch.Generator().manual_seed(k))
             params[0].grad, single[0].grad = g, g.clone()
             fused.step()
             torch.set_num_threads(1)
@@ -260,12 +287,13 @@ def test_multithreaded_kernel_is_bit_identical(precision):
         assert_bit_identical(
             (params, [fused.state[params[0]]]), (single, [reference.state[single[0]]])
         )
+        assert cs.format_of(fused.state[params[0]]) == precision
     finally:
         torch.set_num_threads(threads)
 
 
 @needs_kernel
-@pytest.mark.parametrize("precision", ["bf16", "int8"])
+@pytest.mark.parametrize("precision", PRECISIONS)
 def test_single_and_foreach_paths_match_the_kernel_within_rounding(precision):
     """The unfused paths decode around torch's kernels, whose float32 sqrt is not always
     correctly rounded: the parameters agree to float32 rounding, not bit for bit."""
@@ -377,14 +405,14 @@ PATHS = {
 @pytest.mark.parametrize(
     "path", [pytest.param("fused", marks=needs_kernel), "tensor", "foreach", "single"]
 )
-@pytest.mark.parametrize("precision", ["bf16", "int8"])
+@pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("amsgrad", [False, True], ids=["", "amsgrad"])
 def test_a_non_finite_gradient_element_costs_only_what_fp32_state_loses(path, precision, amsgrad):
     """One inf (or NaN) gradient element loses that element, with float32 state as with
     compressed state; int8 used to lose its whole 256-element block (the block's scale became
     inf or NaN). Against a run without the bad element: the other blocks (bf16: all the other
     elements) are bit-identical, and the bad element's block-mates, whose shared scale no longer
-    sees it, stay finite and within int8's rounding noise."""
+    sees it, stay finite and within the format's rounding noise."""
     options = dict(lr=0.01, amsgrad=amsgrad)
     bad, good = grads_with_one_non_finite_element, grads_for
     fp32 = optimizer_run(torch.float32, "fp32", 6, PATHS[path], grads=bad, **options)
@@ -395,13 +423,16 @@ def test_a_non_finite_gradient_element_costs_only_what_fp32_state_loses(path, pr
         lost = ~fp32[0][i].detach().view(-1).isfinite()
         assert int(lost.sum()) == (1 if i < 2 else 0), "the test's premise"
         block = lost.clone()
-        if cs.format_of(state) == "int8":
-            block = cs._padded_blocks(lost).any(dim=1, keepdim=True).expand(-1, cs.BLOCK_SIZE)
-            block = block.reshape(-1)[: p.numel()]
+        size = {"int8": cs.BLOCK_SIZE, "int4": cs.INT4.block_size}.get(cs.format_of(state))
+        if size is not None:  # the lost element's whole block
+            index = torch.arange(p.numel()) // size
+            block = torch.isin(index, index[lost])
         assert torch.equal(p[~block], want[~block]), f"param {i}: another block changed"
         mates = block & ~lost
         assert p[mates].isfinite().all(), f"param {i}: the loss spread in its block"
-        torch.testing.assert_close(p[mates], want[mates], rtol=0, atol=5e-3)
+        # int4 (15 levels, not 255) changes the size of the 6 steps (lr 0.01) more
+        noise = 0.1 if cs.format_of(state) == "int4" else 5e-3
+        torch.testing.assert_close(p[mates], want[mates], rtol=0, atol=noise)
         for key, moment in cs.decode_moments(state).items():
             assert moment.view(-1)[~lost].isfinite().all(), f"param {i}: {key}"
         for key in [k for k in state if k.endswith("_scale")]:
@@ -409,13 +440,14 @@ def test_a_non_finite_gradient_element_costs_only_what_fp32_state_loses(path, pr
 
 
 @needs_kernel
+@pytest.mark.parametrize("precision", ["int8", "int4"])
 @pytest.mark.parametrize("amsgrad", [False, True], ids=["", "amsgrad"])
-def test_a_non_finite_gradient_element_is_bit_identical_in_the_kernel(amsgrad):
+def test_a_non_finite_gradient_element_is_bit_identical_in_the_kernel(precision, amsgrad):
     """The kernel's finite block scales and clamped codes are compressed_state.encode's."""
     options = dict(lr=0.01, amsgrad=amsgrad)
     bad = grads_with_one_non_finite_element
-    expected = reference_run(torch.float32, "int8", 6, grads=bad, **options)
-    actual = optimizer_run(torch.float32, "int8", 6, {}, grads=bad, **options)
+    expected = reference_run(torch.float32, precision, 6, grads=bad, **options)
+    actual = optimizer_run(torch.float32, precision, 6, {}, grads=bad, **options)
     assert_bit_identical(actual, expected)
 
 

@@ -29,7 +29,7 @@ needs_kernel = pytest.mark.skipif(
 )
 MODES = ["residual", "fp32", "stochastic"]
 DTYPES = [torch.bfloat16, torch.float16]
-SHAPES = [(4096,), (70, 90), (3, 5)]  # int8 moments need >= 4096 elements; a partial block
+SHAPES = [(4096,), (70, 90), (3, 5)]  # int8/int4 moments need >= 4096 elements; a partial block
 
 
 def make_params(dtype, seed=0):
@@ -243,7 +243,7 @@ def test_stochastic_rounding_is_unbiased_and_shares_the_bf16_helper(dtype):
 
 
 @needs_kernel
-@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8", "int4"])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("combo", COMBOS, ids=["plain", "decay+amsgrad", "l2+maximize"])
@@ -254,7 +254,7 @@ def test_fused_kernel_is_bit_identical_to_the_reference(precision, mode, dtype, 
     assert_bit_identical(actual, expected)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "int8"])
+@pytest.mark.parametrize("precision", ["fp32", "int8", "int4"])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_single_and_foreach_are_bit_identical(precision, mode, dtype):

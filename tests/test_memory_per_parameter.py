@@ -26,6 +26,8 @@ _TINY = argparse.Namespace(width=300, depth=2, batch=4)
         ("bf16-residual-int8-sib", 2, 0, (3.0, 3.1)),  # + the int8 residual
         ("bf16-fp32master-int8-sib", 2, 0, (6.0, 6.1)),  # + the float32 master
         ("bf16-stochastic-int8-sib", 2, 0, (2.0, 2.1)),
+        ("int4-sib", 4, 0, (1.0, 1.1)),  # two codes a byte, one scale per 128-element block
+        ("bf16-residual-int4-sib", 2, 0, (2.0, 2.1)),  # + the int8 residual
     ],
 )
 def test_persistent_bytes_per_parameter(bench, name, weights, grads, state):

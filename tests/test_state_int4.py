@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import warnings
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 
 from adabelief import AdaBelief
 from adabelief import compressed_state as cs
+from adabelief.kernels import cpu, dispatch, tensor_math
 from tiny_training import resume_through_checkpoint, tiny_data, tiny_model, train_tiny
 
 
@@ -159,13 +161,85 @@ def test_every_path_stores_the_same_codes():
 
 
 def test_paths_are_bit_identical_over_a_run():
-    """single-tensor and foreach agree bit for bit over several steps; so do the tensor path and
-    the fused CPU path (the default and fused=True), which routes int4 parameters to the tensor
-    step silently (no FusedFallbackWarning: warnings are errors in :func:`_run_paths`)."""
-    single, foreach, tensor, fused, default = _run_paths(6)
-    for a, b in ((single, foreach), (tensor, fused), (tensor, default)):
+    """single-tensor and foreach agree bit for bit over several steps; so do the default path
+    and fused=True, both the fused CPU kernel (no FusedFallbackWarning: warnings are errors in
+    :func:`_run_paths`), which is bit-identical to decoding, the fp32 kernel and encoding
+    (tests/test_compressed_kernels.py)."""
+    single, foreach, _, fused, default = _run_paths(6)
+    for a, b in ((single, foreach), (fused, default)):
         assert torch.equal(a[0], b[0])
         assert _same_state(a[1], b[1])
+
+
+@pytest.fixture
+def kernel_only(monkeypatch):
+    """The fused CPU kernel, and no eager tensor step: int4 parameters stay on the fast path."""
+    if cpu.kernel() is None:
+        pytest.skip(f"the fused CPU kernel cannot be built here: {cpu.kernel_error()}")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the eager tensor step ran")
+
+    monkeypatch.setattr(tensor_math, "tensor_step", refuse)
+
+
+@pytest.mark.parametrize("path", [{}, dict(fused=True)], ids=["default", "fused"])
+def test_the_fused_kernel_steps_int4_parameters(kernel_only, path):
+    model = tiny_model()
+    opt = AdaBelief(model.parameters(), lr=1e-2, amsgrad=True, state_precision="int4", **path)
+    train_tiny(model, opt, 3)
+    assert cs.format_of(opt.state[model[0].weight]) == "int4"
+
+
+def test_the_kernel_refuses_int4_codes_of_another_size(kernel_only):
+    """The kernel writes every byte and scale of an int4 moment: the functional step checks
+    their sizes first (an odd first dimension's codes cover one row too few)."""
+    param = torch.zeros(3, 4096)
+    moments = [cs.INT4.zeros(param, belief) for belief in (False, True)]
+    step = torch.zeros(())
+    with pytest.raises(ValueError, match="int4 moment"):
+        dispatch.adabelief(
+            [param], [torch.ones_like(param)], moments[:1], moments[1:], [], [step], fused=True
+        )
+    assert float(step) == 0.0 and not param.any()  # checked before anything changed
+
+
+@pytest.mark.parametrize(
+    ("dtype", "master"),
+    [(torch.float32, "round"), (torch.bfloat16, "residual"), (torch.float16, "fp32")],
+    ids=str,
+)
+def test_a_kernel_run_resumed_mid_training_is_bit_exact(kernel_only, dtype, master):
+    """Saved after 5 kernel steps, loaded into a fresh optimizer (through torch.save and
+    torch.load(weights_only=True)), both runs go on for 4 more steps bit for bit. 64 x 201
+    elements: 100 blocks and a half."""
+
+    def make(params):
+        return AdaBelief(
+            params, lr=1e-2, amsgrad=True, weight_decay=0.1, state_precision="int4",
+            master_weights=master,
+        )  # fmt: skip
+
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.nn.Parameter((torch.randn(64, 201, generator=gen) * 0.1).to(dtype))
+    grads = [(torch.randn(64, 201, generator=gen) * 0.01).to(dtype) for _ in range(9)]
+    opt = make([weight])
+    for g in grads[:5]:
+        weight.grad = g
+        opt.step()
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    twin = torch.nn.Parameter(weight.detach().clone())
+    resumed = make([twin])
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    for g in grads[5:]:
+        weight.grad, twin.grad = g, g.clone()
+        opt.step()
+        resumed.step()
+    assert cs.format_of(opt.state[weight]) == "int4"
+    assert torch.equal(weight, twin)
+    assert _same_state(opt.state[weight], resumed.state[twin])
 
 
 @pytest.mark.parametrize("path", [dict(foreach=False), dict(fused=True)], ids=str)

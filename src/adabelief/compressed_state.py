@@ -30,8 +30,8 @@ float32 work tensors, run their update and encode them back with :func:`encode_`
   rounding and the layout are :class:`_Int4Format`'s. Parameters it does not apply to (under
   :data:`MIN_QUANTIZED_NUMEL` elements, an odd first dimension, DTensors whose shards are not
   whole pairs of rows) take its :attr:`~StorageFormat.fallback`, int8 (and so float32 for
-  small tensors). The fused CPU kernel
-  has no int4 code yet: the dispatcher steps int4 parameters with the eager tensor step.
+  small tensors). The fused CPU kernel steps it in the same pass as the update
+  (``kernels/codes_int4.h``), bit for bit this code.
 
 DTensor parameters (FSDP2) keep the same format over the same global blocks: the codes are a
 DTensor with the parameter's placements (int4's packed codes, the first dimension halved, where
@@ -119,10 +119,10 @@ def bytes_per_parameter(precision: str, amsgrad: bool = False) -> float:
 class Moment(NamedTuple):
     """One stored moment of one parameter, as the kernels receive it: ``codes`` in ``format``
     (float32 values, or the parameter's dtype for float64 and complex, in ``"fp32"``; bfloat16
-    in ``"bf16"``; int8 or uint8 codes in ``"int8"``), its block ``scale`` (``"int8"`` only,
-    else None), and whether it is a ``belief`` (``exp_avg_var`` or the AMSGrad maximum,
-    non-negative) rather than ``exp_avg``. It shares the stored tensors: writing to ``codes``
-    writes the state."""
+    in ``"bf16"``; int8 or uint8 codes in ``"int8"``; packed uint8 codes in ``"int4"``), its
+    block ``scale`` (``"int8"`` and ``"int4"`` only, else None), and whether it is a
+    ``belief`` (``exp_avg_var`` or the AMSGrad maximum, non-negative) rather than ``exp_avg``.
+    It shares the stored tensors: writing to ``codes`` writes the state."""
 
     codes: Tensor
     scale: Tensor | None

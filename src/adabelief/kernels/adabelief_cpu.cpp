@@ -10,18 +10,20 @@
 //   dither.h         the hashed dither of the stochastic rounding (format version 2);
 //   codes_bf16.h     the bfloat16 format;
 //   codes_int8.h     the block-wise int8 format (its decoding written once, over lanes);
+//   codes_int4.h     the block-wise int4 format (two codes per byte);
 //   master_weights.h the master weights of 16-bit parameters (master_weights="residual", ...);
 //   adabelief_cpu.cpp  this file: the dispatch over dtype, format and options, the threads.
 //
 // Compressed moments (adabelief/compressed_state.py is the reference) use the same hashed dither
 // as the reference, so a resumed run is bit-identical and needs no RNG state. They are decoded,
-// updated and encoded a 256-element block at a time, through float32 buffers on the stack that
-// stay in the L1 cache. On AVX2, with float32 and bfloat16 parameters, the update runs on F8
-// lanes and the buffers are mostly skipped: bfloat16 moments are stepped 16 elements at a time in
-// registers (update_bf16_lanes); int8 blocks are decoded and updated in registers, and only the
-// values to encode go through buffers, their block maxima taken on the way, since the codes need
-// them first (update_int8_block). A build without AVX2 takes the portable loops, with the same
-// results (tests/test_compressed_kernels.py checks both against the reference).
+// updated and encoded a block at a time (256 elements; int4: its 128-element block), through
+// float32 buffers on the stack that stay in the L1 cache. On AVX2, with float32 and bfloat16
+// parameters, the update runs on F8 lanes and the buffers are mostly skipped: bfloat16 moments
+// are stepped 16 elements at a time in registers (update_bf16_lanes); int8 and int4 blocks are
+// decoded and updated in registers, and only the values to encode go through buffers, their block
+// maxima taken on the way, since the codes need them first (update_int8_block,
+// update_int4_block). A build without AVX2 takes the portable loops, with the same results
+// (tests/test_compressed_kernels.py checks both against the reference).
 
 #include <atomic>
 #include <cstdint>
@@ -34,14 +36,20 @@
 #include "abi.h"
 #include "belief_update.h"
 #include "codes_bf16.h"
+#include "codes_int4.h"
 #include "codes_int8.h"
 #include "lanes.h"
 
 namespace {
 
-// The compressed formats, up to kBlock elements at a time (for int8, b is a multiple of kBlock):
-// decode the moments into float32 buffers on the stack, update, encode. Each of the three loops
-// is short and vectorises; the buffers stay in the L1 cache.
+// The elements the portable loops decode, update and encode at a time: a block of the format.
+template <int FORMAT>
+constexpr int64_t kTile = FORMAT == ADABELIEF_STATE_INT4 ? kInt4Block : kBlock;
+static_assert(kInt4Block <= kBlock, "the portable loops' buffers hold kBlock elements");
+
+// The compressed formats, up to kTile elements at a time (for int8 and int4, b is a multiple of
+// their block): decode the moments into float32 buffers on the stack, update, encode. Each of the
+// three loops is short and vectorises; the buffers stay in the L1 cache.
 template <int FORMAT, bool AMS>
 void decode_block(const adabelief_tensor& t, int64_t b, int64_t n, float* m, float* s,
                   float* s_max) {
@@ -49,6 +57,16 @@ void decode_block(const adabelief_tensor& t, int64_t b, int64_t n, float* m, flo
     decode_bf16(static_cast<const uint16_t*>(t.exp_avg) + b, n, m);
     decode_bf16(static_cast<const uint16_t*>(t.exp_avg_var) + b, n, s);
     if (AMS) decode_bf16(static_cast<const uint16_t*>(t.max_exp_avg_var) + b, n, s_max);
+  } else if constexpr (FORMAT == ADABELIEF_STATE_INT4) {  // n is even: whole bytes
+    const int64_t block = b / kInt4Block;
+    decode_int4_block<false>(static_cast<const uint8_t*>(t.exp_avg) + b / 2,
+                             t.exp_avg_scale[block], n, m);
+    decode_int4_block<true>(static_cast<const uint8_t*>(t.exp_avg_var) + b / 2,
+                            t.exp_avg_var_scale[block], n, s);
+    if (AMS) {
+      decode_int4_block<true>(static_cast<const uint8_t*>(t.max_exp_avg_var) + b / 2,
+                              t.max_exp_avg_var_scale[block], n, s_max);
+    }
   } else {
     const int64_t block = b / kBlock;
     decode_int8_block<true>(static_cast<const int8_t*>(t.exp_avg) + b, t.exp_avg_scale[block], n,
@@ -77,6 +95,17 @@ void encode_block(const adabelief_tensor& t, int64_t b, int64_t n, const float* 
     if (AMS) {
       encode_bf16<false>(s_max, nullptr, n, t.step_key,
                          static_cast<uint16_t*>(t.max_exp_avg_var) + b, nullptr);
+    }
+  } else if constexpr (FORMAT == ADABELIEF_STATE_INT4) {  // the values themselves, not roots
+    const int64_t block = b / kInt4Block;
+    encode_int4<true>(m, s, n, int4_block_max<false>(m, n), int4_block_max<true>(s, n),
+                      t.step_key, static_cast<uint8_t*>(t.exp_avg) + b / 2,
+                      static_cast<uint8_t*>(t.exp_avg_var) + b / 2, t.exp_avg_scale + block,
+                      t.exp_avg_var_scale + block);
+    if (AMS) {
+      encode_int4<false>(s_max, nullptr, n, int4_block_max<true>(s_max, n), 0.0f, t.step_key,
+                         static_cast<uint8_t*>(t.max_exp_avg_var) + b / 2, nullptr,
+                         t.max_exp_avg_var_scale + block, nullptr);
     }
   } else {
     const int64_t block = b / kBlock;
@@ -117,9 +146,10 @@ void update_portable(const adabelief_tensor& t, int64_t begin, int64_t end,
         static_cast<T*>(t.max_exp_avg_var), begin, end, o, t.step_size, t.sqrt_bc2, nullptr, mw);
   } else {
     constexpr bool roots = FORMAT == ADABELIEF_STATE_INT8 && KIND == kAdaptive;
-    float m[kBlock], s[kBlock], s_max[kBlock], belief_root[roots ? kBlock : 1];
-    for (int64_t b = begin; b < end; b += kBlock) {
-      const int64_t n = end - b < kBlock ? end - b : kBlock;
+    constexpr int64_t tile = kTile<FORMAT>;
+    float m[tile], s[tile], s_max[tile], belief_root[roots ? tile : 1];
+    for (int64_t b = begin; b < end; b += tile) {
+      const int64_t n = end - b < tile ? end - b : tile;
       decode_block<FORMAT, AMS>(t, b, n, m, s, s_max);
       const MasterWeights at{master_at<MASTER>(mw.master, b), mw.step_key};
       update_range<P, L2, AMS, KIND, roots, float, MASTER>(
@@ -151,6 +181,10 @@ void update_erased(const adabelief_tensor& t, int64_t begin, int64_t end,
     const Coefficients<F8> c(o, t.step_size, t.sqrt_bc2);
     if constexpr (FORMAT == ADABELIEF_STATE_BF16) {
       begin = update_bf16_lanes<P, L2, AMS, KIND>(t, begin, end, c);
+    } else if constexpr (FORMAT == ADABELIEF_STATE_INT4) {
+      for (; begin + kInt4Block <= end; begin += kInt4Block) {
+        update_int4_block<P, L2, AMS, KIND>(t, begin, c);
+      }
     } else {
       for (; begin + kBlock <= end; begin += kBlock) {
         update_int8_block<P, L2, AMS, KIND>(t, begin, c);
@@ -182,6 +216,7 @@ Fn pick_format(int format, bool l2, bool ams, int kind) {
     case ADABELIEF_STATE_FP32: return pick_flags<P, ADABELIEF_STATE_FP32>(l2, ams, kind);
     case ADABELIEF_STATE_BF16: return pick_flags<P, ADABELIEF_STATE_BF16>(l2, ams, kind);
     case ADABELIEF_STATE_INT8: return pick_flags<P, ADABELIEF_STATE_INT8>(l2, ams, kind);
+    case ADABELIEF_STATE_INT4: return pick_flags<P, ADABELIEF_STATE_INT4>(l2, ams, kind);
     default: return nullptr;
   }
 }
@@ -206,7 +241,10 @@ struct alignas(64) Cursor {  // the next chunk of a thread's block, on a cache l
 
 constexpr int64_t kChunk = 1 << 15;         // elements per work item (a multiple of kBlock)
 constexpr int64_t kMinPerThread = 1 << 16;  // elements per thread, at least
+// Each chunk, and so each thread's work, is whole blocks (and int4's whole bytes): no block's scale
+// or byte is written by two threads.
 static_assert(kChunk % kBlock == 0, "int8 blocks must not straddle chunks");
+static_assert(kChunk % kInt4Block == 0 && kInt4Block % 2 == 0, "nor int4 blocks or bytes");
 
 }  // namespace
 

@@ -47,7 +47,7 @@ from torch import Tensor
 
 from adabelief import compressed_state
 from adabelief._hyper import Hyperparameters
-from adabelief.compressed_state import FP32, StorageFormat
+from adabelief.compressed_state import FP32, INT4, StorageFormat
 from adabelief.kernels.lists import GroupTensors
 from adabelief.scalars import StepScalars, step_scalars
 
@@ -69,7 +69,7 @@ __all__ = [
 
 #: The kernel's ABI, passed to the compiler as ``-D`` macros (see adabelief_cpu.cpp).
 CPU_ABI: dict[str, int] = {
-    "ADABELIEF_ABI_VERSION": 5,
+    "ADABELIEF_ABI_VERSION": 6,
     "ADABELIEF_DTYPE_FLOAT32": 0,
     "ADABELIEF_DTYPE_FLOAT64": 1,
     "ADABELIEF_DTYPE_BFLOAT16": 2,
@@ -77,10 +77,14 @@ CPU_ABI: dict[str, int] = {
     "ADABELIEF_STATE_FP32": 0,
     "ADABELIEF_STATE_BF16": 1,
     "ADABELIEF_STATE_INT8": 2,
+    "ADABELIEF_STATE_INT4": 3,
     "ADABELIEF_KIND_ADAPTIVE": 0,
     "ADABELIEF_KIND_MOMENTUM": 1,
     "ADABELIEF_KIND_NO_STEP": 2,
     "ADABELIEF_INT8_BLOCK": compressed_state.BLOCK_SIZE,
+    "ADABELIEF_INT4_BLOCK": compressed_state.INT4_BLOCK_SIZE,
+    "ADABELIEF_INT4_SIGNED_POWER": compressed_state.INT4_SIGNED_POWER,
+    "ADABELIEF_INT4_BELIEF_POWER": compressed_state.INT4_BELIEF_POWER,
     "ADABELIEF_MASTER_ROUND": 0,
     "ADABELIEF_MASTER_RESIDUAL": 1,
     "ADABELIEF_MASTER_FP32": 2,
@@ -100,6 +104,7 @@ _STATE_CODES = {
     "fp32": CPU_ABI["ADABELIEF_STATE_FP32"],
     "bf16": CPU_ABI["ADABELIEF_STATE_BF16"],
     "int8": CPU_ABI["ADABELIEF_STATE_INT8"],
+    "int4": CPU_ABI["ADABELIEF_STATE_INT4"],
 }
 _MASTER_CODES = {
     "round": CPU_ABI["ADABELIEF_MASTER_ROUND"],
@@ -456,6 +461,10 @@ def cpu_step(
         if dtype not in CPU_DTYPES:
             raise TypeError(f"fused AdaBelief: unsupported parameter dtype {dtype}")
     lr = float(hp.lr)
+    parts = _parts(tensors)
+    for (_, fmt), _, part in parts:
+        if fmt is INT4:  # before anything changes
+            _check_packed(part)
     new_steps = _increment_steps(lib, tensors.state_steps)
 
     cache: dict[float, tuple[float, float, int]] = {}
@@ -483,7 +492,7 @@ def cpu_step(
         -inverse_scale if hp.maximize else inverse_scale,
     )
     threads = torch.get_num_threads()
-    for (dtype, fmt), positions, part in _parts(tensors):
+    for (dtype, fmt), positions, part in parts:
         code, width = CPU_DTYPES[dtype]
         write_back: list[tuple[Tensor, Tensor]] = []
         # The moments unwrapped: their codes, and their block scales (or null pointers).
@@ -533,6 +542,21 @@ def cpu_step(
             raise RuntimeError(f"fused AdaBelief kernel failed with status {status}")
         for original, copy in write_back:
             original.copy_(copy)
+
+
+def _check_packed(part: GroupTensors) -> None:
+    """Raise unless each int4 moment of ``part`` holds its parameter's codes, two per byte, and
+    a scale per block (the kernel writes them all)."""
+    block = compressed_state.INT4_BLOCK_SIZE
+    for column in (part.exp_avgs, part.exp_avg_vars, part.max_exp_avg_vars):
+        for p, m in zip(part.params, column, strict=False):  # max_exp_avg_vars: AMSGrad only
+            n = p.numel()
+            if m.scale is None or 2 * m.codes.numel() != n or m.scale.numel() < -(-n // block):
+                raise ValueError(
+                    f"fused AdaBelief: int4 moment of {m.codes.numel()} bytes and "
+                    f"{0 if m.scale is None else m.scale.numel()} scales for a parameter of "
+                    f"shape {tuple(p.shape)}"
+                )
 
 
 def _masters(

@@ -11,7 +11,8 @@
                ``capturable`` without ``fused``, inside ``torch.compile`` (traced into the
                caller's graph), tensor subclasses the fused paths cannot unwrap, and on
                ``"cpu"`` the parameters whose storage format the kernel has no code for
-               (``"int4"``, as yet), silently: the rest of the group stays on the kernel
+               (none of the built-in ones: a format defined outside the kernel),
+               silently: the rest of the group stays on the kernel
 ``"foreach"``  :mod:`~adabelief.kernels.foreach`: ``foreach=True``, or the default on CUDA
 ``"single"``   :mod:`~adabelief.kernels.single_tensor`: ``foreach=False``, or the default
                elsewhere
@@ -219,8 +220,9 @@ def _run_one_device(
     if path == "cpu" and grad_scale is not None and not cpu.exact_inverse(float(grad_scale)):
         path = "tensor"  # the kernel multiplies by 1/grad_scale, exact for powers of two only
     if path == "cpu":
-        # Formats the fused kernel has no code for (int4, as yet) take the tensor step, as
-        # other cases the kernel cannot take do: no warning, since nothing is unavailable.
+        # Formats the fused kernel has no code for (every built-in format has: fp32, bf16,
+        # int8, int4; a StorageFormat defined elsewhere may not) take the tensor step, as other
+        # cases the kernel cannot take do: no warning, since nothing is unavailable.
         eager = [i for i in range(len(tensors.params)) if not _fused_format(tensors, i)]
         if eager:
             tensor_math.tensor_step(
