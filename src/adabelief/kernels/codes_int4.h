@@ -146,12 +146,7 @@ inline uint32_t finite_belief(float value) {
 }
 
 inline float block_belief_max(const float* values, int64_t n) {
-  uint32_t largest = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    const uint32_t bits = finite_belief(values[j]);
-    largest = bits > largest ? bits : largest;
-  }
-  return from_bits(largest);
+  return largest_by_bits(values, n, finite_belief);
 }
 
 template <bool BELIEF> inline float int4_block_max(const float* values, int64_t n) {

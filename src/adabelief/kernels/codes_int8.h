@@ -60,13 +60,19 @@ inline uint32_t finite_magnitude(float value) {
   return magnitude < 0x7f800000u ? magnitude : 0u;
 }
 
-inline float block_absmax(const float* values, int64_t n) {
+// The value whose key (the bits of a non-negative finite float, 0 for those left out) is the
+// largest, by an integer maximum over the keys.
+template <typename Key> inline float largest_by_bits(const float* values, int64_t n, Key key) {
   uint32_t largest = 0;
   for (int64_t j = 0; j < n; ++j) {
-    const uint32_t magnitude = finite_magnitude(values[j]);
-    largest = magnitude > largest ? magnitude : largest;
+    const uint32_t bits = key(values[j]);
+    largest = bits > largest ? bits : largest;
   }
   return from_bits(largest);
+}
+
+inline float block_absmax(const float* values, int64_t n) {
+  return largest_by_bits(values, n, finite_magnitude);
 }
 
 // sqrt(max(v, 0)) (NaN stays NaN), correctly rounded as the reference's; returns roots.
