@@ -17,7 +17,7 @@
 // when M is subnormal) codes 0, +-inf the top code (when M > 0), and a positive belief never codes
 // 0. On AVX2, low is found by comparing u with the float32 thresholds where floor(sqrt_f64(u) *
 // top) steps (computed once from that definition: it is monotone in u), which gives the same
-// integer for every u in [0, 1] (checked for all of them when the thresholds were introduced).
+// integer for every u in [0, 1] (tests/test_int4_codes.py checks all of them).
 #pragma once
 
 #include <cmath>
