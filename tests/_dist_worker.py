@@ -462,7 +462,8 @@ def _kernel(mesh: Any, path: str, options: str, case: str) -> dict[str, Any]:
 
 
 def _int4_on_dtensor(mesh: Any) -> dict[str, Any]:
-    """The format ``state_precision="int4"`` gives each DTensor of INT4_ON_DTENSOR."""
+    """The format ``state_precision="int4"`` gives each DTensor of INT4_ON_DTENSOR, and why
+    int4 refused its layout (None where it did not)."""
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     from adabelief import compressed_state
@@ -471,7 +472,10 @@ def _int4_on_dtensor(mesh: Any) -> dict[str, Any]:
     for name, (shape, placement, _) in INT4_ON_DTENSOR.items():
         placements = [Shard(0) if placement == "shard0" else Replicate()]
         param = distribute_tensor(torch.zeros(shape), mesh, placements)
-        formats[name] = compressed_state.storage_format(param, "int4")
+        formats[name] = (
+            compressed_state.storage_format(param, "int4"),
+            compressed_state.FORMATS["int4"].layout_refusal(param),
+        )
     return formats
 
 

@@ -559,7 +559,14 @@ def test_int4_on_a_dtensor_needs_shards_of_whole_pairs_of_rows(distributed):
     """int4 packs two elements per byte: a DTensor keeps it where each shard holds whole pairs
     of rows, else it takes the fallback, int8 (see INT4_ON_DTENSOR)."""
     for formats in _scenario(distributed, "kernel/default/int4-on-dtensor"):
-        assert formats == {name: want for name, (_, _, want) in helper.INT4_ON_DTENSOR.items()}
+        stored = {name: fmt for name, (fmt, _) in formats.items()}
+        assert stored == {name: want for name, (_, _, want) in helper.INT4_ON_DTENSOR.items()}
+        # Only the mesh refused 66 rows (33 per rank), and the warning's reason says how.
+        refusals = {name: reason for name, (_, reason) in formats.items() if reason is not None}
+        assert list(refusals) == ["66x66-shard0"]
+        assert (
+            "2 shards" in refusals["66x66-shard0"] and "multiple of 4" in refusals["66x66-shard0"]
+        )
 
 
 # --- checkpoint helpers on a fresh optimizer (no process group needed) --------------------------

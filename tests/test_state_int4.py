@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -294,21 +297,30 @@ def test_training_quality_close_to_fp32():
     assert loss == pytest.approx(loss_fp32, rel=0.5, abs=1e-3)
 
 
+@contextlib.contextmanager
+def _one_rank_mesh() -> Iterator[Any]:
+    """A one-process gloo group and its one-rank CPU mesh, destroyed afterwards."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized")
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
 def test_a_dtensor_parameter_keeps_int4_where_its_shards_are_whole_pairs_of_rows():
     """On a DTensor whose shards hold whole pairs of rows the codes are those of the unsharded
     tensor, placed as the parameter (tests/test_distributed.py shards them over 2 ranks); a
     DTensor sharded along another dimension falls back to int8, which needs contiguous shards
     too, and so keeps float32."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialized")
-    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
-    try:
-        mesh = init_device_mesh("cpu", (1,))
+    with _one_rank_mesh() as mesh:
         initial, grad = torch.randn(64, 97), torch.randn(64, 97)  # odd rows: pairs cross them
         plain = torch.nn.Parameter(initial.clone())
         weight = torch.nn.Parameter(distribute_tensor(initial.clone(), mesh, [Shard(0)]))
@@ -333,5 +345,34 @@ def test_a_dtensor_parameter_keeps_int4_where_its_shards_are_whole_pairs_of_rows
         assert cs.storage_format(across, "int4") == "fp32"
         small = distribute_tensor(torch.randn(96), mesh, [Shard(0)])
         assert cs.storage_format(small, "int4") == "fp32"
-    finally:
-        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+def test_a_fallback_of_the_layout_warns_once_and_one_of_the_tensor_passes_silently(monkeypatch):
+    """A parameter whose placements refuse int4 and int8 keeps float32 state, and says so once
+    per process and reason (its checkpoints load only where it takes float32 too); small
+    tensors fall back silently, on every mesh alike (the two-rank case of unpaired rows is in
+    tests/test_distributed.py)."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    monkeypatch.setattr(cs, "_layout_warnings", set())
+    with _one_rank_mesh() as mesh:
+        across = [
+            torch.nn.Parameter(distribute_tensor(torch.randn(64, 96), mesh, [Shard(1)]))
+            for _ in range(2)
+        ]
+        small = torch.nn.Parameter(distribute_tensor(torch.randn(96), mesh, [Shard(0)]))
+        assert cs.FORMATS["int4"].layout_refusal(small) is None
+        opt = AdaBelief([*across, small], state_precision="int4", foreach=False)
+        for p in opt.param_groups[0]["params"]:
+            p.grad = distribute_tensor(torch.ones(p.shape), mesh, p.placements)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt.step()
+            opt.step()
+        said = [w for w in caught if issubclass(w.category, cs.StateFormatFallbackWarning)]
+        assert len(said) == 1, [str(w.message) for w in caught]
+        message = str(said[0].message)
+        assert "state_precision='int4'" in message and "as 'fp32'" in message
+        assert "Shard(dim=1)" in message and "(64, 96)" in message
+        assert all(cs.format_of(opt.state[p]) == "fp32" for p in opt.state)

@@ -41,7 +41,10 @@ partial maxima, so the stored state, and the training, are those of the unsharde
 mesh, and a checkpoint loads at any world size. This needs each rank's shard to be a contiguous
 range of the flattened tensor (placements ``Shard(0)`` or ``Replicate()``, as FSDP2's default);
 a DTensor with other placements keeps float32 state under ``"int8"``. The dither depends on each
-element's own values only, so sharding never changes it.
+element's own values only, so sharding never changes it. A parameter that takes a fallback
+because of its layout (placements, or int4 shards that are not whole pairs of rows on this
+mesh), not because of the tensor itself, is a :class:`StateFormatFallbackWarning`, once per
+process and reason: its distributed checkpoints load only where it takes the same format.
 
 Format version 2 (:data:`FORMAT_VERSION`, recorded in state_dicts) decodes the codes of version
 1 by the same maps; only the rounding differs, so version 1 state loads as saved.
@@ -59,6 +62,8 @@ they are (docs/low-memory-state.md says why these are not tensor subclasses).
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -81,6 +86,8 @@ INT4_BLOCK_SIZE = 128
 INT4_SIGNED_POWER = 2
 INT4_BELIEF_POWER = 2
 
+#: Parameter dtypes whose moments may be compressed (float64 and complex stay exact).
+_COMPRESSIBLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MASK32 = 0xFFFFFFFF
 #: The dither's range: 16 bits, one half of a 32-bit hash.
 _DITHER_RANGE = 65536.0
@@ -109,6 +116,44 @@ def storage_format(param: Tensor, precision: str) -> str:
             return precision
         precision = fmt.fallback
     return precision
+
+
+class StateFormatFallbackWarning(UserWarning):
+    """A parameter's moments take a fallback of the ``state_precision`` asked for because of
+    how the parameter is sharded (its DTensor placements, or its mesh), not because of the
+    tensor itself: a distributed checkpoint of that state loads only where the parameter takes
+    the same format (:func:`warn_layout_fallback`)."""
+
+
+#: The (asked, stored, reason) of each StateFormatFallbackWarning this process has shown.
+_layout_warnings: set[tuple[str, str, str]] = set()
+
+
+def warn_layout_fallback(param: Tensor, precision: str, stored: str) -> None:
+    """Warn, once per process and reason, when ``param``'s moments, asked for in ``precision``,
+    are stored in its fallback ``stored`` because a format of the chain refused the
+    parameter's layout (:meth:`StorageFormat.layout_refusal`). Fallbacks of the tensor itself
+    (dtype, size, an odd first dimension) hold on every mesh and are documented, so they pass
+    silently."""
+    name = precision
+    while name != stored and name != "fp32":
+        fmt = FORMATS[name]
+        reason = fmt.layout_refusal(param)
+        if reason is not None:
+            key = (precision, stored, reason)
+            if key not in _layout_warnings:
+                _layout_warnings.add(key)
+                warnings.warn(
+                    f"adabelief: state_precision={precision!r} stores the moments of a "
+                    f"{tuple(param.shape)} parameter as {stored!r}: {name} does not apply "
+                    f"because {reason}. A distributed checkpoint of this state loads only where "
+                    f"the parameter takes {stored!r} too (docs/low-memory-state.md); shown once "
+                    "per process for this reason",
+                    StateFormatFallbackWarning,
+                    stacklevel=2,
+                )
+            return
+        name = fmt.fallback
 
 
 def bytes_per_parameter(precision: str, amsgrad: bool = False) -> float:
@@ -150,10 +195,34 @@ class StorageFormat:
         return f"<storage format {self.name!r}>"
 
     def applies_to(self, param: Tensor) -> bool:
-        """Whether ``param``'s moments may take this format (else they are kept in
-        ``"fp32"``): compressed formats take float32 and 16-bit parameters only (float64 and
-        complex stay exact)."""
-        return param.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        """Whether ``param``'s moments may take this format (else its :attr:`fallback`'s):
+        the tensor fits (:meth:`fits_tensor`) and, for a DTensor, so does its layout
+        (:meth:`fits_layout`)."""
+        if not self.fits_tensor(param):
+            return False
+        sharded = _dtensor(param)
+        return sharded is None or self.fits_layout(sharded)
+
+    def fits_tensor(self, param: Tensor) -> bool:
+        """The conditions on the tensor itself, which hold on every mesh: compressed formats
+        take float32 and 16-bit parameters only (float64 and complex stay exact)."""
+        return param.dtype in _COMPRESSIBLE_DTYPES
+
+    def fits_layout(self, sharded: DTensor) -> bool:
+        """The conditions on a DTensor parameter's layout (placements and mesh)."""
+        return True
+
+    def layout_refusal(self, param: Tensor) -> str | None:
+        """Why this format does not apply to ``param`` because of its DTensor layout, as the
+        end of a sentence; None when it applies, or when it does not for a reason of the tensor
+        itself (:meth:`fits_tensor`)."""
+        sharded = _dtensor(param)
+        if sharded is None or not self.fits_tensor(param) or self.fits_layout(sharded):
+            return None
+        return self._layout_reason(sharded)
+
+    def _layout_reason(self, sharded: DTensor) -> str:
+        return _placement_refusal(sharded) or "its layout does not fit"
 
     def zeros(self, param: Tensor, belief: bool) -> Moment:
         """A zero moment of ``param``; for a DTensor ``param``, DTensor codes placed as it."""
@@ -191,7 +260,7 @@ class _Fp32Format(StorageFormat):
     name = "fp32"
     bytes_per_element = 4.0
 
-    def applies_to(self, param: Tensor) -> bool:
+    def fits_tensor(self, param: Tensor) -> bool:
         return True
 
     def zeros(self, param: Tensor, belief: bool) -> Moment:
@@ -274,11 +343,11 @@ class _Int8Format(_DitheredFormat):
     name = "int8"
     bytes_per_element = 1.0 + 4.0 / BLOCK_SIZE
 
-    def applies_to(self, param: Tensor) -> bool:
-        if not super().applies_to(param) or param.numel() < MIN_QUANTIZED_NUMEL:
-            return False
-        sharded = _dtensor(param)
-        return sharded is None or _contiguous_shards(sharded)
+    def fits_tensor(self, param: Tensor) -> bool:
+        return param.dtype in _COMPRESSIBLE_DTYPES and param.numel() >= MIN_QUANTIZED_NUMEL
+
+    def fits_layout(self, sharded: DTensor) -> bool:
+        return _contiguous_shards(sharded)
 
     def zeros(self, param: Tensor, belief: bool) -> Moment:
         code_dtype = torch.uint8 if belief else torch.int8
@@ -352,13 +421,28 @@ class _Int4Format(_DitheredFormat):
     #: A belief's code map: levels ``(k / 15)**belief_power`` of the block's max (a power of two).
     belief_power = INT4_BELIEF_POWER
 
-    def applies_to(self, param: Tensor) -> bool:
+    def fits_tensor(self, param: Tensor) -> bool:
         return (
-            param.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            param.dtype in _COMPRESSIBLE_DTYPES
             and param.numel() >= MIN_QUANTIZED_NUMEL
             and param.dim() > 0
             and param.shape[0] % 2 == 0
-            and ((sharded := _dtensor(param)) is None or _paired_rows(sharded))
+        )
+
+    def fits_layout(self, sharded: DTensor) -> bool:
+        return _paired_rows(sharded)
+
+    def _layout_reason(self, sharded: DTensor) -> str:
+        if (placements := _placement_refusal(sharded)) is not None:
+            return placements
+        shards = math.prod(
+            sharded.device_mesh.size(dim)
+            for dim, placement in enumerate(sharded.placements)
+            if placement.is_shard()
+        )
+        return (
+            f"its {shards} shards on this mesh do not each hold whole pairs of rows (first "
+            f"dimension {sharded.shape[0]}; int4 needs a multiple of {2 * shards} there)"
         )
 
     def zeros(self, param: Tensor, belief: bool) -> Moment:
@@ -513,6 +597,18 @@ def _contiguous_shards(t: DTensor) -> bool:
         isinstance(p, Replicate) or (type(p) is Shard and p.dim == 0) for p in t.placements
     )
     return placements_ok and t.is_contiguous()
+
+
+def _placement_refusal(t: DTensor) -> str | None:
+    """Why ``t``'s shards are not contiguous ranges (:func:`_contiguous_shards`), or None."""
+    if _contiguous_shards(t):
+        return None
+    if not t.is_contiguous():
+        return "it is not contiguous, so its shards are not ranges of the flattened tensor"
+    return (
+        f"its placements {tuple(t.placements)} do not cut it into ranges of the flattened "
+        "tensor (block-wise formats need Shard(0) or Replicate())"
+    )
 
 
 def _paired_rows(t: DTensor) -> bool:
