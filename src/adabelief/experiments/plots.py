@@ -185,8 +185,20 @@ def plot_curves(result: ExperimentResult, path: Path) -> Path | None:
     for index, (curve, label) in enumerate(curves):
         axes = figure.add_subplot(1, len(curves), index + 1)
         any_drawn |= _curve_axes(axes, result, curve, label)
+    # Room between the panels for each one's y-label, and one legend below them all (inside
+    # the first panel it ran into the second panel's label).
+    figure.subplots_adjust(wspace=0.32)
     if any_drawn:
-        figure.axes[0].legend(fontsize=7)
+        handles, labels = figure.axes[0].get_legend_handles_labels()
+        figure.legend(
+            handles,
+            labels,
+            loc="upper center",
+            bbox_to_anchor=(0.5, 0.0),
+            ncol=min(len(labels), 5),
+            fontsize=7,
+            frameon=False,
+        )
     figure.suptitle(
         f"{result.experiment.title} ({result.mode} mode, {len(result.seeds)} seeds; "
         "mean ± std, diverged runs left out)",
