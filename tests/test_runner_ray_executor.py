@@ -40,6 +40,7 @@ class _ScriptedRay(types.ModuleType):
         super().__init__("ray")
         self.dying = dying
         self.died_at: float | None = None
+        self.cancelled: list[_Ref] = []
 
     def wait(
         self, refs: list[_Ref], num_returns: int, timeout: float
@@ -53,7 +54,7 @@ class _ScriptedRay(types.ModuleType):
         return JobResult(ref.job.spec["key"], {"seed": 0}, None)
 
     def cancel(self, ref: _Ref, force: bool) -> None:
-        pass
+        self.cancelled.append(ref)
 
 
 def _executor(
@@ -106,3 +107,23 @@ def test_a_worker_that_dies_while_the_head_answers_is_a_failed_run(
     assert failed.key == "b" and failed.error == (
         "Ray task failed: The worker died unexpectedly while executing this task."
     )
+
+
+def test_ctrl_c_while_submitting_cancels_the_tasks_already_submitted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    executor = _executor(monkeypatch, dying=set(), head_dies_after=None)
+    submitted: list[_Ref] = []
+
+    def remote(job: Job) -> _Ref:
+        if len(submitted) == 2:
+            raise KeyboardInterrupt  # Ctrl-C lands while the third task is submitted
+        submitted.append(_Ref(job))
+        return submitted[-1]
+
+    executor._remote = types.SimpleNamespace(remote=remote)
+    results: list[JobResult] = []
+    assert executor.run(_jobs("a", "b", "c"), results.append) is True
+    ray = sys.modules["ray"]
+    assert isinstance(ray, _ScriptedRay) and ray.cancelled == submitted
+    assert not results

@@ -571,7 +571,8 @@ class RayExecutor(Executor):
         silent_since: float | None = None
         checked = time.monotonic()
         try:
-            pending = {self._remote.remote(job): job for job in jobs}
+            for job in jobs:  # one at a time: a Ctrl-C while submitting cancels those submitted
+                pending[self._remote.remote(job)] = job
             while pending or held:
                 if pending:
                     done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
