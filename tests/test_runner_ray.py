@@ -217,6 +217,18 @@ def slow(make_optimizer, seed, quick):
 """
 
 
+def _stacks_and_stderr(driver: subprocess.Popen[str]) -> str:
+    """End a driver that overran its time with SIGABRT and return its stderr, which ends with
+    every thread's Python stack (the driver runs with ``PYTHONFAULTHANDLER=1``)."""
+    driver.send_signal(signal.SIGABRT)
+    try:
+        _, err = driver.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        driver.kill()
+        _, err = driver.communicate()
+    return str(err)[-6000:]
+
+
 def test_ctrl_c_cancels_pending_ray_tasks_and_keeps_finished_runs(
     ray_address: str, tmp_path: Path
 ) -> None:
@@ -231,19 +243,26 @@ def test_ctrl_c_cancels_pending_ray_tasks_and_keeps_finished_runs(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "RAY_ADDRESS": ray_address},
+        env={**os.environ, "RAY_ADDRESS": ray_address, "PYTHONFAULTHANDLER": "1"},
     )
     try:
+        # Ctrl-C once seed 0 is saved (seeds 1 and 2 sleep for 120 s in their tasks).
         deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and not list((out / "runs").glob("*.json")):
+        while not list((out / "runs").glob("*.json")):
             assert driver.poll() is None, driver.communicate()
+            if time.monotonic() > deadline:
+                pytest.fail(f"no run finished within 90 s:\n{_stacks_and_stderr(driver)}")
             time.sleep(0.3)
         time.sleep(0.5)
         driver.send_signal(signal.SIGINT)
-        _, err = driver.communicate(timeout=60)
+        try:
+            _, err = driver.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the driver ran on 60 s after Ctrl-C:\n{_stacks_and_stderr(driver)}")
     finally:
         if driver.poll() is None:
             driver.kill()
+            driver.communicate()
     assert driver.returncode == 130, err
     assert "interrupted: finished runs are saved" in err and "Traceback" not in err
     assert len(list((out / "runs").glob("*.json"))) == 1
