@@ -10,6 +10,16 @@ hyperparameters, the adaptive step, no weight decay, no AMSGrad)::
     python benchmarks/kernel_profile.py time --numel 65536   # L2-resident: the compute alone
     python benchmarks/kernel_profile.py callgrind            # instructions per element
     python benchmarks/kernel_profile.py bandwidth            # in-place streams, 1 and 2 threads
+    python benchmarks/kernel_profile.py adam --ablate dither --ablate dither+division
+                                                             # AdaBelief.step() against torch's
+                                                             # fused Adam, headline set
+
+``--ablate NAME`` adds a scratch variant made from the shipped sources by removing one cost, to
+bound what any redesign of that part could gain (the results are wrong; only the time counts):
+``dither`` (the stochastic rounding's hash: each element's dither is the step key, so a free
+dither of any design is no faster), ``division`` (the denominator multiplies by
+``1 / sqrt(bias_correction2)`` instead of dividing, one division of the two per element); join
+names with ``+`` to remove several. A pattern that no longer matches the sources stops the run.
 
 ``time`` runs every variant in turn, ``--rounds`` times, and keeps each one's best step, so that
 a shared machine's load falls on all of them alike; ratios are to the first variant. Pin it for
@@ -17,7 +27,10 @@ single-thread figures: ``OMP_NUM_THREADS=1 taskset -c 0 python benchmarks/kernel
 time``. ``callgrind`` needs valgrind; its counts do not depend on the load. ``bandwidth`` streams
 in place the bytes per element of each format (fp32 28, bf16 20, int8 16: param read and written,
 gradient read, the two moments read and written; int4's 14 are not streamed), the floor a step
-cannot beat. ``--numel`` must be even (int4 packs two codes per byte).
+cannot beat. ``--numel`` must be even (int4 packs two codes per byte). ``adam`` times
+``AdaBelief.step()`` (the fused kernel, each variant swapped in) for each format on ``adabelief
+bench``'s headline set, interleaved with ``torch.optim.Adam(fused=True)`` over ``--rounds``, at
+``--threads`` (default: torch's), and prints each one's median and best step against Adam's.
 """
 
 from __future__ import annotations
@@ -32,6 +45,27 @@ import tempfile
 from pathlib import Path
 
 from adabelief.kernels import cpu
+
+#: Scratch edits that remove one cost from the kernel (file, shipped text, replacement).
+ABLATIONS: dict[str, list[tuple[str, str, str]]] = {
+    "dither": [
+        (
+            "dither.h",
+            "return mix32(to_bits(a) ^ ((v << 16) | (v >> 16)) ^ step_key);",
+            "(void)a; (void)v; return step_key;",
+        ),
+        (
+            "dither.h",
+            "return mix32(_mm256_xor_si256(_mm256_xor_si256(_mm256_castps_si256(a.v), rotated), "
+            "step_key));",
+            "(void)a; (void)rotated; return step_key;",
+        ),
+    ],
+    "division": [
+        ("belief_update.h", "bc2(broadcast<V>(sqrt_bc2))", "bc2(broadcast<V>(1.0 / sqrt_bc2))"),
+        ("belief_update.h", "root / c.bc2 + c.eps", "root * c.bc2 + c.eps"),
+    ],
+}
 
 FORMATS = {
     name: cpu.CPU_ABI[f"ADABELIEF_STATE_{name.upper()}"]
@@ -160,6 +194,67 @@ def build_kernel(source: Path, work: Path, name: str) -> Path:
     return library
 
 
+def ablated_sources(shipped: Path, work: Path, name: str) -> Path:
+    """A copy of the ``shipped`` sources with the edits of every ablation in ``name`` (joined by
+    ``+``); exits when an edit's text is not in its file (the sources changed)."""
+    folder = work / f"ablate-{name}"
+    shutil.copytree(shipped, folder)
+    for part in name.split("+"):
+        if part not in ABLATIONS:
+            sys.exit(f"--ablate {part}: unknown; choose from {', '.join(ABLATIONS)}")
+        for file, old, new in ABLATIONS[part]:
+            text = (folder / file).read_text()
+            if old not in text:
+                sys.exit(f"--ablate {part}: {file} no longer contains {old!r}")
+            (folder / file).write_text(text.replace(old, new))
+    return folder
+
+
+def time_against_adam(
+    libraries: list[tuple[str, Path]], formats: list[str], rounds: int, threads: int
+) -> None:
+    """Median and best ``AdaBelief.step()`` of each format and kernel on the headline set,
+    interleaved with ``torch.optim.Adam(fused=True)`` over the same parameters."""
+    import statistics
+    import time
+
+    import torch
+
+    from adabelief import AdaBelief
+    from adabelief.experiments import bench
+
+    torch.set_num_threads(threads)
+    params = bench.make_params(bench.PARAM_SETS[bench.HEADLINE])
+    kernels = {name: cpu._Kernel(path) for name, path in libraries}
+    rows: dict[str, tuple[torch.optim.Optimizer, object]] = {
+        "torch Adam (fused)": (torch.optim.Adam(params, lr=1e-3, fused=True), None)
+    }
+    for fmt in formats:
+        for name, kernel in kernels.items():
+            optimizer = AdaBelief(params, lr=1e-3, state_precision=fmt)
+            rows[f"{fmt} {name}"] = (optimizer, kernel)
+    seconds: dict[str, list[float]] = {row: [] for row in rows}
+    for _ in range(rounds):
+        for row, (optimizer, kernel) in rows.items():
+            if kernel is not None:
+                cpu._kernel = kernel  # type: ignore[assignment]  # the process's kernel
+            optimizer.step()
+            optimizer.step()  # warm: state allocated, caches as in training
+            start = time.perf_counter()
+            for _ in range(3):
+                optimizer.step()
+            seconds[row].append((time.perf_counter() - start) / 3)
+    adam = seconds["torch Adam (fused)"]
+    numel = sum(p.numel() for p in params)
+    print(f"{bench.HEADLINE}: {numel:,} parameters, {threads} threads, {rounds} rounds")
+    for row, times in seconds.items():
+        median, best = statistics.median(times), min(times)
+        print(
+            f"{row}: median {median * 1e3:.2f} ms ({median / statistics.median(adam):.3f}x "
+            f"Adam), best {best * 1e3:.2f} ms ({best / min(adam):.3f}x Adam)"
+        )
+
+
 def build_driver(headers: Path, work: Path) -> Path:
     (work / "driver.cpp").write_text(DRIVER)
     driver = work / "driver"
@@ -183,14 +278,22 @@ def build_driver(headers: Path, work: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=["time", "callgrind", "bandwidth"])
+    parser.add_argument("mode", choices=["time", "callgrind", "bandwidth", "adam"])
     parser.add_argument("--variant", action="append", default=[], type=Path, metavar="DIR")
+    parser.add_argument("--ablate", action="append", default=[], metavar="NAME[+NAME]")
     parser.add_argument("--formats", default="fp32,bf16,int8,int4")
     parser.add_argument("--numel", type=int, default=10_900_000)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 1)))
+    parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
+    if args.threads is None:
+        if args.mode == "adam":
+            import torch
+
+            args.threads = torch.get_num_threads()
+        else:
+            args.threads = int(os.environ.get("OMP_NUM_THREADS", 1))
     with tempfile.TemporaryDirectory(prefix="adabelief-profile-") as tmp:
         work = Path(tmp)
         if args.mode == "bandwidth":
@@ -213,7 +316,12 @@ def main() -> None:
         shipped.mkdir()
         cpu.write_sources(shipped)
         sources = [("shipped", shipped)] + [(str(v), v) for v in args.variant]
+        sources += [(f"-{a}", ablated_sources(shipped, work, a)) for a in args.ablate]
         libraries = [build_kernel(s, work, f"k{i}") for i, (_, s) in enumerate(sources)]
+        if args.mode == "adam":
+            named = [(name, lib) for (name, _), lib in zip(sources, libraries, strict=True)]
+            time_against_adam(named, args.formats.split(","), args.rounds, args.threads)
+            return
         driver = build_driver(shipped, work)
         for fmt in args.formats.split(","):
             if args.mode == "time":
