@@ -132,9 +132,10 @@ _layout_warnings: set[tuple[str, str, str]] = set()
 def warn_layout_fallback(param: Tensor, precision: str, stored: str) -> None:
     """Warn, once per process and reason, when ``param``'s moments, asked for in ``precision``,
     are stored in its fallback ``stored`` because a format of the chain refused the
-    parameter's layout (:meth:`StorageFormat.layout_refusal`). Fallbacks of the tensor itself
-    (dtype, size, an odd first dimension) hold on every mesh and are documented, so they pass
-    silently."""
+    parameter's layout (:meth:`StorageFormat.layout_refusal`); nothing when ``stored`` is
+    ``precision``. Fallbacks of the tensor itself (dtype, size, an odd first dimension) hold on
+    every mesh and are documented, so they pass silently. Called where state is created or
+    converted, not at every step."""
     name = precision
     while name != stored and name != "fp32":
         fmt = FORMATS[name]

@@ -322,13 +322,11 @@ class AdaBelief(Optimizer):
             state["step"] = torch.zeros((), dtype=_step_dtype(on_device_step), device=step_device)
             state.update(compressed_state.new_moment(p, "exp_avg", fmt))
             state.update(compressed_state.new_moment(p, "exp_avg_var", fmt))
-            if fmt != group["state_precision"]:
-                compressed_state.warn_layout_fallback(p, group["state_precision"], fmt)
+            compressed_state.warn_layout_fallback(p, group["state_precision"], fmt)
         elif compressed_state.format_of(state) != fmt:
             # state_precision changed (by the user, or by loading a checkpoint): convert.
             compressed_state.replace_moments_(state, dict(state), p, fmt)
-            if fmt != group["state_precision"]:
-                compressed_state.warn_layout_fallback(p, group["state_precision"], fmt)
+            compressed_state.warn_layout_fallback(p, group["state_precision"], fmt)
         if group["amsgrad"] and "max_exp_avg_var" not in state:
             state.update(compressed_state.new_moment(p, "max_exp_avg_var", fmt))
         return state, compressed_state.FORMATS[fmt]
