@@ -316,6 +316,31 @@ def test_state_dict_with_wrong_number_of_groups_is_refused():
         one.load_state_dict(two.state_dict())
 
 
+@pytest.mark.parametrize(
+    ("saved_precision", "precision"),
+    [("fp32", "fp32"), ("int8", "int8"), ("int4", "int4"), ("fp32", "int8"), ("bf16", "fp32")],
+)
+def test_state_dict_of_another_model_is_refused_before_anything_changes(saved_precision, precision):
+    """Moments saved for a (64, 64) weight loaded into a (128, 64) one: a ValueError naming the
+    parameter and both shapes, and the optimizer keeps its own state. Before, it loaded, and the
+    fused kernel then read and wrote past the saved tensors (heap corruption, a glibc abort)."""
+    small, large = torch.randn(64, 64), torch.randn(128, 64)
+    saved_opt = AdaBelief([torch.nn.Parameter(small)], state_precision=saved_precision)
+    saved_opt.param_groups[0]["params"][0].grad = torch.randn(64, 64)
+    saved_opt.step()
+    param = torch.nn.Parameter(large.clone())
+    opt = AdaBelief([param], state_precision=precision)
+    param.grad = torch.randn(128, 64)
+    opt.step()
+    before = {k: v.clone() for k, v in opt.state[param].items()}
+    with pytest.raises(ValueError, match=r"parameter 0 .*\(128, 64\)") as info:
+        opt.load_state_dict(round_trip(saved_opt.state_dict()))
+    assert "another model" in str(info.value)
+    assert opt.state[param].keys() == before.keys()
+    assert all(torch.equal(opt.state[param][k], v) for k, v in before.items())
+    opt.step()  # still usable
+
+
 # --- GradScaler -------------------------------------------------------------------------------
 
 

@@ -200,7 +200,29 @@ def test_the_kernel_refuses_int4_codes_of_another_size(kernel_only):
     param = torch.zeros(3, 4096)
     moments = [cs.INT4.zeros(param, belief) for belief in (False, True)]
     step = torch.zeros(())
-    with pytest.raises(ValueError, match="int4 moment"):
+    with pytest.raises(ValueError, match="its int4 codes hold 8192 elements, its parameter 12288"):
+        dispatch.adabelief(
+            [param], [torch.ones_like(param)], moments[:1], moments[1:], [], [step], fused=True
+        )
+    assert float(step) == 0.0 and not param.any()  # checked before anything changed
+
+
+@pytest.mark.parametrize(
+    ("name", "short"),
+    [(name, "codes") for name in ("fp32", "bf16", "int8", "int4")]
+    + [("int8", "scale"), ("int4", "scale")],
+)
+def test_the_kernel_refuses_moments_of_another_size_in_every_format(kernel_only, name, short):
+    """Every format's codes (and block scales) are checked against the parameter before the
+    kernel, which reads and writes all of them, runs."""
+    fmt = cs.FORMATS[name]
+    param = torch.zeros(64, 128)
+    other = torch.zeros(32, 128) if short == "codes" else param
+    moments = [fmt.zeros(other, belief) for belief in (False, True)]
+    if short == "scale":
+        moments = [m._replace(scale=m.scale[:-1]) for m in moments]
+    step = torch.zeros(())
+    with pytest.raises(ValueError, match=f"its {name} {short if short == 'codes' else 'scales'}"):
         dispatch.adabelief(
             [param], [torch.ones_like(param)], moments[:1], moments[1:], [], [step], fused=True
         )

@@ -96,18 +96,17 @@ def migrate_state_dict(
     }
 
 
-def restore_moment_dtypes(
-    state: MutableMapping[Tensor, dict[str, Any]],
+def saved_moments(
     saved_state: Mapping[Any, Mapping[str, Any]],
     saved_groups: Iterable[Mapping[str, Any]],
     current_groups: Iterable[Mapping[str, Any]],
-) -> None:
-    """Put back the moments as they were saved.
+) -> dict[Tensor, dict[str, Tensor]]:
+    """Each parameter's moments as saved, in the storage format of the group being loaded into
+    (converted if it differs; :func:`compressed_state.restore_moments`), by parameter.
 
-    ``torch.optim.Optimizer.load_state_dict`` casts every floating-point state tensor to its
-    parameter's dtype, which would round the float32 moments of 16-bit parameters and the
-    bfloat16/int8 storage of ``state_precision``. The moments are taken from the saved tensors
-    instead, in the storage format of the group being loaded into (converted if it differs).
+    Raises ValueError, naming the parameter, when a saved moment does not fit its parameter (a
+    state_dict of another model, or the parameters in another order), so that a load can check
+    every parameter before it changes anything.
     """
     groups = list(current_groups)
     id_map = zip(
@@ -115,9 +114,32 @@ def restore_moment_dtypes(
         ((p, g) for g in groups for p in g["params"]),
         strict=True,
     )
-    for param_id, (param, group) in id_map:
+    moments: dict[Tensor, dict[str, Tensor]] = {}
+    for position, (param_id, (param, group)) in enumerate(id_map):
         saved = saved_state.get(param_id)
-        if not saved or param not in state:
+        if not saved:
             continue
         fmt = compressed_state.storage_format(param, group.get("state_precision", "fp32"))
-        compressed_state.replace_moments_(state[param], saved, param, fmt)
+        try:
+            moments[param] = compressed_state.restore_moments(saved, param, fmt)
+        except ValueError as error:
+            raise ValueError(
+                f"load_state_dict: parameter {position} (id {param_id!r} in the state_dict): "
+                f"{error}"
+            ) from None
+    return moments
+
+
+def restore_moment_dtypes(
+    state: MutableMapping[Tensor, dict[str, Any]], moments: Mapping[Tensor, Mapping[str, Tensor]]
+) -> None:
+    """Put back the moments as they were saved (:func:`saved_moments`).
+
+    ``torch.optim.Optimizer.load_state_dict`` casts every floating-point state tensor to its
+    parameter's dtype, which would round the float32 moments of 16-bit parameters and the
+    bfloat16/int8 storage of ``state_precision``. The moments are taken from the saved tensors
+    instead.
+    """
+    for param, restored in moments.items():
+        if param in state:
+            compressed_state.put_moments_(state[param], restored)

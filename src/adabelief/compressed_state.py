@@ -191,9 +191,42 @@ class StorageFormat:
     bytes_per_element: float = 4.0
     #: The format a parameter this one does not apply to is stored in instead (asked in turn).
     fallback: str = "fp32"
+    #: Elements of the parameter per element of a moment's codes (int4: two per byte).
+    elements_per_code: int = 1
+    #: Elements that share one float32 scale; None for formats without scales.
+    block_size: int | None = None
 
     def __repr__(self) -> str:
         return f"<storage format {self.name!r}>"
+
+    def size_mismatch(self, numels: Sequence[int], moments: Sequence[Moment]) -> str | None:
+        """Why one of ``moments`` cannot hold the moment of its parameter (or shard) of
+        ``numels[i]`` elements in this format, for the first that cannot; None when all fit.
+        The codes must hold ``numel / elements_per_code`` elements and the scale one per block
+        (a replicated DTensor's scale covers the whole tensor: more is allowed). The fused
+        kernels read and write all of them, so a moment of another size (a state_dict of
+        another model, state set by hand) must be refused before they run. Lists, because the
+        kernels check every parameter at every step: the usual case is one comparison."""
+        per_code, block = self.elements_per_code, self.block_size
+        if [m.codes.numel() * per_code for m in moments] == list(numels) and (
+            block is None
+            or all(
+                m.scale is not None and m.scale.numel() * block >= n
+                for m, n in zip(moments, numels, strict=True)
+            )
+        ):
+            return None
+        for m, n in zip(moments, numels, strict=True):
+            codes = m.codes.numel() * per_code
+            if codes != n:
+                return f"its {self.name} codes hold {codes} elements, its parameter {n}"
+            scales = 0 if m.scale is None else m.scale.numel()
+            if block is not None and scales < _blocks(n, block):
+                return (
+                    f"its {self.name} scales cover {scales} blocks of {block}, its parameter of "
+                    f"{n} elements needs {_blocks(n, block)}"
+                )
+        raise AssertionError("unreachable: a moment did not fit, and none was found")
 
     def applies_to(self, param: Tensor) -> bool:
         """Whether ``param``'s moments may take this format (else its :attr:`fallback`'s):
@@ -343,6 +376,7 @@ class _Int8Format(_DitheredFormat):
 
     name = "int8"
     bytes_per_element = 1.0 + 4.0 / BLOCK_SIZE
+    block_size = BLOCK_SIZE
 
     def fits_tensor(self, param: Tensor) -> bool:
         return param.dtype in _COMPRESSIBLE_DTYPES and param.numel() >= MIN_QUANTIZED_NUMEL
@@ -417,6 +451,7 @@ class _Int4Format(_DitheredFormat):
     block_size = INT4_BLOCK_SIZE
     bytes_per_element = 0.5 + 4.0 / INT4_BLOCK_SIZE
     fallback = "int8"
+    elements_per_code = 2
     #: ``exp_avg``'s code map: levels ``(k / 7)**signed_power`` of the block's absmax.
     signed_power = INT4_SIGNED_POWER
     #: A belief's code map: levels ``(k / 15)**belief_power`` of the block's max (a power of two).
@@ -930,15 +965,40 @@ def restore_moments(saved: Mapping[str, Any], param: Tensor, fmt: str) -> dict[s
         restored: dict[str, Tensor] = {}
         for key, zero in zip(keys, fresh, strict=True):
             for name, like in layout(key, zero).items():
+                if saved[name].shape != like.shape:
+                    raise ValueError(_shape_error(name, saved[name].shape, like.shape, param, fmt))
                 restored[name] = saved[name].to(device=param.device, dtype=like.dtype, copy=True)
         return restored
     step = int(float(saved.get("step", 0)))
     on_device = {name: t.to(param.device) for name, t in saved.items() if isinstance(t, Tensor)}
-    encode_(fresh, [m.decode().float() for m in _moments(on_device)], step)
+    work = []
+    for key, m in zip(keys, _moments(on_device), strict=True):
+        why = m.format.size_mismatch([param.numel()], [m])
+        if why is not None:
+            raise ValueError(
+                f"saved optimizer state {key!r} does not fit a parameter of shape "
+                f"{tuple(param.shape)}: {why} (a state_dict of another model, or the "
+                "parameters in another order?)"
+            )
+        decoded = m.decode().float()
+        if decoded.shape != param.shape:
+            raise ValueError(_shape_error(key, decoded.shape, param.shape, param, FP32.name))
+        work.append(decoded)
+    encode_(fresh, work, step)
     restored = {}
     for key, stored in zip(keys, fresh, strict=True):
         restored.update(layout(key, stored))
     return restored
+
+
+def _shape_error(
+    name: str, saved: Sequence[int], wanted: Sequence[int], param: Tensor, fmt: str
+) -> str:
+    return (
+        f"saved optimizer state {name!r} has shape {tuple(saved)}, but a parameter of shape "
+        f"{tuple(param.shape)} needs {tuple(wanted)} in format {fmt!r} (a state_dict of another "
+        "model, or the parameters in another order?)"
+    )
 
 
 def replace_moments_(
@@ -946,7 +1006,12 @@ def replace_moments_(
 ) -> None:
     """Set ``state``'s moments to those of ``saved`` in format ``fmt`` (see
     :func:`restore_moments`), dropping the scales of a format no longer used."""
-    restored = restore_moments(saved, param, fmt)
+    put_moments_(state, restore_moments(saved, param, fmt))
+
+
+def put_moments_(state: dict[str, Any], restored: Mapping[str, Tensor]) -> None:
+    """Set ``state``'s moments to ``restored`` (from :func:`restore_moments`), dropping the
+    scales of a format no longer used."""
     for key in [k for k in state if k.endswith(SCALE_SUFFIX) and k not in restored]:
         del state[key]
     state.update(restored)

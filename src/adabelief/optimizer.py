@@ -27,7 +27,7 @@ from adabelief import _validation as validation
 from adabelief import compressed_state
 from adabelief import master_weights as _master_weights
 from adabelief.backward_step import BackwardStep, check_group
-from adabelief.checkpoint import migrate_state_dict, restore_moment_dtypes
+from adabelief.checkpoint import migrate_state_dict, restore_moment_dtypes, saved_moments
 from adabelief.kernels import GroupTensors, cpu, dispatch
 from adabelief.kernels.dispatch import adabelief
 
@@ -441,10 +441,10 @@ class AdaBelief(Optimizer):
         for saved, current in zip(migrated["param_groups"], self.param_groups, strict=True):
             saved["step_in_backward"] = current["step_in_backward"]
             saved["state_precision"] = current["state_precision"]
+        # Every moment is checked against its parameter before anything changes.
+        moments = saved_moments(migrated["state"], migrated["param_groups"], self.param_groups)
         super().load_state_dict(migrated)
-        restore_moment_dtypes(
-            self.state, migrated["state"], migrated["param_groups"], self.param_groups
-        )
+        restore_moment_dtypes(self.state, moments)
 
 
 def _step_dtype(on_device: bool) -> torch.dtype:

@@ -47,7 +47,7 @@ from torch import Tensor
 
 from adabelief import compressed_state
 from adabelief._hyper import Hyperparameters
-from adabelief.compressed_state import FP32, INT4, StorageFormat
+from adabelief.compressed_state import FP32, StorageFormat
 from adabelief.kernels.lists import GroupTensors
 from adabelief.scalars import StepScalars, step_scalars
 
@@ -462,9 +462,7 @@ def cpu_step(
             raise TypeError(f"fused AdaBelief: unsupported parameter dtype {dtype}")
     lr = float(hp.lr)
     parts = _parts(tensors)
-    for (_, fmt), _, part in parts:
-        if fmt is INT4:  # before anything changes
-            _check_packed(part)
+    numels = [_check_sizes(part, fmt) for (_, fmt), _, part in parts]  # before any change
     new_steps = _increment_steps(lib, tensors.state_steps)
 
     cache: dict[float, tuple[float, float, int]] = {}
@@ -492,7 +490,7 @@ def cpu_step(
         -inverse_scale if hp.maximize else inverse_scale,
     )
     threads = torch.get_num_threads()
-    for (dtype, fmt), positions, part in parts:
+    for ((dtype, fmt), positions, part), part_numels in zip(parts, numels, strict=True):
         code, width = CPU_DTYPES[dtype]
         write_back: list[tuple[Tensor, Tensor]] = []
         # The moments unwrapped: their codes, and their block scales (or null pointers).
@@ -519,7 +517,7 @@ def cpu_step(
             step_size, sqrt_bc2, kind = cache[new_steps[i]]
             entries[j] = _Tensor(
                 *(column[j] for column in columns),
-                part.params[j].numel() * width,
+                part_numels[j] * width,
                 step_size,
                 sqrt_bc2,
                 keys[new_steps[i]],
@@ -544,19 +542,20 @@ def cpu_step(
             original.copy_(copy)
 
 
-def _check_packed(part: GroupTensors) -> None:
-    """Raise unless each int4 moment of ``part`` holds its parameter's codes, two per byte, and
-    a scale per block (the kernel writes them all)."""
-    block = compressed_state.INT4_BLOCK_SIZE
-    for column in (part.exp_avgs, part.exp_avg_vars, part.max_exp_avg_vars):
-        for p, m in zip(part.params, column, strict=False):  # max_exp_avg_vars: AMSGrad only
-            n = p.numel()
-            if m.scale is None or 2 * m.codes.numel() != n or m.scale.numel() < -(-n // block):
-                raise ValueError(
-                    f"fused AdaBelief: int4 moment of {m.codes.numel()} bytes and "
-                    f"{0 if m.scale is None else m.scale.numel()} scales for a parameter of "
-                    f"shape {tuple(p.shape)}"
-                )
+def _check_sizes(part: GroupTensors, fmt: StorageFormat) -> list[int]:
+    """The element count of each parameter of ``part``; raises unless each of its moments is
+    sized for it in ``fmt`` (:meth:`~adabelief.compressed_state.StorageFormat.size_mismatch`):
+    the kernel reads and writes every element of the codes and scales it is given."""
+    numels = [p.numel() for p in part.params]
+    columns = [part.exp_avgs, part.exp_avg_vars, part.max_exp_avg_vars]
+    for key, column in zip(compressed_state.MOMENT_KEYS, columns, strict=True):
+        why = fmt.size_mismatch(numels, column) if column else None  # max: AMSGrad only
+        if why is not None:
+            raise ValueError(
+                f"fused AdaBelief: a {key!r} state does not fit its parameter: {why} (a "
+                "state_dict of another model, or state set by hand?)"
+            )
+    return numels
 
 
 def _masters(
