@@ -18,6 +18,7 @@ import argparse
 import copy
 import datetime
 import itertools
+import os
 import traceback
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -479,9 +480,31 @@ def _int4_on_dtensor(mesh: Any) -> dict[str, Any]:
     return formats
 
 
-def _guard(function: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+#: The line a rank writes to its log before each scenario, so that a rank that dies in native
+#: code (no traceback, no result file) can be told apart by the scenario it was in.
+SCENARIO_MARK = "[scenario] "
+
+
+#: ``KEY:ATTEMPT,...``: rank 0 aborts (SIGABRT, as a crash in native code) when it reaches scenario
+#: KEY in that attempt of the run; the harness's own tests use it.
+ABORT_ENV = "ADABELIEF_TEST_DIST_ABORT"
+_attempt = 1
+
+
+def _abort_here(key: str) -> bool:
+    import torch.distributed as dist
+
+    wanted = {tuple(item.rsplit(":", 1)) for item in os.environ.get(ABORT_ENV, "").split(",")}
+    return dist.get_rank() == 0 and (key, str(_attempt)) in wanted
+
+
+def _guard(key: str, function: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+    """Run one scenario: its result, or its traceback as ``{"error": ...}``."""
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
+    print(f"{SCENARIO_MARK}{key}", flush=True)
+    if _abort_here(key):
+        os.abort()
     try:
         return function(*args)
     except (Exception, CheckpointException):
@@ -499,7 +522,10 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--paths", required=True, help="comma-separated keys of PATHS")
     parser.add_argument("--kinds", required=True, help="comma-separated entries of KINDS")
+    parser.add_argument("--attempt", type=int, default=1, help="1, or 2 for the harness's rerun")
     args = parser.parse_args()
+    global _attempt
+    _attempt = args.attempt
     rank, world_size, workdir = args.rank, args.world_size, args.workdir
     paths, kinds = args.paths.split(","), args.kinds.split(",")
 
@@ -518,28 +544,26 @@ def main() -> None:
                 continue
             for kind, function in (("ddp", _ddp), ("zero", _zero)):
                 if kind in kinds:
-                    results[f"{kind}/{path}/{config}"] = _guard(
-                        function, rank, world_size, path, config
-                    )
+                    key = f"{kind}/{path}/{config}"
+                    results[key] = _guard(key, function, rank, world_size, path, config)
                     dist.barrier()
         for path, config, case in fsdp_scenario_names(paths) if "fsdp" in kinds else ():
             if path == "fused" and fused_reason is not None:
                 continue
-            results[f"fsdp/{path}/{config}/{case}"] = _guard(
-                _fsdp, rank, world_size, path, config, case, workdir
-            )
+            key = f"fsdp/{path}/{config}/{case}"
+            results[key] = _guard(key, _fsdp, rank, world_size, path, config, case, workdir)
             dist.barrier()
         mesh = init_device_mesh("cpu", (world_size,))
         if "kernel" in kinds and "default" in paths:
-            results["kernel/default/int4-on-dtensor"] = _guard(_int4_on_dtensor, mesh)
+            key = "kernel/default/int4-on-dtensor"
+            results[key] = _guard(key, _int4_on_dtensor, mesh)
         for path in paths:
             if "kernel" not in kinds or (path == "fused" and fused_reason is not None):
                 continue
             for options in KERNEL_OPTIONS:
                 for case in KERNEL_CASES:
-                    results[f"kernel/{path}/{options}/{case}"] = _guard(
-                        _kernel, mesh, path, options, case
-                    )
+                    key = f"kernel/{path}/{options}/{case}"
+                    results[key] = _guard(key, _kernel, mesh, path, options, case)
         dist.barrier()
     finally:
         torch.save(results, workdir / f"rank{rank}.pt")

@@ -18,13 +18,16 @@ computed here, on the same initial weights and the same global batches:
 Each path (default, single-tensor, foreach, fused) is checked; fused only where
 ``AdaBelief(fused=True)`` can be constructed (the skip reason says why not). There are three runs
 (see ``helper.RUNS``): the unfused paths, fused under DDP/ZeRO, and fused on DTensors, so that a
-crash of the native fused kernel fails only its own tests.
+crash of the native fused kernel fails only its own tests. A failed run's message starts with
+one line naming each failed rank, how it ended and the scenario it was in; a run in which a rank
+was killed by a signal is repeated once (see ``DistributedRuns._start``).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -165,14 +168,41 @@ def _worker_env() -> dict[str, str]:
 
 
 class RunFailed(Exception):
-    """A two-rank run crashed, hung or could not start; the message has the ranks' log tails."""
+    """A two-rank run crashed, hung or could not start; the message starts with one line that
+    says how each failed rank ended and in which scenario, then has the ranks' log tails."""
+
+    def __init__(self, message: str, killed: bool = False) -> None:
+        super().__init__(message)
+        #: A rank was killed by a signal (an abort or a fault in native code), not a timeout.
+        self.killed = killed
+
+    @property
+    def headline(self) -> str:
+        return str(self).splitlines()[0]
+
+
+def _rank_outcome(rank: int, returncode: int, log: str) -> str:
+    """How ``rank`` ended, in a few words: its exit code or signal, and the scenario it was in
+    (the last :data:`helper.SCENARIO_MARK` line of its log)."""
+    marks = [ln for ln in log.splitlines() if ln.startswith(helper.SCENARIO_MARK)]
+    where = f" in {marks[-1][len(helper.SCENARIO_MARK) :]}" if marks else " before any scenario"
+    if returncode < 0:
+        try:
+            how = f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            how = f"was killed by signal {-returncode}"
+    else:
+        how = f"exited with code {returncode}"
+    return f"rank {rank} {how}{where}"
 
 
 def _run_workers(
-    workdir: Path, paths: tuple[str, ...], kinds: tuple[str, ...]
+    workdir: Path, paths: tuple[str, ...], kinds: tuple[str, ...], attempt: int = 1
 ) -> list[dict[str, Any]]:
-    store = workdir / "store"
-    logs = [workdir / f"rank{rank}.log" for rank in range(WORLD_SIZE)]
+    store = workdir / f"store-{attempt}"
+    logs = [workdir / f"rank{rank}-{attempt}.log" for rank in range(WORLD_SIZE)]
+    for rank in range(WORLD_SIZE):
+        (workdir / f"rank{rank}.pt").unlink(missing_ok=True)
     processes = []
     for rank in range(WORLD_SIZE):
         command = [
@@ -186,6 +216,7 @@ def _run_workers(
             f"--workdir={workdir}",
             f"--paths={','.join(paths)}",
             f"--kinds={','.join(kinds)}",
+            f"--attempt={attempt}",
         ]
         with open(logs[rank], "wb") as log:
             processes.append(
@@ -203,20 +234,33 @@ def _run_workers(
             process.kill()
             process.wait()
 
-    def log_tails() -> str:
-        return "\n".join(
-            f"--- rank {rank} (exit code {processes[rank].returncode}) ---\n"
-            + logs[rank].read_text(errors="replace")[-4000:]
-            for rank in range(WORLD_SIZE)
-        )
-
+    texts = [log.read_text(errors="replace") for log in logs]
     if timed_out:
         raise RunFailed(
-            f"the {WORLD_SIZE} ranks did not finish in {WORKER_TIMEOUT_S} s\n{log_tails()}"
+            f"the {WORLD_SIZE} ranks did not finish in {WORKER_TIMEOUT_S} s\n{_log_tails(texts)}"
         )
-    if any(process.returncode != 0 for process in processes):
-        raise RunFailed(f"a rank failed\n{log_tails()}")
+    codes = [process.returncode for process in processes]
+    if any(code != 0 for code in codes):
+        outcomes = [
+            _rank_outcome(rank, code, texts[rank]) for rank, code in enumerate(codes) if code != 0
+        ]
+        raise RunFailed(
+            f"{'; '.join(outcomes)}\n{_log_tails(texts, codes)}",
+            killed=any(code < 0 for code in codes),
+        )
     return [torch.load(workdir / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)]
+
+
+def _log_tails(texts: list[str], codes: list[int] | None = None) -> str:
+    return "\n".join(
+        f"--- rank {rank} (exit code {'killed' if codes is None else codes[rank]}) ---\n"
+        + text[-4000:]
+        for rank, text in enumerate(texts)
+    )
+
+
+class DistributedRunRetried(UserWarning):
+    """A rank of a two-rank run was killed by a signal, and the run, repeated once, passed."""
 
 
 class DistributedRuns:
@@ -255,8 +299,24 @@ class DistributedRuns:
                     world1_errors[scenario] = repr(error)
         try:
             ranks = _run_workers(workdir, paths, kinds)
-        except RunFailed as failure:  # remembered: every test of the run reports it
-            return {"failure": f"[{run} run] {failure}"}
+        except RunFailed as failure:
+            if not failure.killed:  # remembered: every test of the run reports it
+                return {"failure": f"[{run} run] {failure}"}
+            # Every scenario is deterministic, so a rank killed in native code once and not on
+            # a rerun is a race or heap-layout fault outside what the run checks (seen once in
+            # CI: glibc's "double free" inside torch's all-gather, which the project's
+            # AddressSanitizer run did not find in the kernel). It is rerun once and reported
+            # as a warning naming the scenario; a repeat fails the run with both logs.
+            try:
+                ranks = _run_workers(workdir, paths, kinds, attempt=2)
+            except RunFailed as again:
+                return {"failure": f"[{run} run] {failure}\n[{run} run, repeated] {again}"}
+            warnings.warn(
+                f"[{run} run] {failure.headline}; repeated once, the run passed (first "
+                f"attempt's logs: {workdir}/rank*-1.log)",
+                DistributedRunRetried,
+                stacklevel=1,
+            )
         return {
             "ranks": ranks,
             "workdir": workdir,
@@ -590,3 +650,33 @@ def test_get_state_dict_of_fresh_optimizer_keeps_weights(path):
         rtol=0,
         atol=0,
     )
+
+
+# --- the harness: a rank killed in native code -------------------------------------------------
+
+#: The smallest run: DDP on the single-tensor path, its first scenario.
+_CRASH_RUN = (("single",), ("ddp",))
+_CRASH_KEY = f"ddp/single/{next(iter(helper.CONFIGS))}"
+
+
+def test_a_rank_killed_once_is_rerun_and_reported(tmp_path, monkeypatch):
+    """A rank that aborts (as in a crash inside torch's collectives) on the first attempt only:
+    the run is repeated, its results are used, and a warning names the rank, the signal and the
+    scenario."""
+    monkeypatch.setenv(helper.ABORT_ENV, f"{_CRASH_KEY}:1")
+    with pytest.warns(DistributedRunRetried) as caught:
+        outcome = DistributedRuns(tmp_path)._start("crash", *_CRASH_RUN)
+    assert "failure" not in outcome, outcome.get("failure")
+    assert all(_CRASH_KEY in ranks for ranks in outcome["ranks"])
+    (message,) = [str(w.message) for w in caught if w.category is DistributedRunRetried]
+    assert message.startswith(f"[crash run] rank 0 was killed by SIGABRT in {_CRASH_KEY};")
+
+
+def test_a_rank_killed_twice_fails_the_run_naming_the_scenario(tmp_path, monkeypatch):
+    monkeypatch.setenv(helper.ABORT_ENV, f"{_CRASH_KEY}:1,{_CRASH_KEY}:2")
+    outcome = DistributedRuns(tmp_path)._start("crash", *_CRASH_RUN)
+    failure = outcome["failure"]
+    assert failure.startswith(f"[crash run] rank 0 was killed by SIGABRT in {_CRASH_KEY}")
+    assert f"[crash run, repeated] rank 0 was killed by SIGABRT in {_CRASH_KEY}" in failure
+    # rank 1 then loses its peer: it fails too, in the same scenario (or at its barrier).
+    assert "rank 1 exited with code" in failure.splitlines()[0]
