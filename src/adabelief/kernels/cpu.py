@@ -30,6 +30,7 @@ import hashlib
 import math
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -54,6 +55,7 @@ from adabelief.scalars import StepScalars, step_scalars
 __all__ = [
     "CPU_ABI",
     "CPU_DTYPES",
+    "EXTRA_FLAGS_ENV",
     "FAILED_NOTE_TTL_S",
     "build_command",
     "cache_dir",
@@ -122,6 +124,8 @@ _FP32_STATE_DTYPE = {
     torch.complex128: torch.complex128,
 }
 
+#: Extra compiler flags for the kernel (appended to every flag set; part of the cache key).
+EXTRA_FLAGS_ENV = "ADABELIEF_CPU_CFLAGS"
 #: Flag sets tried in order: the first that compiles and loads is cached.
 _FLAG_SETS: tuple[tuple[str, ...], ...] = (
     ("-march=native", "-fopenmp"),
@@ -189,11 +193,15 @@ def _abi_macros() -> list[str]:
 def build_command(
     compiler: str, flags: Sequence[str], source_path: Path, output: Path
 ) -> list[str]:
-    """The compiler command line that builds the kernel from ``source_path`` into ``output``."""
+    """The compiler command line that builds the kernel from ``source_path`` into ``output``:
+    the common flags, the flag set, then ``$ADABELIEF_CPU_CFLAGS`` (extra flags, split as a
+    shell would: e.g. ``-fsanitize=address`` with the sanitizer's runtime preloaded, as
+    ``tests/test_kernel_sanitized.py`` does)."""
     return [
         compiler,
         *_COMMON_FLAGS,
         *flags,
+        *shlex.split(os.environ.get(EXTRA_FLAGS_ENV, "")),
         *_abi_macros(),
         str(source_path),
         "-o",
