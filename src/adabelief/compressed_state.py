@@ -966,23 +966,22 @@ def restore_moments(saved: Mapping[str, Any], param: Tensor, fmt: str) -> dict[s
         for key, zero in zip(keys, fresh, strict=True):
             for name, like in layout(key, zero).items():
                 if saved[name].shape != like.shape:
-                    raise ValueError(_shape_error(name, saved[name].shape, like.shape, param, fmt))
+                    why = (
+                        f"it has shape {tuple(saved[name].shape)}, {fmt} needs {tuple(like.shape)}"
+                    )
+                    raise ValueError(_unfit(name, param, why))
                 restored[name] = saved[name].to(device=param.device, dtype=like.dtype, copy=True)
         return restored
     step = int(float(saved.get("step", 0)))
     on_device = {name: t.to(param.device) for name, t in saved.items() if isinstance(t, Tensor)}
-    work = []
+    work: list[Tensor] = []
     for key, m in zip(keys, _moments(on_device), strict=True):
-        why = m.format.size_mismatch([param.numel()], [m])
-        if why is not None:
-            raise ValueError(
-                f"saved optimizer state {key!r} does not fit a parameter of shape "
-                f"{tuple(param.shape)}: {why} (a state_dict of another model, or the "
-                "parameters in another order?)"
-            )
+        misfit = m.format.size_mismatch([param.numel()], [m])
+        if misfit is not None:
+            raise ValueError(_unfit(key, param, misfit))
         decoded = m.decode().float()
         if decoded.shape != param.shape:
-            raise ValueError(_shape_error(key, decoded.shape, param.shape, param, FP32.name))
+            raise ValueError(_unfit(key, param, f"it decodes to shape {tuple(decoded.shape)}"))
         work.append(decoded)
     encode_(fresh, work, step)
     restored = {}
@@ -991,13 +990,12 @@ def restore_moments(saved: Mapping[str, Any], param: Tensor, fmt: str) -> dict[s
     return restored
 
 
-def _shape_error(
-    name: str, saved: Sequence[int], wanted: Sequence[int], param: Tensor, fmt: str
-) -> str:
+def _unfit(name: str, param: Tensor, why: str) -> str:
+    """The message of a loaded moment ``name`` that does not fit ``param``, and ``why``."""
     return (
-        f"saved optimizer state {name!r} has shape {tuple(saved)}, but a parameter of shape "
-        f"{tuple(param.shape)} needs {tuple(wanted)} in format {fmt!r} (a state_dict of another "
-        "model, or the parameters in another order?)"
+        f"saved optimizer state {name!r} does not fit a parameter of shape "
+        f"{tuple(param.shape)}: {why} (a state_dict of another model, or the parameters in "
+        "another order?)"
     )
 
 
