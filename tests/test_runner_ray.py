@@ -219,14 +219,22 @@ def slow(make_optimizer, seed, quick):
 
 def _stacks_and_stderr(driver: subprocess.Popen[str]) -> str:
     """End a driver that overran its time with SIGABRT and return its stderr, which ends with
-    every thread's Python stack (the driver runs with ``PYTHONFAULTHANDLER=1``)."""
+    every thread's Python stack (the driver runs with ``PYTHONFAULTHANDLER=1``), after its
+    signal masks (blocked, ignored, caught: a Ctrl-C that the driver never saw shows there)."""
+    try:
+        status = Path(f"/proc/{driver.pid}/status").read_text().splitlines()
+        masks = "\n".join(
+            line for line in status if line.startswith(("SigBlk", "SigIgn", "SigCgt"))
+        )
+    except OSError:
+        masks = "(no /proc status)"
     driver.send_signal(signal.SIGABRT)
     try:
         _, err = driver.communicate(timeout=30)
     except subprocess.TimeoutExpired:
         driver.kill()
         _, err = driver.communicate()
-    return str(err)[-6000:]
+    return masks + "\n" + str(err)[-6000:]
 
 
 def test_ctrl_c_cancels_pending_ray_tasks_and_keeps_finished_runs(

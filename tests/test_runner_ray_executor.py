@@ -9,7 +9,10 @@ is fixed.
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import threading
 import time
 import types
 from typing import Any
@@ -127,3 +130,59 @@ def test_ctrl_c_while_submitting_cancels_the_tasks_already_submitted(
     ray = sys.modules["ray"]
     assert isinstance(ray, _ScriptedRay) and ray.cancelled == submitted
     assert not results
+
+
+class _SwallowingRay(_ScriptedRay):
+    """``wait`` takes a Ctrl-C and swallows any ``KeyboardInterrupt`` it raises inside, as a
+    driver blocked in Ray's C++ wait was seen to do; no task ever finishes."""
+
+    def __init__(self) -> None:
+        super().__init__(dying=set())
+        self.waits = 0
+
+    def wait(
+        self, refs: list[_Ref], num_returns: int, timeout: float
+    ) -> tuple[list[_Ref], list[_Ref]]:
+        self.waits += 1
+        assert self.waits < 20, "the Ctrl-C was lost: the run went on waiting"
+        try:
+            if self.waits == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+        except KeyboardInterrupt:
+            pass
+        return [], refs
+
+
+def test_ctrl_c_that_ray_wait_swallows_still_cancels_the_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    executor = _executor(monkeypatch, dying=set(), head_dies_after=None)
+    ray = _SwallowingRay()
+    monkeypatch.setitem(sys.modules, "ray", ray)
+    before = signal.getsignal(signal.SIGINT)
+    results: list[JobResult] = []
+    assert executor.run(_jobs("a", "b"), results.append) is True
+    assert [ref.job.spec["key"] for ref in ray.cancelled] == ["a", "b"] and not results
+    assert ray.waits == 2, "the loop stops at its next turn after the Ctrl-C"
+    assert signal.getsignal(signal.SIGINT) is before, "the Ctrl-C handler is put back"
+
+
+def test_a_second_ctrl_c_interrupts_at_once_and_other_threads_keep_keyboard_interrupt() -> None:
+    with executors._ctrl_c_noted() as pressed:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)
+        assert pressed.is_set()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1.0)
+    seen: list[bool] = []
+
+    def in_a_thread() -> None:
+        with executors._ctrl_c_noted() as event:
+            seen.append(event.is_set())
+
+    thread = threading.Thread(target=in_a_thread)
+    thread.start()
+    thread.join(5)
+    assert seen == [False]  # no handler can be set there; nothing raised either

@@ -23,6 +23,7 @@ SIGTERM) cancels what is pending; what finished is kept.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
@@ -32,7 +33,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing import get_context
 from multiprocessing.connection import Connection
@@ -570,51 +571,56 @@ class RayExecutor(Executor):
         held: list[tuple[float, JobResult]] = []  # failed results awaiting confirmation
         silent_since: float | None = None
         checked = time.monotonic()
-        try:
-            for job in jobs:  # one at a time: a Ctrl-C while submitting cancels those submitted
-                pending[self._remote.remote(job)] = job
-            while pending or held:
-                if pending:
-                    done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
-                else:
-                    done = []
-                    time.sleep(0.5)
-                if time.monotonic() - checked >= 1.0 or silent_since is not None or held:
-                    silent_since = self._check_head(silent_since)
-                    checked = time.monotonic()
-                if silent_since is not None:
-                    time.sleep(0.5)  # the head is silent: no busy loop over held-back results
-                else:
-                    confirmed = [
-                        result
-                        for since, result in held
-                        if checked - since >= self.failure_confirm_s
-                    ]
-                    held = [
-                        (since, result)
-                        for since, result in held
-                        if checked - since < self.failure_confirm_s
-                    ]
-                    for result in confirmed:
-                        on_result(result)
-                for ref in done:
-                    job = pending.pop(ref)
-                    try:
-                        result = ray.get(ref)
-                    except Exception as exc:  # the task's worker died, or Ray failed
-                        text = [line for line in str(exc).strip().splitlines() if line.strip()]
-                        result = JobResult(job.key, None, f"Ray task failed: {_ray_reason(text)}")
-                    if result.error is not None:
-                        held.append((time.monotonic(), result))
+        with _ctrl_c_noted() as ctrl_c:
+            try:
+                for job in jobs:  # one at a time: a Ctrl-C while submitting cancels those submitted
+                    pending[self._remote.remote(job)] = job
+                while pending or held:
+                    if ctrl_c.is_set():
+                        raise KeyboardInterrupt
+                    if pending:
+                        done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
                     else:
-                        on_result(result)
-        except KeyboardInterrupt:
-            for ref in pending:
-                ray.cancel(ref, force=True)
-            for _, result in held:
-                on_result(result)
-            return True
-        return False
+                        done = []
+                        time.sleep(0.5)
+                    if time.monotonic() - checked >= 1.0 or silent_since is not None or held:
+                        silent_since = self._check_head(silent_since)
+                        checked = time.monotonic()
+                    if silent_since is not None:
+                        time.sleep(0.5)  # the head is silent: no busy loop over held-back results
+                    else:
+                        confirmed = [
+                            result
+                            for since, result in held
+                            if checked - since >= self.failure_confirm_s
+                        ]
+                        held = [
+                            (since, result)
+                            for since, result in held
+                            if checked - since < self.failure_confirm_s
+                        ]
+                        for result in confirmed:
+                            on_result(result)
+                    for ref in done:
+                        job = pending.pop(ref)
+                        try:
+                            result = ray.get(ref)
+                        except Exception as exc:  # the task's worker died, or Ray failed
+                            text = [line for line in str(exc).strip().splitlines() if line.strip()]
+                            result = JobResult(
+                                job.key, None, f"Ray task failed: {_ray_reason(text)}"
+                            )
+                        if result.error is not None:
+                            held.append((time.monotonic(), result))
+                        else:
+                            on_result(result)
+            except KeyboardInterrupt:
+                for ref in pending:
+                    ray.cancel(ref, force=True)
+                for _, result in held:
+                    on_result(result)
+                return True
+            return False
 
     def close(self) -> None:
         """Disconnect (and stop the local instance this executor started).
@@ -627,6 +633,32 @@ class RayExecutor(Executor):
 
             ray.shutdown()
         self._started_ray = False
+
+
+@contextlib.contextmanager
+def _ctrl_c_noted() -> Iterator[threading.Event]:
+    """In the main thread, Ctrl-C (SIGINT) sets the event that this yields instead of raising
+    ``KeyboardInterrupt`` wherever it lands; a second Ctrl-C raises at once.
+
+    The Ray loop checks the event each second: a ``KeyboardInterrupt`` raised while the main
+    thread is inside ``ray.wait`` did not always come out of it (seen in the test suite: a driver
+    still waiting 60 s after Ctrl-C), and the run then went on until its last task finished.
+    """
+    pressed = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield pressed  # signal handlers belong to the main thread: KeyboardInterrupt as before
+        return
+
+    def note(signum: int, frame: object) -> None:
+        if pressed.is_set():
+            raise KeyboardInterrupt
+        pressed.set()
+
+    previous = signal.signal(signal.SIGINT, note)
+    try:
+        yield pressed
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _ray_reason(lines: list[str]) -> str:
