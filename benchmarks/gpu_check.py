@@ -143,6 +143,8 @@ def run_tests(timeout_s: float) -> dict[str, Any]:
         "cuda",
         "-p",
         "no:cacheprovider",
+        "-o",
+        "addopts=",  # one process: the CUDA tests share one GPU
     ]
     begin = time.perf_counter()
     try:

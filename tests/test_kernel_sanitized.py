@@ -110,6 +110,8 @@ def test_kernel_tests_pass_under_address_sanitizer(sanitized_env):
         "-q",
         "-p",
         "no:cacheprovider",
+        "-o",
+        "addopts=",  # in this process, not on the parallel workers of pyproject's addopts
         "-m",
         "not slow",
         "-k",
